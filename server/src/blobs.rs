@@ -1,0 +1,67 @@
+//! Blob store for model and update tensors: a local directory by default.
+//!
+//! Writes are atomic and durable (write to a temp file, fsync, rename, fsync the directory), so a blob
+//! that a database row points to is complete after any crash. Keys are relative paths with `/`.
+//! An object store (S3) can take this module's place behind the same four operations.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use bytes::Bytes;
+
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        Ok(BlobStore { root })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        debug_assert!(!key.contains(".."), "blob keys are generated, never user input");
+        self.root.join(key)
+    }
+
+    /// Stores `data` under `key`, replacing any previous blob, durably.
+    pub async fn put(&self, key: &str, data: Bytes) -> std::io::Result<()> {
+        let path = self.path(key);
+        tokio::task::spawn_blocking(move || write_durably(&path, &data))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    pub async fn get(&self, key: &str) -> std::io::Result<Bytes> {
+        Ok(Bytes::from(tokio::fs::read(self.path(key)).await?))
+    }
+
+    /// Removes every blob under the folder `prefix` (missing is fine).
+    pub async fn delete_prefix(&self, prefix: &str) -> std::io::Result<()> {
+        match tokio::fs::remove_dir_all(self.path(prefix)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("blob keys have a folder");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile_in(dir)?;
+    tmp.1.write_all(data)?;
+    tmp.1.sync_all()?;
+    std::fs::rename(&tmp.0, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let name = format!(".tmp-{:016x}", rand::random::<u64>());
+    let path = dir.join(name);
+    let file = std::fs::File::create_new(&path)?;
+    Ok((path, file))
+}

@@ -1,0 +1,101 @@
+//! Command line of the `fedhive` binary.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{CoordinatorOptions, ServerConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "fedhive", version, about = "fedhive federated-learning aggregation server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the aggregation server.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FEDHIVE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory for the SQLite database and the blob store.
+    #[arg(long, env = "FEDHIVE_DATA_DIR", default_value = "fedhive-data")]
+    pub data_dir: PathBuf,
+    /// Database URL (sqlite://PATH or postgres://USER@HOST/DB); default: SQLite under --data-dir.
+    #[arg(long, env = "FEDHIVE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Bearer token required by operator endpoints.
+    #[arg(long, env = "FEDHIVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Serve operator endpoints without a token (local demos only).
+    #[arg(long)]
+    pub insecure_dev: bool,
+    /// Milliseconds a device is told to wait when the round is full or between rounds.
+    #[arg(long, default_value_t = 1000)]
+    pub checkin_retry_ms: u64,
+    /// Uploads read and validated at once (bounds memory to this many model-sized buffers).
+    #[arg(long, default_value_t = 8)]
+    pub max_concurrent_uploads: usize,
+    /// Milliseconds between checks for round deadlines.
+    #[arg(long, default_value_t = 200)]
+    pub tick_ms: u64,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> ServerConfig {
+        let mut config = ServerConfig::new(self.listen, self.data_dir);
+        config.database_url = self.database_url;
+        config.admin_token = self.admin_token;
+        config.insecure_dev = self.insecure_dev;
+        config.coordinator = CoordinatorOptions {
+            checkin_retry_ms: self.checkin_retry_ms,
+            max_concurrent_uploads: self.max_concurrent_uploads,
+        };
+        config.tick = Duration::from_millis(self.tick_ms);
+        config
+    }
+}
+
+/// Sets up human-readable logs on stderr (`RUST_LOG` filters; default `info`).
+pub fn init_tracing() {
+    init_tracing_with_default("info")
+}
+
+/// Like [`init_tracing`] with another default level (the demo keeps its progress bar clean).
+pub fn init_tracing_with_default(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Entry point of the `fedhive` binary.
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                let server = crate::start(args.into_config()).await?;
+                tokio::select! {
+                    served = server.handle => served??,
+                    _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+                }
+                anyhow::Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fedhive: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! The round lifecycle: tasks, check-ins, uploads, and committing or abandoning rounds.
+//!
+//! A round is `open` (takes check-ins and uploads) until it has K accepted updates or reaches its
+//! deadline; it is then `closing` (its set of accepted updates is frozen), and is finalised to
+//! `committed` (new model version) or `abandoned` (fewer than the minimum; the model stays), and the
+//! task's next round opens in the same transaction.
+//!
+//! Exactly-once uploads: an update is acknowledged only after its body is durably in the blob store
+//! and its row committed in the database; a retry with the same token finds that row. FedAvg sums are
+//! folded into an in-memory accumulator as uploads arrive (O(model size) per open round), but that
+//! accumulator is only a cache: finalising checks that it folded exactly the round's accepted set, and
+//! otherwise (after a restart, or on another replica) rebuilds it from the stored updates. The
+//! fixed-point sums make the result identical either way.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use fedhive_shared::{
+    FedAvgAccumulator, NamedTensors,
+    fedavg::{AggregateError, DELTA_LIMIT, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
+    wire::{
+        Assignment, CheckinResponse, RoundInfo, StrategyConfig, TaskConfig, TaskCreated, TaskState,
+        TaskStatus, UploadReceipt,
+    },
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::{
+    blobs::BlobStore,
+    db::{Db, DbError, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
+    error::ApiError,
+};
+
+/// Tunables of the coordinator (the rest lives in each task's config).
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// How long a device is told to wait when the round is full or between rounds.
+    pub checkin_retry_ms: u64,
+    /// Uploads whose bodies are read and validated at the same time; bounds memory to this many
+    /// model-sized buffers however many devices upload at once.
+    pub max_concurrent_uploads: usize,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        CoordinatorOptions {
+            checkin_retry_ms: 1000,
+            max_concurrent_uploads: 8,
+        }
+    }
+}
+
+/// FedAvg sums of one open round and the tokens folded into them.
+struct RoundAccumulator {
+    acc: FedAvgAccumulator,
+    folded: BTreeSet<String>,
+}
+
+pub struct Coordinator {
+    db: Db,
+    blobs: BlobStore,
+    options: CoordinatorOptions,
+    accumulators: Arc<Mutex<HashMap<i64, RoundAccumulator>>>,
+    /// Latest model bytes per task, so downloads do not hit the blob store.
+    models: Mutex<HashMap<String, (i64, Bytes)>>,
+    /// Upload tokens whose upload is being processed by this process.
+    in_flight: Mutex<HashSet<String>>,
+    upload_permits: Semaphore,
+    finalize_lock: tokio::sync::Mutex<()>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn model_key(task_id: &str, version: i64) -> String {
+    format!("models/{task_id}/{version}.safetensors")
+}
+
+fn receipt(u: &UpdateRow) -> UploadReceipt {
+    UploadReceipt {
+        round_id: u.round_id,
+        accepted_updates: u.accepted_seq,
+        num_samples: u.num_samples as u64,
+        sha256: u.sha256.clone(),
+    }
+}
+
+/// Largest upload body a task accepts: its f32 data plus room for the safetensors header.
+pub fn upload_limit(config: &TaskConfig) -> usize {
+    let params: usize = config.tensors.iter().map(|t| t.numel()).sum();
+    params * 4 + 64 * 1024 + config.tensors.len() * 256
+}
+
+fn server_lr(config: &TaskConfig) -> f32 {
+    match config.strategy {
+        StrategyConfig::FedAvg { server_lr } => server_lr,
+    }
+}
+
+/// Removes a token from the in-flight set when its upload finishes, however it finishes.
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    token_hash: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(set: &'a Mutex<HashSet<String>>, token_hash: &str) -> Option<Self> {
+        let fresh = set.lock().expect("in-flight lock").insert(token_hash.to_string());
+        fresh.then(|| InFlight {
+            set,
+            token_hash: token_hash.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("in-flight lock").remove(&self.token_hash);
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+/// Checks a task config for values no round could run with.
+pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
+    let bad = |msg: String| Err(ApiError::InvalidConfig(msg));
+    if c.tensors.is_empty() {
+        return bad("`tensors` is empty".into());
+    }
+    let mut names = HashSet::new();
+    for t in &c.tensors {
+        if !names.insert(&t.name) {
+            return bad(format!("tensor `{}` is listed twice", t.name));
+        }
+        if t.shape.is_empty() || t.shape.contains(&0) {
+            return bad(format!("tensor `{}` has shape {:?}; every dimension must be >= 1", t.name, t.shape));
+        }
+    }
+    let lr = server_lr(c);
+    if !(lr.is_finite() && lr > 0.0) {
+        return bad(format!("`strategy.server_lr` must be a positive number, got {lr}"));
+    }
+    if c.devices_per_round == 0 {
+        return bad("`devices_per_round` must be >= 1".into());
+    }
+    if c.min_devices_per_round == 0 || c.min_devices_per_round > c.devices_per_round {
+        return bad(format!(
+            "`min_devices_per_round` must be between 1 and devices_per_round ({}), got {}",
+            c.devices_per_round, c.min_devices_per_round
+        ));
+    }
+    if !(c.over_selection.is_finite() && c.over_selection >= 1.0) {
+        return bad(format!("`over_selection` must be >= 1, got {}", c.over_selection));
+    }
+    if c.round_deadline_secs == 0 || c.rounds == 0 {
+        return bad("`round_deadline_secs` and `rounds` must be >= 1".into());
+    }
+    let t = &c.training;
+    if t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+        return bad("`training.batch_size` must be >= 1 and `training.learning_rate` positive".into());
+    }
+    if t.local_epochs == 0 && t.max_local_steps == 0 {
+        return bad("`training` needs local_epochs >= 1 or max_local_steps >= 1".into());
+    }
+    Ok(())
+}
+
+impl Coordinator {
+    pub fn new(db: Db, blobs: BlobStore, options: CoordinatorOptions) -> Self {
+        let permits = options.max_concurrent_uploads.max(1);
+        Coordinator {
+            db,
+            blobs,
+            options,
+            accumulators: Arc::default(),
+            models: Mutex::default(),
+            in_flight: Mutex::default(),
+            upload_permits: Semaphore::new(permits),
+            finalize_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn task(&self, task_id: &str) -> Result<TaskRow, ApiError> {
+        self.db.task(task_id).await?.ok_or_else(|| ApiError::UnknownTask(task_id.to_string()))
+    }
+
+    /// Creates a task from its config and initial weights (safetensors), and opens round 1.
+    pub async fn create_task(&self, config: TaskConfig, model: Bytes) -> Result<TaskCreated, ApiError> {
+        validate_config(&config)?;
+        let specs = config.tensors.clone();
+        let checked = model.clone();
+        tokio::task::spawn_blocking(move || NamedTensors::decode_checked(&checked, &specs, f32::MAX))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let task_id = format!("t-{:012x}", rand::random::<u64>() >> 16);
+        self.blobs.put(&model_key(&task_id, 0), model).await?;
+        self.db.create_task(&task_id, &config, now_ms()).await?;
+        info!(task = %task_id, model = %config.model, rounds = config.rounds, k = config.devices_per_round, "task created");
+        Ok(TaskCreated {
+            task_id,
+            model_version: 0,
+        })
+    }
+
+    pub async fn status(&self, task_id: &str) -> Result<TaskStatus, ApiError> {
+        let task = self.task(task_id).await?;
+        let current_round = self.db.active_round(task_id).await?.map(|r| r.info());
+        Ok(TaskStatus {
+            task_id: task.id,
+            state: task.state,
+            model_version: task.model_version,
+            committed_rounds: task.committed_rounds,
+            config: task.config,
+            current_round,
+        })
+    }
+
+    pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundInfo>, ApiError> {
+        self.task(task_id).await?;
+        Ok(self.db.rounds(task_id).await?.iter().map(RoundRow::info).collect())
+    }
+
+    /// A device asks for work: an assignment in the open round, or when to come back.
+    pub async fn checkin(&self, task_id: &str) -> Result<CheckinResponse, ApiError> {
+        let task = self.task(task_id).await?;
+        if task.state == TaskState::Finished {
+            return Ok(CheckinResponse::Finished {
+                model_version: task.model_version,
+            });
+        }
+        let retry = |reason: &str, ms: u64| CheckinResponse::RetryAfter {
+            retry_after_ms: ms,
+            reason: reason.to_string(),
+        };
+        let base_retry = self.options.checkin_retry_ms;
+        let now = now_ms();
+        let Some(round) = self.db.active_round(task_id).await? else {
+            return Ok(retry("between_rounds", base_retry));
+        };
+        if round.state != "open" || now >= round.deadline_ms {
+            return Ok(retry("round_closing", base_retry));
+        }
+        let config = &task.config;
+        let cap = (config.devices_per_round as f64 * config.over_selection as f64).ceil() as i64;
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        let token_hash = sha256_hex(token.as_bytes());
+        if self.db.assign(round.id, cap, &token_hash, now).await?.is_none() {
+            let until_deadline = (round.deadline_ms - now).max(0) as u64;
+            return Ok(retry("round_full", base_retry.min(until_deadline).max(100)));
+        }
+        Ok(CheckinResponse::Assigned(Assignment {
+            task_id: task.id,
+            round_id: round.id,
+            model_version: round.base_version,
+            model: config.model.clone(),
+            training: config.training.clone(),
+            upload_token: token,
+            deadline_unix: round.deadline_ms / 1000,
+        }))
+    }
+
+    /// Model bytes of `version` (the current one when `None`).
+    pub async fn model(&self, task_id: &str, version: Option<i64>) -> Result<(i64, Bytes), ApiError> {
+        let task = self.task(task_id).await?;
+        let version = version.unwrap_or(task.model_version);
+        if version < 0 || version > task.model_version {
+            return Err(ApiError::UnknownModelVersion {
+                task: task_id.to_string(),
+                version,
+            });
+        }
+        if let Some((v, bytes)) = self.models.lock().expect("model cache").get(task_id)
+            && *v == version
+        {
+            return Ok((version, bytes.clone()));
+        }
+        let bytes = self.blobs.get(&model_key(task_id, version)).await?;
+        if version == task.model_version {
+            self.models
+                .lock()
+                .expect("model cache")
+                .insert(task_id.to_string(), (version, bytes.clone()));
+        }
+        Ok((version, bytes))
+    }
+
+    /// The round an upload token was issued for.
+    async fn token_round(&self, token: &str) -> Result<(String, i64), ApiError> {
+        let token_hash = sha256_hex(token.as_bytes());
+        let round_id = self.db.assignment_round(&token_hash).await?.ok_or(ApiError::UnknownToken)?;
+        Ok((token_hash, round_id))
+    }
+
+    /// Accepts one device update. `read_body` (given the task's config, for its size limit) is only
+    /// awaited once an upload permit is held, so at
+    /// most `max_concurrent_uploads` bodies are in memory at once. The flag says the round is now
+    /// full and should be finalised.
+    pub async fn upload<R, F>(&self, token: &str, num_samples: u64, read_body: R) -> Result<(UploadReceipt, bool), ApiError>
+    where
+        R: FnOnce(&TaskConfig) -> F,
+        F: Future<Output = Result<Bytes, ApiError>>,
+    {
+        let (token_hash, round_id) = self.token_round(token).await?;
+        let _flight = InFlight::enter(&self.in_flight, &token_hash).ok_or(ApiError::UploadInFlight)?;
+        let _permit = self.upload_permits.acquire().await.expect("semaphore never closed");
+        let round = self.db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
+        let task = self.task(&round.task_id).await?;
+        let body = read_body(&task.config).await?;
+        let sha256 = sha256_hex(&body);
+
+        if let Some(prev) = self.db.update_for_token(&token_hash).await? {
+            if prev.sha256 == sha256 && prev.num_samples as u64 == num_samples {
+                return Ok((receipt(&prev), false));
+            }
+            return Err(ApiError::ConflictingRetry { stored: prev.sha256 });
+        }
+        let k = i64::from(task.config.devices_per_round);
+        if round.state != "open" || now_ms() >= round.deadline_ms || round.accepted >= k {
+            return Err(ApiError::RoundClosed(round_id));
+        }
+        if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
+            return Err(AggregateError::BadSampleCount(num_samples).into());
+        }
+        let specs = task.config.tensors.clone();
+        let checked = body.clone();
+        let delta =
+            tokio::task::spawn_blocking(move || NamedTensors::decode_checked(&checked, &specs, DELTA_LIMIT))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
+
+        let blob_key = format!("updates/{round_id}/{token_hash}.safetensors");
+        self.blobs.put(&blob_key, body).await?;
+        let row = UpdateRow {
+            token_hash: token_hash.clone(),
+            round_id,
+            num_samples: num_samples as i64,
+            sha256,
+            blob_key,
+            accepted_seq: 0,
+        };
+        let Some(stored) = self.db.accept_update(round_id, k, &row, now_ms()).await? else {
+            // Nothing references the blob; the round's folder is removed when it ends.
+            return Err(self.why_refused(round_id, num_samples).await?);
+        };
+        self.fold(round_id, &task.config, stored.clone(), delta).await?;
+        info!(round = round_id, accepted = stored.accepted_seq, samples = num_samples, "update accepted");
+        Ok((receipt(&stored), stored.accepted_seq >= k))
+    }
+
+    async fn why_refused(&self, round_id: i64, num_samples: u64) -> Result<ApiError, ApiError> {
+        let round = self.db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
+        if round.state == "open" && round.total_samples as u64 + num_samples > MAX_ROUND_SAMPLES {
+            return Ok(AggregateError::RoundSampleLimit(round.total_samples as u64, num_samples).into());
+        }
+        Ok(ApiError::RoundClosed(round_id))
+    }
+
+    /// Adds an accepted update to the round's in-memory sums (at most once per token).
+    async fn fold(&self, round_id: i64, config: &TaskConfig, update: UpdateRow, delta: NamedTensors) -> Result<(), ApiError> {
+        let accumulators = self.accumulators.clone();
+        let specs = config.tensors.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut all = accumulators.lock().expect("accumulator lock");
+            let entry = all.entry(round_id).or_insert_with(|| RoundAccumulator {
+                acc: FedAvgAccumulator::new(&specs),
+                folded: BTreeSet::new(),
+            });
+            if entry.folded.insert(update.token_hash) {
+                entry.acc.add(update.num_samples as u64, &delta)?;
+            }
+            Ok::<_, ApiError>(())
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    }
+
+    /// Stores a device's training metrics for its round.
+    pub async fn report_metrics(&self, token: &str, loss: f32, num_samples: u64, accuracy: Option<f32>) -> Result<(), ApiError> {
+        if !loss.is_finite() || accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+            return Err(ApiError::InvalidRequest(format!(
+                "`loss` must be finite and `accuracy` within [0, 1]; got loss {loss}, accuracy {accuracy:?}"
+            )));
+        }
+        let (token_hash, round_id) = self.token_round(token).await?;
+        self.db
+            .insert_metrics(&token_hash, round_id, f64::from(loss), num_samples as i64, accuracy.map(f64::from), now_ms())
+            .await?;
+        Ok(())
+    }
+
+    /// Finalises every round that is due: full, past its deadline, or left closing by a crash.
+    pub async fn tick(&self) -> Result<(), ApiError> {
+        for task_id in self.db.running_task_ids().await? {
+            if let Some(round) = self.db.active_round(&task_id).await? {
+                self.finalize_if_due(round.id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits or abandons the round if it is due; does nothing otherwise. Idempotent and safe to
+    /// repeat after a crash at any point: the closing flag freezes the accepted set, the new model
+    /// is a deterministic function of that set, and `finish_round` applies once.
+    pub async fn finalize_if_due(&self, round_id: i64) -> Result<(), ApiError> {
+        let _one_at_a_time = self.finalize_lock.lock().await;
+        let Some(round) = self.db.round(round_id).await? else {
+            return Ok(());
+        };
+        let task = self.task(&round.task_id).await?;
+        let config = &task.config;
+        if round.state == "open" {
+            let full = round.accepted >= i64::from(config.devices_per_round);
+            if !full && now_ms() < round.deadline_ms {
+                return Ok(());
+            }
+            self.db.close_round(round_id).await?;
+        } else if round.state != "closing" {
+            return Ok(());
+        }
+        let round = self.db.round(round_id).await?.expect("round exists");
+        let updates = self.db.updates_of_round(round_id).await?;
+        let now = now_ms();
+        let deadline = now + config.round_deadline_secs as i64 * 1000;
+        let (outcome, next) = if updates.len() as u64 >= u64::from(config.min_devices_per_round) {
+            let new_version = round.base_version + 1;
+            let acc = self.round_sums(&round, config, &updates).await?;
+            let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
+            let lr = server_lr(config);
+            let new_model = tokio::task::spawn_blocking(move || {
+                let mut model = NamedTensors::decode(&base)?;
+                acc.apply(&mut model, lr);
+                Ok::<_, ApiError>(Bytes::from(model.encode()))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            self.blobs.put(&model_key(&task.id, new_version), new_model).await?;
+            let more = task.committed_rounds + 1 < i64::from(config.rounds);
+            let next = more.then_some(NextRound {
+                seq: round.seq + 1,
+                base_version: new_version,
+                opened_ms: now,
+                deadline_ms: deadline,
+            });
+            (RoundOutcome::Committed { new_version }, next)
+        } else {
+            let next = NextRound {
+                seq: round.seq + 1,
+                base_version: round.base_version,
+                opened_ms: now,
+                deadline_ms: deadline,
+            };
+            (RoundOutcome::Abandoned, Some(next))
+        };
+        if self.db.finish_round(&round, outcome, next, now).await? {
+            match outcome {
+                RoundOutcome::Committed { new_version } => info!(
+                    task = %task.id, round = round.id, seq = round.seq, accepted = updates.len(),
+                    samples = round.total_samples, version = new_version, "round committed"
+                ),
+                RoundOutcome::Abandoned => warn!(
+                    task = %task.id, round = round.id, accepted = updates.len(),
+                    min = config.min_devices_per_round, "round abandoned: too few updates by the deadline"
+                ),
+            }
+        }
+        self.accumulators.lock().expect("accumulator lock").remove(&round_id);
+        if let Err(e) = self.blobs.delete_prefix(&format!("updates/{round_id}")).await {
+            warn!(round = round_id, error = %e, "could not remove the round's update blobs");
+        }
+        Ok(())
+    }
+
+    /// The round's FedAvg sums: the in-memory ones if they hold exactly the accepted set, otherwise
+    /// rebuilt from the stored update blobs one at a time (O(model size) memory).
+    async fn round_sums(&self, round: &RoundRow, config: &TaskConfig, updates: &[UpdateRow]) -> Result<FedAvgAccumulator, ApiError> {
+        let accepted: BTreeSet<&str> = updates.iter().map(|u| u.token_hash.as_str()).collect();
+        if let Some(cached) = self.accumulators.lock().expect("accumulator lock").remove(&round.id) {
+            let folded: BTreeSet<&str> = cached.folded.iter().map(String::as_str).collect();
+            if folded == accepted {
+                return Ok(cached.acc);
+            }
+        }
+        info!(round = round.id, updates = updates.len(), "rebuilding round sums from stored updates");
+        let mut acc = FedAvgAccumulator::new(&config.tensors);
+        for u in updates {
+            let body = self.blobs.get(&u.blob_key).await?;
+            let specs = config.tensors.clone();
+            let n = u.num_samples as u64;
+            acc = tokio::task::spawn_blocking(move || {
+                let delta = NamedTensors::decode_checked(&body, &specs, DELTA_LIMIT)?;
+                acc.add(n, &delta)?;
+                Ok::<_, ApiError>(acc)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        }
+        Ok(acc)
+    }
+
+    /// Runs [`Coordinator::tick`] forever at `every`.
+    pub async fn run_ticker(self: Arc<Self>, every: Duration) {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(e) = self.tick().await {
+                warn!(error = %e, "round ticker failed; retrying");
+            }
+        }
+    }
+}

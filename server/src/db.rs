@@ -1,0 +1,447 @@
+//! Round state in SQL: SQLite (a file under the data dir) or PostgreSQL, chosen by URL scheme.
+//!
+//! The database is the source of truth: which tasks exist, which round is open, which upload tokens
+//! were handed out and which updates were accepted. Every state change is one transaction whose guard
+//! (`WHERE state = 'open' AND accepted < $k`, primary keys on token hashes) makes it apply at most
+//! once, whatever the number of concurrent requests or server replicas. Queries use `$n` placeholders,
+//! which both databases accept, through sqlx's `Any` driver.
+
+use fedhive_shared::wire::{RoundInfo, RoundState, TaskConfig, TaskState};
+use sqlx::{
+    AnyPool, Row,
+    any::{AnyPoolOptions, AnyRow},
+};
+
+/// Pool plus the dialect it speaks.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored task config is not valid JSON: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub id: String,
+    pub config: TaskConfig,
+    pub state: TaskState,
+    pub model_version: i64,
+    pub committed_rounds: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoundRow {
+    pub id: i64,
+    pub task_id: String,
+    pub seq: i64,
+    pub state: String,
+    pub base_version: i64,
+    pub assigned: i64,
+    pub accepted: i64,
+    pub total_samples: i64,
+    pub opened_ms: i64,
+    pub deadline_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateRow {
+    pub token_hash: String,
+    pub round_id: i64,
+    pub num_samples: i64,
+    pub sha256: String,
+    pub blob_key: String,
+    pub accepted_seq: i64,
+}
+
+/// How a closing round ends.
+#[derive(Debug, Clone, Copy)]
+pub enum RoundOutcome {
+    Committed { new_version: i64 },
+    Abandoned,
+}
+
+/// The round to open after one ends.
+#[derive(Debug, Clone, Copy)]
+pub struct NextRound {
+    pub seq: i64,
+    pub base_version: i64,
+    pub opened_ms: i64,
+    pub deadline_ms: i64,
+}
+
+impl RoundRow {
+    pub fn info(&self) -> RoundInfo {
+        let state = match self.state.as_str() {
+            "committed" => RoundState::Committed,
+            "abandoned" => RoundState::Abandoned,
+            _ => RoundState::Open,
+        };
+        RoundInfo {
+            round_id: self.id,
+            seq: self.seq,
+            state,
+            base_version: self.base_version,
+            assigned: self.assigned,
+            accepted: self.accepted,
+            total_samples: self.total_samples,
+            opened_unix: self.opened_ms / 1000,
+            deadline_unix: self.deadline_ms / 1000,
+        }
+    }
+}
+
+const ROUND_COLUMNS: &str = "id, task_id, seq, state, base_version, assigned, accepted, total_samples, opened_ms, deadline_ms";
+const UPDATE_COLUMNS: &str = "token_hash, round_id, num_samples, sha256, blob_key, accepted_seq";
+
+fn round_row(r: &AnyRow) -> Result<RoundRow, sqlx::Error> {
+    Ok(RoundRow {
+        id: r.try_get("id")?,
+        task_id: r.try_get("task_id")?,
+        seq: r.try_get("seq")?,
+        state: r.try_get("state")?,
+        base_version: r.try_get("base_version")?,
+        assigned: r.try_get("assigned")?,
+        accepted: r.try_get("accepted")?,
+        total_samples: r.try_get("total_samples")?,
+        opened_ms: r.try_get("opened_ms")?,
+        deadline_ms: r.try_get("deadline_ms")?,
+    })
+}
+
+fn update_row(r: &AnyRow) -> Result<UpdateRow, sqlx::Error> {
+    Ok(UpdateRow {
+        token_hash: r.try_get("token_hash")?,
+        round_id: r.try_get("round_id")?,
+        num_samples: r.try_get("num_samples")?,
+        sha256: r.try_get("sha256")?,
+        blob_key: r.try_get("blob_key")?,
+        accepted_seq: r.try_get("accepted_seq")?,
+    })
+}
+
+fn task_row(r: &AnyRow) -> Result<TaskRow, DbError> {
+    let config: String = r.try_get("config")?;
+    let state: String = r.try_get("state")?;
+    Ok(TaskRow {
+        id: r.try_get("id")?,
+        config: serde_json::from_str(&config)?,
+        state: if state == "finished" {
+            TaskState::Finished
+        } else {
+            TaskState::Running
+        },
+        model_version: r.try_get("model_version")?,
+        committed_rounds: r.try_get("committed_rounds")?,
+    })
+}
+
+/// SQL with the shared round columns spliced in. Only compile-time constants are spliced.
+fn sql(template: &'static str, columns: &'static str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(template.replace("{cols}", columns))
+}
+
+impl Db {
+    /// Connects and runs the migrations of the URL's database.
+    pub async fn connect(url: &str) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let pool = if url.starts_with("sqlite:") {
+            let pool = AnyPoolOptions::new()
+                // SQLite has one writer; one connection avoids SQLITE_BUSY between our own transactions.
+                .max_connections(1)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        use sqlx::Executor;
+                        // FULL: an acknowledged upload survives power loss too, not only kill -9.
+                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;")
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .connect(url)
+                .await?;
+            sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
+            pool
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = AnyPoolOptions::new().max_connections(16).connect(url).await?;
+            sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+            pool
+        } else {
+            return Err(DbError::UnsupportedUrl(url.to_string()));
+        };
+        Ok(Db { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Inserts a task and opens its first round, atomically.
+    pub async fn create_task(&self, id: &str, config: &TaskConfig, now_ms: i64) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tasks (id, config, state, model_version, committed_rounds, created_ms) \
+             VALUES ($1, $2, 'running', 0, 0, $3)",
+        )
+        .bind(id)
+        .bind(serde_json::to_string(config)?)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        let deadline = now_ms + config.round_deadline_secs as i64 * 1000;
+        insert_round(&mut tx, id, 1, 0, now_ms, deadline).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
+        let row = sqlx::query("SELECT id, config, state, model_version, committed_rounds FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(task_row).transpose()
+    }
+
+    pub async fn running_task_ids(&self) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query("SELECT id FROM tasks WHERE state = 'running' ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?)
+    }
+
+    /// The task's round that is open or closing, if any.
+    pub async fn active_round(&self, task_id: &str) -> Result<Option<RoundRow>, DbError> {
+        let row = sqlx::query(sql(
+            "SELECT {cols} FROM rounds WHERE task_id = $1 AND state IN ('open', 'closing')",
+            ROUND_COLUMNS,
+        ))
+        .bind(task_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(round_row).transpose()?)
+    }
+
+    pub async fn round(&self, id: i64) -> Result<Option<RoundRow>, DbError> {
+        let row = sqlx::query(sql("SELECT {cols} FROM rounds WHERE id = $1", ROUND_COLUMNS))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(round_row).transpose()?)
+    }
+
+    pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundRow>, DbError> {
+        let rows = sqlx::query(sql("SELECT {cols} FROM rounds WHERE task_id = $1 ORDER BY seq", ROUND_COLUMNS))
+            .bind(task_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(round_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Hands out one of the round's `cap` assignments; `None` when the round is full or not open.
+    pub async fn assign(&self, round_id: i64, cap: i64, token_hash: &str, now_ms: i64) -> Result<Option<i64>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE rounds SET assigned = assigned + 1 \
+             WHERE id = $1 AND state = 'open' AND assigned < $2 AND deadline_ms > $3 RETURNING assigned",
+        )
+        .bind(round_id)
+        .bind(cap)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        sqlx::query("INSERT INTO assignments (token_hash, round_id, created_ms) VALUES ($1, $2, $3)")
+            .bind(token_hash)
+            .bind(round_id)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(row.try_get("assigned")?))
+    }
+
+    /// The round an upload token belongs to.
+    pub async fn assignment_round(&self, token_hash: &str) -> Result<Option<i64>, DbError> {
+        let row = sqlx::query("SELECT round_id FROM assignments WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("round_id")).transpose()?)
+    }
+
+    pub async fn update_for_token(&self, token_hash: &str) -> Result<Option<UpdateRow>, DbError> {
+        let row = sqlx::query(sql("SELECT {cols} FROM updates WHERE token_hash = $1", UPDATE_COLUMNS))
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(update_row).transpose()?)
+    }
+
+    /// Records an accepted update if the round is still open and below `k` updates. Returns the stored
+    /// row, or `None` when the round no longer accepts uploads. Exactly once: the counter update and
+    /// the row insert commit together, and the token hash is the row's primary key.
+    pub async fn accept_update(
+        &self,
+        round_id: i64,
+        k: i64,
+        update: &UpdateRow,
+        now_ms: i64,
+    ) -> Result<Option<UpdateRow>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE rounds SET accepted = accepted + 1, total_samples = total_samples + $1 \
+             WHERE id = $2 AND state = 'open' AND accepted < $3 RETURNING accepted",
+        )
+        .bind(update.num_samples)
+        .bind(round_id)
+        .bind(k)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let stored = UpdateRow {
+            accepted_seq: row.try_get("accepted")?,
+            ..update.clone()
+        };
+        sqlx::query(
+            "INSERT INTO updates (token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&stored.token_hash)
+        .bind(round_id)
+        .bind(stored.num_samples)
+        .bind(&stored.sha256)
+        .bind(&stored.blob_key)
+        .bind(stored.accepted_seq)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(stored))
+    }
+
+    /// The round's accepted updates, in token-hash order.
+    pub async fn updates_of_round(&self, round_id: i64) -> Result<Vec<UpdateRow>, DbError> {
+        let rows = sqlx::query(sql(
+            "SELECT {cols} FROM updates WHERE round_id = $1 ORDER BY token_hash",
+            UPDATE_COLUMNS,
+        ))
+        .bind(round_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(update_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Stops a round taking uploads, freezing its set of accepted updates. False if it was not open.
+    pub async fn close_round(&self, round_id: i64) -> Result<bool, DbError> {
+        let done = sqlx::query("UPDATE rounds SET state = 'closing' WHERE id = $1 AND state = 'open'")
+            .bind(round_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ends a closing round, moves the task's model version on a commit, and opens the next round
+    /// (or finishes the task), in one transaction. False if another finaliser got there first.
+    pub async fn finish_round(
+        &self,
+        round: &RoundRow,
+        outcome: RoundOutcome,
+        next: Option<NextRound>,
+        now_ms: i64,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let state = match outcome {
+            RoundOutcome::Committed { .. } => "committed",
+            RoundOutcome::Abandoned => "abandoned",
+        };
+        let done = sqlx::query("UPDATE rounds SET state = $1, closed_ms = $2 WHERE id = $3 AND state = 'closing'")
+            .bind(state)
+            .bind(now_ms)
+            .bind(round.id)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let RoundOutcome::Committed { new_version } = outcome {
+            sqlx::query(
+                "UPDATE tasks SET model_version = $1, committed_rounds = committed_rounds + 1 WHERE id = $2",
+            )
+            .bind(new_version)
+            .bind(&round.task_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        match next {
+            Some(n) => insert_round(&mut tx, &round.task_id, n.seq, n.base_version, n.opened_ms, n.deadline_ms).await?,
+            None => {
+                sqlx::query("UPDATE tasks SET state = 'finished' WHERE id = $1")
+                    .bind(&round.task_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Stores a device's metrics for its round; a repeat for the same token is ignored.
+    pub async fn insert_metrics(
+        &self,
+        token_hash: &str,
+        round_id: i64,
+        loss: f64,
+        num_samples: i64,
+        accuracy: Option<f64>,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO metrics (token_hash, round_id, loss, num_samples, accuracy, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(token_hash)
+        .bind(round_id)
+        .bind(loss)
+        .bind(num_samples)
+        .bind(accuracy)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+async fn insert_round(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    task_id: &str,
+    seq: i64,
+    base_version: i64,
+    opened_ms: i64,
+    deadline_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO rounds (task_id, seq, state, base_version, opened_ms, deadline_ms) \
+         VALUES ($1, $2, 'open', $3, $4, $5)",
+    )
+    .bind(task_id)
+    .bind(seq)
+    .bind(base_version)
+    .bind(opened_ms)
+    .bind(deadline_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The API's error type: every refusal is an HTTP status plus a JSON [`ErrorBody`] with a stable code
+//! and a message naming the offending field and value.
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use fedhive_shared::{TensorError, fedavg::AggregateError, wire::ErrorBody};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or wrong admin bearer token")]
+    Unauthorized,
+    #[error("task `{0}` does not exist")]
+    UnknownTask(String),
+    #[error("model version {version} of task `{task}` does not exist")]
+    UnknownModelVersion { task: String, version: i64 },
+    #[error("upload token is not valid for any round")]
+    UnknownToken,
+    #[error("missing `Authorization: Bearer <upload token>` header")]
+    MissingToken,
+    #[error("round {0} no longer accepts uploads (committed, abandoned, full or past its deadline)")]
+    RoundClosed(i64),
+    #[error("an upload with this token is still being processed; retry when it has finished")]
+    UploadInFlight,
+    #[error("this token already uploaded a different update (sha256 {stored}); a token uploads once")]
+    ConflictingRetry { stored: String },
+    #[error("body of {size} bytes exceeds the limit of {limit} bytes for this task")]
+    BodyTooLarge { size: usize, limit: usize },
+    #[error("could not read the request body: {0}")]
+    BadBody(String),
+    #[error("{0}")]
+    Tensor(#[from] TensorError),
+    #[error("{0}")]
+    Aggregate(#[from] AggregateError),
+    #[error("invalid task config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            Unauthorized | MissingToken => StatusCode::UNAUTHORIZED,
+            UnknownTask(_) | UnknownModelVersion { .. } | UnknownToken => StatusCode::NOT_FOUND,
+            RoundClosed(_) | UploadInFlight => StatusCode::CONFLICT,
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BadBody(_) | InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ConflictingRetry { .. } | Tensor(_) | Aggregate(_) | InvalidConfig(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable, greppable code.
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            Unauthorized => "unauthorized",
+            MissingToken => "missing_token",
+            UnknownTask(_) => "unknown_task",
+            UnknownModelVersion { .. } => "unknown_model_version",
+            UnknownToken => "unknown_token",
+            RoundClosed(_) => "round_closed",
+            UploadInFlight => "upload_in_flight",
+            ConflictingRetry { .. } => "conflicting_retry",
+            BodyTooLarge { .. } => "body_too_large",
+            BadBody(_) => "bad_body",
+            Tensor(e) => e.code(),
+            Aggregate(AggregateError::BadSampleCount(_)) => "bad_num_samples",
+            Aggregate(AggregateError::RoundSampleLimit(..)) => "round_sample_limit",
+            InvalidConfig(_) => "invalid_config",
+            InvalidRequest(_) => "invalid_request",
+            Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(format!("database: {e}"))
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(e: std::io::Error) -> Self {
+        ApiError::Internal(format!("blob store: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(code = self.code(), error = %self, "request refused");
+        }
+        let body = ErrorBody {
+            error: self.code().to_string(),
+            message: self.to_string(),
+        };
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,113 @@
+//! fedhive aggregation server.
+//!
+//! Principal types: [`ServerConfig`] (what the `fedhive` binary parses), [`start`] (binds and runs
+//! the server, returning its address), [`coordinator::Coordinator`] (the round lifecycle),
+//! [`db::Db`] (round state in SQLite or PostgreSQL) and [`blobs::BlobStore`] (tensor blobs).
+//!
+//! Architecture invariant: the database and the blob store hold all state; memory holds only caches
+//! that a restart rebuilds. burn is not a dependency: aggregation runs on plain slices from
+//! `fedhive-shared`.
+
+pub mod api;
+pub mod blobs;
+pub mod cli;
+pub mod coordinator;
+pub mod db;
+pub mod error;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+pub use coordinator::{Coordinator, CoordinatorOptions};
+
+/// Everything needed to run a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Holds the SQLite file (unless `database_url` is given) and the blob directory.
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; default: `sqlite://<data_dir>/fedhive.db`.
+    pub database_url: Option<String>,
+    /// Bearer token for operator endpoints; `None` only together with `insecure_dev`.
+    pub admin_token: Option<String>,
+    pub insecure_dev: bool,
+    pub coordinator: CoordinatorOptions,
+    /// How often deadlines and interrupted rounds are checked.
+    pub tick: Duration,
+    /// Largest initial model accepted at task creation.
+    pub max_model_bytes: usize,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        ServerConfig {
+            listen,
+            data_dir,
+            database_url: None,
+            admin_token: None,
+            insecure_dev: false,
+            coordinator: CoordinatorOptions::default(),
+            tick: Duration::from_millis(200),
+            max_model_bytes: 1 << 30,
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("fedhive.db").display()))
+    }
+}
+
+/// A started server: its bound address and the task serving it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    pub handle: JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the state, recovers interrupted rounds, binds, and serves in the background.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    if config.admin_token.is_none() && !config.insecure_dev {
+        anyhow::bail!(
+            "no admin token: pass --admin-token (or FEDHIVE_ADMIN_TOKEN), or --insecure-dev for a local demo"
+        );
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let url = config.database_url();
+    let db = db::Db::connect(&url)
+        .await
+        .with_context(|| format!("opening database {}", redact(&url)))?;
+    let blobs = blobs::BlobStore::open(config.data_dir.join("blobs")).context("opening blob store")?;
+    let coordinator = Arc::new(Coordinator::new(db, blobs, config.coordinator.clone()));
+    coordinator.tick().await.context("recovering rounds")?;
+    tokio::spawn(coordinator.clone().run_ticker(config.tick));
+
+    let state = api::AppState {
+        coordinator: coordinator.clone(),
+        admin_token: config.admin_token.clone(),
+    };
+    let app = api::router(state, config.max_model_bytes);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = %redact(&url), "fedhive server listening");
+    let handle = tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(RunningServer {
+        addr,
+        coordinator,
+        handle,
+    })
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_string(),
+    }
+}

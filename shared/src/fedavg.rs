@@ -1,0 +1,215 @@
+//! FedAvg aggregation (McMahan et al., "Communication-Efficient Learning of Deep Networks from
+//! Decentralized Data", AISTATS 2017), accumulated in fixed point.
+//!
+//! Rule (`ALGORITHMS.md`): `x_{t+1} = x_t + server_lr * sum_i (n_i / m_t) * Delta_i`, with
+//! `m_t = sum_i n_i` over the updates the round accepted.
+//!
+//! Why fixed point: floating-point sums depend on the order of the terms, and uploads arrive in any
+//! order (and again after a crash). Each term `n_i * Delta_i` is rounded once to an integer multiple
+//! of `2^-FRACTION_BITS` and summed in `i64` with wrapping addition, which is associative and
+//! commutative, so the round's result depends only on the *set* of accepted updates: a crash-and-restart
+//! run commits a bit-identical model. Wrapping is safe because the true total is bounded: every
+//! `|Delta_i| <= DELTA_LIMIT = 2^7` and `m_t <= MAX_ROUND_SAMPLES < 2^32`, so `|sum| < 2^(7+24+32) = 2^63`.
+//! The same modular sums are what secure aggregation needs later.
+//! Memory is O(model size): one `i64` per parameter, whatever the number of devices.
+
+use std::collections::BTreeMap;
+
+use crate::tensors::{NamedTensors, TensorSpec};
+
+/// Fractional bits of the fixed-point accumulator: resolution `2^-24 ≈ 6e-8` per sample-weighted term.
+pub const FRACTION_BITS: i32 = 24;
+/// Largest accepted magnitude of any update value (the stated clipping range; larger is refused).
+pub const DELTA_LIMIT: f32 = 128.0;
+/// Largest sample count one update may claim.
+pub const MAX_UPDATE_SAMPLES: u64 = 1 << 24;
+/// Largest total sample count of one round (keeps the fixed-point sum inside `i64`).
+pub const MAX_ROUND_SAMPLES: u64 = (1 << 32) - 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AggregateError {
+    #[error("num_samples must be between 1 and {MAX_UPDATE_SAMPLES}, got {0}")]
+    BadSampleCount(u64),
+    #[error("the round already holds {0} samples; adding {1} would exceed {MAX_ROUND_SAMPLES}")]
+    RoundSampleLimit(u64, u64),
+}
+
+/// Running sums `sum_i n_i * Delta_i` (fixed point) and `sum_i n_i` of one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FedAvgAccumulator {
+    sums: BTreeMap<String, Vec<i64>>,
+    total_samples: u64,
+    updates: u64,
+}
+
+impl FedAvgAccumulator {
+    pub fn new(specs: &[TensorSpec]) -> Self {
+        let sums = specs.iter().map(|s| (s.name.clone(), vec![0i64; s.numel()])).collect();
+        FedAvgAccumulator {
+            sums,
+            total_samples: 0,
+            updates: 0,
+        }
+    }
+
+    /// Folds one update in. `delta` must already have passed [`NamedTensors::check`] against the
+    /// accumulator's specs with `DELTA_LIMIT` (the server's upload gate does this).
+    pub fn add(&mut self, num_samples: u64, delta: &NamedTensors) -> Result<(), AggregateError> {
+        if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
+            return Err(AggregateError::BadSampleCount(num_samples));
+        }
+        if self.total_samples + num_samples > MAX_ROUND_SAMPLES {
+            return Err(AggregateError::RoundSampleLimit(self.total_samples, num_samples));
+        }
+        let scale = num_samples as f64 * f64::from(FRACTION_BITS).exp2();
+        for (name, sum) in &mut self.sums {
+            let values = &delta.0[name].data;
+            debug_assert_eq!(values.len(), sum.len());
+            for (acc, &v) in sum.iter_mut().zip(values) {
+                *acc = acc.wrapping_add((f64::from(v) * scale).round() as i64);
+            }
+        }
+        self.total_samples += num_samples;
+        self.updates += 1;
+        Ok(())
+    }
+
+    pub fn total_samples(&self) -> u64 {
+        self.total_samples
+    }
+
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Applies the round to `model`: `x += server_lr * (sum n_i Delta_i) / m_t`. A round with no
+    /// updates leaves the model unchanged.
+    pub fn apply(&self, model: &mut NamedTensors, server_lr: f32) {
+        if self.total_samples == 0 {
+            return;
+        }
+        let factor = f64::from(server_lr) / (self.total_samples as f64 * f64::from(FRACTION_BITS).exp2());
+        for (name, sum) in &self.sums {
+            let x = &mut model.0.get_mut(name).expect("model has the accumulator's tensors").data;
+            for (xv, &s) in x.iter_mut().zip(sum) {
+                *xv = (f64::from(*xv) + s as f64 * factor) as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensors::Tensor;
+
+    fn one(name: &str, data: Vec<f32>) -> NamedTensors {
+        let mut m = BTreeMap::new();
+        m.insert(
+            name.to_string(),
+            Tensor {
+                shape: vec![data.len()],
+                data,
+            },
+        );
+        NamedTensors(m)
+    }
+
+    #[test]
+    fn weighted_average_matches_hand_computation() {
+        // x = [1, 2]; device a: n=1, delta=[0.5, -1]; device b: n=3, delta=[1.5, 1].
+        // sum n*delta = [0.5 + 4.5, -1 + 3] = [5, 2]; m = 4; x' = [1 + 5/4, 2 + 2/4] = [2.25, 2.5].
+        let mut model = one("w", vec![1.0, 2.0]);
+        let mut acc = FedAvgAccumulator::new(&model.specs());
+        acc.add(1, &one("w", vec![0.5, -1.0])).unwrap();
+        acc.add(3, &one("w", vec![1.5, 1.0])).unwrap();
+        assert_eq!(acc.total_samples(), 4);
+        acc.apply(&mut model, 1.0);
+        assert_eq!(model.0["w"].data, vec![2.25, 2.5]);
+    }
+
+    #[test]
+    fn server_lr_scales_the_step() {
+        // Same updates, server_lr = 2: x' = [1 + 2*1.25, 2 + 2*0.5] = [3.5, 3].
+        let mut model = one("w", vec![1.0, 2.0]);
+        let mut acc = FedAvgAccumulator::new(&model.specs());
+        acc.add(1, &one("w", vec![0.5, -1.0])).unwrap();
+        acc.add(3, &one("w", vec![1.5, 1.0])).unwrap();
+        acc.apply(&mut model, 2.0);
+        assert_eq!(model.0["w"].data, vec![3.5, 3.0]);
+    }
+
+    #[test]
+    fn empty_round_leaves_model_unchanged() {
+        let mut model = one("w", vec![1.0, 2.0]);
+        FedAvgAccumulator::new(&model.specs()).apply(&mut model, 1.0);
+        assert_eq!(model.0["w"].data, vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn sample_counts_are_bounded() {
+        let model = one("w", vec![0.0]);
+        let mut acc = FedAvgAccumulator::new(&model.specs());
+        assert_eq!(acc.add(0, &model), Err(AggregateError::BadSampleCount(0)));
+        assert!(acc.add(MAX_UPDATE_SAMPLES + 1, &model).is_err());
+        assert_eq!(acc.updates(), 0);
+    }
+
+    #[test]
+    fn extreme_values_within_limit_do_not_overflow() {
+        // 300 updates of the largest count and value: the fixed-point sum must stay exact.
+        let model = one("w", vec![0.0]);
+        let mut acc = FedAvgAccumulator::new(&model.specs());
+        for _ in 0..255 {
+            acc.add(MAX_UPDATE_SAMPLES, &one("w", vec![-DELTA_LIMIT])).unwrap();
+        }
+        let mut out = model.clone();
+        acc.apply(&mut out, 1.0);
+        assert_eq!(out.0["w"].data, vec![-DELTA_LIMIT]);
+    }
+
+    proptest::proptest! {
+        /// The result depends only on the set of updates, never on their order.
+        #[test]
+        fn order_does_not_change_the_bits(
+            updates in proptest::collection::vec(
+                (1u64..10_000, proptest::collection::vec(-10f32..10.0, 4)), 1..20),
+            seed in 0usize..1000,
+        ) {
+            let base = one("w", vec![0.1, -0.2, 0.3, 1e-3]);
+            let run = |order: &[usize]| {
+                let mut acc = FedAvgAccumulator::new(&base.specs());
+                for &i in order {
+                    acc.add(updates[i].0, &one("w", updates[i].1.clone())).unwrap();
+                }
+                let mut m = base.clone();
+                acc.apply(&mut m, 1.0);
+                m.0["w"].data.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let forward: Vec<usize> = (0..updates.len()).collect();
+            let mut shuffled = forward.clone();
+            shuffled.rotate_left(seed % updates.len());
+            shuffled.reverse();
+            proptest::prop_assert_eq!(run(&forward), run(&shuffled));
+        }
+
+        /// Fixed point stays within its resolution of the exact f64 weighted average.
+        #[test]
+        fn close_to_exact_average(
+            updates in proptest::collection::vec((1u64..1000, -100f32..100.0), 1..50),
+        ) {
+            let base = one("w", vec![0.0]);
+            let mut acc = FedAvgAccumulator::new(&base.specs());
+            let (mut num, mut den) = (0f64, 0f64);
+            for (n, d) in &updates {
+                acc.add(*n, &one("w", vec![*d])).unwrap();
+                num += *n as f64 * f64::from(*d);
+                den += *n as f64;
+            }
+            let mut m = base.clone();
+            acc.apply(&mut m, 1.0);
+            let exact = num / den;
+            proptest::prop_assert!((f64::from(m.0["w"].data[0]) - exact).abs() <= 1e-5 * exact.abs().max(1.0));
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Named f32 tensors and their safetensors codec.
+//!
+//! Models and updates travel as safetensors: a language-neutral layout that PyTorch and Hugging Face
+//! read, that burn-store writes, and that the server parses without burn. Only `F32` tensors are
+//! accepted for now. [`NamedTensors::decode_checked`] is the gate every upload passes: it rejects
+//! malformed bodies, missing or unexpected names, wrong dtypes or shapes and non-finite values, so
+//! nothing invalid ever reaches an accumulator.
+
+use std::collections::BTreeMap;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+/// Name and shape of one model tensor, as declared in a task's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A dense f32 tensor in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Tensors keyed by their dotted path (`"fc1.weight"`). A `BTreeMap` so iteration order, and with it
+/// encoding and aggregation, is the same everywhere.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NamedTensors(pub BTreeMap<String, Tensor>);
+
+/// Why a tensor body was refused. Each variant has a stable code for API error bodies.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TensorError {
+    #[error("body is not valid safetensors: {0}")]
+    Malformed(String),
+    #[error("tensor `{0}` is missing")]
+    MissingTensor(String),
+    #[error("tensor `{0}` is not part of this model")]
+    UnexpectedTensor(String),
+    #[error("tensor `{name}` has dtype {found}, expected F32")]
+    DtypeMismatch { name: String, found: String },
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor `{name}` holds a non-finite value at index {index}")]
+    NonFinite { name: String, index: usize },
+    #[error("tensor `{name}` holds {value} at index {index}, outside the accepted range ±{limit}")]
+    OutOfRange {
+        name: String,
+        index: usize,
+        value: f32,
+        limit: f32,
+    },
+}
+
+impl TensorError {
+    /// Stable, greppable code used in HTTP error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TensorError::Malformed(_) => "malformed_tensors",
+            TensorError::MissingTensor(_) => "missing_tensor",
+            TensorError::UnexpectedTensor(_) => "unexpected_tensor",
+            TensorError::DtypeMismatch { .. } => "dtype_mismatch",
+            TensorError::ShapeMismatch { .. } => "shape_mismatch",
+            TensorError::NonFinite { .. } => "non_finite_value",
+            TensorError::OutOfRange { .. } => "value_out_of_range",
+        }
+    }
+}
+
+impl NamedTensors {
+    /// Zero tensors with the given specs.
+    pub fn zeros(specs: &[TensorSpec]) -> Self {
+        NamedTensors(
+            specs
+                .iter()
+                .map(|s| {
+                    let t = Tensor {
+                        shape: s.shape.clone(),
+                        data: vec![0.0; s.numel()],
+                    };
+                    (s.name.clone(), t)
+                })
+                .collect(),
+        )
+    }
+
+    /// The specs (names and shapes) of these tensors, in name order.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        self.0
+            .iter()
+            .map(|(name, t)| TensorSpec {
+                name: name.clone(),
+                shape: t.shape.clone(),
+            })
+            .collect()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.0.values().map(|t| t.data.len()).sum()
+    }
+
+    /// Serialises to safetensors bytes (all tensors F32, little-endian).
+    pub fn encode(&self) -> Vec<u8> {
+        let views: Vec<(&str, TensorView<'_>)> = self
+            .0
+            .iter()
+            .map(|(name, t)| {
+                let bytes: &[u8] = bytemuck::cast_slice(&t.data);
+                let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes)
+                    .expect("shape matches data length by construction");
+                (name.as_str(), view)
+            })
+            .collect();
+        safetensors::serialize(views, None).expect("serialising in-memory f32 tensors cannot fail")
+    }
+
+    /// Parses safetensors bytes without checking them against a model (all tensors must be F32).
+    pub fn decode(bytes: &[u8]) -> Result<Self, TensorError> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
+        let mut out = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(TensorError::DtypeMismatch {
+                    name,
+                    found: format!("{:?}", view.dtype()),
+                });
+            }
+            let data: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
+            out.insert(
+                name,
+                Tensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
+        }
+        Ok(NamedTensors(out))
+    }
+
+    /// Parses safetensors bytes and checks them against `specs`: exactly these names, these shapes,
+    /// F32, every value finite and within `±limit`. The first problem found is returned.
+    pub fn decode_checked(bytes: &[u8], specs: &[TensorSpec], limit: f32) -> Result<Self, TensorError> {
+        let tensors = Self::decode(bytes)?;
+        tensors.check(specs, limit)?;
+        Ok(tensors)
+    }
+
+    /// Checks names, shapes and values against `specs` and `±limit`.
+    pub fn check(&self, specs: &[TensorSpec], limit: f32) -> Result<(), TensorError> {
+        for spec in specs {
+            let t = self
+                .0
+                .get(&spec.name)
+                .ok_or_else(|| TensorError::MissingTensor(spec.name.clone()))?;
+            if t.shape != spec.shape {
+                return Err(TensorError::ShapeMismatch {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    found: t.shape.clone(),
+                });
+            }
+        }
+        if let Some(extra) = self.0.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
+            return Err(TensorError::UnexpectedTensor(extra.clone()));
+        }
+        for (name, t) in &self.0 {
+            for (index, &value) in t.data.iter().enumerate() {
+                if !value.is_finite() {
+                    return Err(TensorError::NonFinite {
+                        name: name.clone(),
+                        index,
+                    });
+                }
+                if value.abs() > limit {
+                    return Err(TensorError::OutOfRange {
+                        name: name.clone(),
+                        index,
+                        value,
+                        limit,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `self - other`, tensor by tensor (both must have the same specs).
+    pub fn sub(&self, other: &NamedTensors) -> NamedTensors {
+        NamedTensors(
+            self.0
+                .iter()
+                .map(|(name, a)| {
+                    let b = &other.0[name];
+                    let data = a.data.iter().zip(&b.data).map(|(x, y)| x - y).collect();
+                    (
+                        name.clone(),
+                        Tensor {
+                            shape: a.shape.clone(),
+                            data,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NamedTensors {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "fc.weight".to_string(),
+            Tensor {
+                shape: vec![2, 3],
+                data: vec![1.0, -2.0, 3.5, 0.0, 1e-7, -4.25],
+            },
+        );
+        m.insert(
+            "fc.bias".to_string(),
+            Tensor {
+                shape: vec![3],
+                data: vec![0.5, 0.25, -0.125],
+            },
+        );
+        NamedTensors(m)
+    }
+
+    #[test]
+    fn safetensors_round_trip_is_exact() {
+        let t = sample();
+        let bytes = t.encode();
+        assert_eq!(NamedTensors::decode(&bytes).unwrap(), t);
+        assert_eq!(NamedTensors::decode_checked(&bytes, &t.specs(), 10.0).unwrap(), t);
+    }
+
+    #[test]
+    fn checked_decode_names_each_problem() {
+        let t = sample();
+        let specs = t.specs();
+        let bytes = t.encode();
+        assert!(matches!(
+            NamedTensors::decode_checked(&bytes[..bytes.len() - 3], &specs, 10.0),
+            Err(TensorError::Malformed(_))
+        ));
+        let mut wrong_shape = specs.clone();
+        wrong_shape[1].shape = vec![3, 2];
+        assert_eq!(
+            NamedTensors::decode_checked(&bytes, &wrong_shape, 10.0).unwrap_err().code(),
+            "shape_mismatch"
+        );
+        let mut extra = t.clone();
+        extra.0.insert("x".into(), Tensor { shape: vec![1], data: vec![0.0] });
+        assert_eq!(
+            NamedTensors::decode_checked(&extra.encode(), &specs, 10.0).unwrap_err(),
+            TensorError::UnexpectedTensor("x".into())
+        );
+        assert_eq!(
+            NamedTensors::decode_checked(&bytes, &specs[..1], 10.0).unwrap_err().code(),
+            "unexpected_tensor"
+        );
+        let mut missing = specs.clone();
+        missing.push(TensorSpec { name: "y".into(), shape: vec![1] });
+        assert_eq!(
+            NamedTensors::decode_checked(&bytes, &missing, 10.0).unwrap_err(),
+            TensorError::MissingTensor("y".into())
+        );
+        let mut nan = t.clone();
+        nan.0.get_mut("fc.bias").unwrap().data[1] = f32::NAN;
+        assert_eq!(
+            NamedTensors::decode_checked(&nan.encode(), &specs, 10.0).unwrap_err(),
+            TensorError::NonFinite { name: "fc.bias".into(), index: 1 }
+        );
+        assert_eq!(
+            NamedTensors::decode_checked(&bytes, &specs, 4.0).unwrap_err().code(),
+            "value_out_of_range"
+        );
+    }
+
+    #[test]
+    fn non_f32_dtype_is_refused() {
+        let data = [0u8; 8];
+        let view = TensorView::new(Dtype::F64, vec![1], &data).unwrap();
+        let bytes = safetensors::serialize(vec![("w", view)], None).unwrap();
+        assert_eq!(NamedTensors::decode(&bytes).unwrap_err().code(), "dtype_mismatch");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn round_trip_any_values(data in proptest::collection::vec(-1e6f32..1e6, 1..64)) {
+            let mut m = BTreeMap::new();
+            m.insert("t".to_string(), Tensor { shape: vec![data.len()], data });
+            let t = NamedTensors(m);
+            proptest::prop_assert_eq!(NamedTensors::decode(&t.encode()).unwrap(), t);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! JSON bodies of the fedhive HTTP API, shared by the server and the device SDK.
+//!
+//! Binary bodies (models and updates) are safetensors, see [`crate::tensors`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::tensors::TensorSpec;
+
+/// Aggregation strategy of a task and its hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum StrategyConfig {
+    /// FedAvg: `x += server_lr * sum_i (n_i/m) Delta_i`.
+    FedAvg {
+        #[serde(default = "one")]
+        server_lr: f32,
+    },
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// Hyperparameters handed to every device of a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingParams {
+    /// Local epochs over the device's data.
+    pub local_epochs: u32,
+    /// Optional cap on local steps (0 = no cap).
+    #[serde(default)]
+    pub max_local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+}
+
+/// What an operator sends to create a task (the initial weights travel beside it as safetensors).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskConfig {
+    /// Model family the devices instantiate (e.g. `"mlp"`, `"cnn"`).
+    pub model: String,
+    /// Every tensor of the model; updates must match exactly.
+    pub tensors: Vec<TensorSpec>,
+    pub strategy: StrategyConfig,
+    pub training: TrainingParams,
+    /// K: the round commits as soon as this many updates are accepted.
+    pub devices_per_round: u32,
+    /// The round commits at its deadline if at least this many updates were accepted.
+    pub min_devices_per_round: u32,
+    /// Assignments handed out per round = ceil(K * over_selection), to absorb dropouts.
+    pub over_selection: f32,
+    /// Seconds from a round's opening to its deadline.
+    pub round_deadline_secs: u64,
+    /// The task finishes after this many committed rounds.
+    pub rounds: u32,
+}
+
+/// Answer to a check-in: train now, come back later, or stop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum CheckinResponse {
+    Assigned(Assignment),
+    RetryAfter { retry_after_ms: u64, reason: String },
+    Finished { model_version: i64 },
+}
+
+/// A device's place in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task_id: String,
+    pub round_id: i64,
+    /// Version of the model to train from (also the model download's ETag).
+    pub model_version: i64,
+    pub model: String,
+    pub training: TrainingParams,
+    /// Bearer token for this device's upload (single use per round).
+    pub upload_token: String,
+    /// Unix seconds after which uploads are refused.
+    pub deadline_unix: i64,
+}
+
+/// Acknowledgement of an accepted update (returned again, unchanged, for a retried identical upload).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadReceipt {
+    pub round_id: i64,
+    pub accepted_updates: i64,
+    pub num_samples: u64,
+    pub sha256: String,
+}
+
+/// Training metrics a device reports after its upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsReport {
+    pub loss: f32,
+    pub num_samples: u64,
+    #[serde(default)]
+    pub accuracy: Option<f32>,
+}
+
+/// Error body of every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable, greppable code (`"shape_mismatch"`, `"round_closed"`, ...).
+    pub error: String,
+    /// Human-readable message naming the offending field and value.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Running,
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundState {
+    Open,
+    Committed,
+    Abandoned,
+}
+
+/// A round as the status endpoints report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundInfo {
+    pub round_id: i64,
+    /// 1-based attempt number within the task (abandoned attempts count too).
+    pub seq: i64,
+    pub state: RoundState,
+    pub base_version: i64,
+    pub assigned: i64,
+    pub accepted: i64,
+    pub total_samples: i64,
+    pub opened_unix: i64,
+    pub deadline_unix: i64,
+}
+
+/// Task status for operators and dashboards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub task_id: String,
+    pub state: TaskState,
+    pub model_version: i64,
+    pub committed_rounds: i64,
+    pub config: TaskConfig,
+    pub current_round: Option<RoundInfo>,
+}
+
+/// Returned when a task is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCreated {
+    pub task_id: String,
+    pub model_version: i64,
+}
