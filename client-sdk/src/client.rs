@@ -1,0 +1,211 @@
+//! HTTP client for the fedhive server (reqwest, rustls) with retries and backoff.
+//!
+//! Retrying never double-submits: an upload is keyed by its single-use upload token, and the server
+//! answers a repeat of the same bytes with the receipt it stored the first time. So the client retries
+//! uploads freely on connection errors, timeouts, 5xx and `409 upload_in_flight`, and gives up at once
+//! on every other 4xx (the request itself is wrong, or the round has closed).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fedhive_shared::wire::{
+    CheckinResponse, ErrorBody, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
+};
+use reqwest::{Method, RequestBuilder, StatusCode, header};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("request to the fedhive server failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("server refused the request: {status} {}: {}", body.error, body.message)]
+    Api { status: StatusCode, body: ErrorBody },
+    #[error("server answered {status} with an unreadable body: {text}")]
+    Unexpected { status: StatusCode, text: String },
+}
+
+impl ClientError {
+    /// The server's stable error code, if the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { body, .. } => Some(&body.error),
+            _ => None,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            ClientError::Http(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+            ClientError::Api { status, body } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS || body.error == "upload_in_flight"
+            }
+            ClientError::Unexpected { status, .. } => status.is_server_error(),
+        }
+    }
+}
+
+/// How often and how patiently to retry.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 8,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter, so devices that failed together do not retry together.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self.initial_backoff.saturating_mul(1 << attempt.min(16)).min(self.max_backoff);
+        cap.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// A client of one fedhive server.
+#[derive(Debug, Clone)]
+pub struct FedhiveClient {
+    http: reqwest::Client,
+    base: String,
+    retry: RetryPolicy,
+    admin_token: Option<String>,
+}
+
+impl FedhiveClient {
+    /// `base_url` like `http://127.0.0.1:8080`.
+    pub fn new(base_url: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        Ok(FedhiveClient {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            retry: RetryPolicy::default(),
+            admin_token: None,
+        })
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Token sent on operator calls.
+    pub fn with_admin_token(mut self, token: impl Into<String>) -> Self {
+        self.admin_token = Some(token.into());
+        self
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http.request(method, format!("{}{}", self.base, path))
+    }
+
+    fn admin(&self, method: Method, path: &str) -> RequestBuilder {
+        let req = self.request(method, path);
+        match &self.admin_token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// Sends `build()` until it succeeds, fails for good, or attempts run out.
+    async fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let err = match build().send().await {
+                Ok(resp) if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED => return Ok(resp),
+                Ok(resp) => error_from(resp).await,
+                Err(e) => ClientError::Http(e),
+            };
+            attempt += 1;
+            if attempt >= self.retry.max_attempts || !err.retryable() {
+                return Err(err);
+            }
+            tracing::debug!(attempt, error = %err, "retrying request");
+            tokio::time::sleep(self.retry.backoff(attempt)).await;
+        }
+    }
+
+    pub async fn checkin(&self, task_id: &str) -> Result<CheckinResponse, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/checkin");
+        Ok(self.send(|| self.request(Method::POST, &path)).await?.json().await?)
+    }
+
+    /// Downloads a model version (the current one when `None`): `(version, safetensors bytes)`.
+    pub async fn download_model(&self, task_id: &str, version: Option<i64>) -> Result<(i64, Bytes), ClientError> {
+        let path = match version {
+            Some(v) => format!("/v1/tasks/{task_id}/model?version={v}"),
+            None => format!("/v1/tasks/{task_id}/model"),
+        };
+        let resp = self.send(|| self.request(Method::GET, &path)).await?;
+        let version = resp
+            .headers()
+            .get("fedhive-model-version")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or_default();
+        Ok((version, resp.bytes().await?))
+    }
+
+    /// Uploads an update (safetensors of Delta) with its sample count. Safe to call again with the
+    /// same arguments: the server counts it once.
+    pub async fn upload_update(&self, upload_token: &str, num_samples: u64, body: Bytes) -> Result<UploadReceipt, ClientError> {
+        let resp = self
+            .send(|| {
+                self.request(Method::PUT, "/v1/updates")
+                    .bearer_auth(upload_token)
+                    .query(&[("num_samples", num_samples)])
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(resp.json().await?)
+    }
+
+    pub async fn report_metrics(&self, upload_token: &str, report: &MetricsReport) -> Result<(), ClientError> {
+        self.send(|| self.request(Method::POST, "/v1/metrics").bearer_auth(upload_token).json(report))
+            .await?;
+        Ok(())
+    }
+
+    /// Operator: creates a task from its config and initial weights (safetensors).
+    pub async fn create_task(&self, config: &TaskConfig, model: Vec<u8>) -> Result<TaskCreated, ClientError> {
+        let config = serde_json::to_string(config).expect("TaskConfig serialises");
+        let resp = self
+            .send(|| {
+                let form = reqwest::multipart::Form::new()
+                    .text("config", config.clone())
+                    .part("model", reqwest::multipart::Part::bytes(model.clone()));
+                self.admin(Method::POST, "/v1/tasks").multipart(form)
+            })
+            .await?;
+        Ok(resp.json().await?)
+    }
+
+    pub async fn task_status(&self, task_id: &str) -> Result<TaskStatus, ClientError> {
+        let path = format!("/v1/tasks/{task_id}");
+        Ok(self.send(|| self.admin(Method::GET, &path)).await?.json().await?)
+    }
+
+    pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundInfo>, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/rounds");
+        Ok(self.send(|| self.admin(Method::GET, &path)).await?.json().await?)
+    }
+}
+
+async fn error_from(resp: reqwest::Response) -> ClientError {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => ClientError::Api { status, body },
+        Err(_) => ClientError::Unexpected { status, text },
+    }
+}

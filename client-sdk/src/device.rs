@@ -1,0 +1,120 @@
+//! The device loop: check in, download the model, train locally, upload the update, report metrics,
+//! and repeat until the task finishes.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use fedhive_shared::{
+    NamedTensors,
+    wire::{Assignment, CheckinResponse, MetricsReport},
+};
+
+use crate::{
+    client::{ClientError, FedhiveClient},
+    data::Dataset,
+    model::ModelKind,
+    training::{self, TrainError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("the server sent a model this device cannot read: {0}")]
+    BadModel(String),
+}
+
+/// What one device did over a task's lifetime.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceReport {
+    pub rounds_trained: u32,
+    pub updates_accepted: u32,
+    /// Updates refused because the round closed before they arrived (too slow, or over-selected).
+    pub updates_late: u32,
+}
+
+/// A simulated (or real) device bound to one task and its local data.
+pub struct Device {
+    pub client: FedhiveClient,
+    pub task_id: String,
+    pub device: burn::tensor::Device,
+    pub data: Arc<Dataset>,
+    pub seed: u64,
+    /// The last model downloaded: `(version, tensors)`, reused while the version stays the same.
+    cached: Option<(i64, Arc<NamedTensors>)>,
+}
+
+impl Device {
+    pub fn new(client: FedhiveClient, task_id: &str, device: burn::tensor::Device, data: Arc<Dataset>, seed: u64) -> Self {
+        Device {
+            client,
+            task_id: task_id.to_string(),
+            device,
+            data,
+            seed,
+            cached: None,
+        }
+    }
+
+    /// Participates until the server says the task is finished.
+    pub async fn run(&mut self) -> Result<DeviceReport, DeviceError> {
+        let mut report = DeviceReport::default();
+        loop {
+            match self.client.checkin(&self.task_id).await? {
+                CheckinResponse::Finished { .. } => return Ok(report),
+                CheckinResponse::RetryAfter { retry_after_ms, .. } => {
+                    // Jitter spreads the herd of devices that were all told the same wait.
+                    let jitter = 0.75 + rand::random::<f64>() * 0.5;
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms).mul_f64(jitter)).await;
+                }
+                CheckinResponse::Assigned(assignment) => {
+                    report.rounds_trained += 1;
+                    match self.train_and_upload(&assignment).await {
+                        Ok(()) => report.updates_accepted += 1,
+                        Err(DeviceError::Client(e)) if e.code() == Some("round_closed") => report.updates_late += 1,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn model(&mut self, version: i64) -> Result<Arc<NamedTensors>, DeviceError> {
+        if let Some((v, model)) = &self.cached
+            && *v == version
+        {
+            return Ok(model.clone());
+        }
+        let (_, bytes): (i64, Bytes) = self.client.download_model(&self.task_id, Some(version)).await?;
+        let model = Arc::new(NamedTensors::decode(&bytes).map_err(|e| DeviceError::BadModel(e.to_string()))?);
+        self.cached = Some((version, model.clone()));
+        Ok(model)
+    }
+
+    /// One round's work for an assignment.
+    pub async fn train_and_upload(&mut self, a: &Assignment) -> Result<(), DeviceError> {
+        let kind: ModelKind = a
+            .model
+            .parse()
+            .map_err(|_| DeviceError::BadModel(format!("unknown model family `{}`", a.model)))?;
+        let global = self.model(a.model_version).await?;
+        let (device, data, params) = (self.device.clone(), self.data.clone(), a.training.clone());
+        let seed = self.seed ^ (a.round_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let update = tokio::task::spawn_blocking(move || {
+            training::train_local(kind, &device, &global, &data, &params, seed)
+        })
+        .await
+        .expect("training task panicked")?;
+        let body = Bytes::from(update.delta.encode());
+        self.client.upload_update(&a.upload_token, update.num_samples, body).await?;
+        let metrics = MetricsReport {
+            loss: update.loss,
+            num_samples: update.num_samples,
+            accuracy: None,
+        };
+        self.client.report_metrics(&a.upload_token, &metrics).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! fedhive device SDK: what a device runs in a federated-learning round.
+//!
+//! - [`data`]: Fashion-MNIST loading; [`partition`]: IID and label-skewed splits across
+//!   simulated devices.
+//! - [`model`]: the burn models and their exchange with the wire format ([`fedhive_shared::NamedTensors`]).
+//! - [`training`]: FedAvg's local SGD step ([`training::train_local`]) and evaluation.
+//! - [`backend`]: run-time choice of the compute device (`flex` CPU or `wgpu`).
+
+pub mod backend;
+pub mod client;
+pub mod data;
+pub mod device;
+pub mod model;
+pub mod partition;
+pub mod training;

@@ -1,0 +1,397 @@
+//! The models devices train, and their exchange with [`NamedTensors`].
+//!
+//! The server never runs burn: it sees a model only as named f32 tensors (safetensors). Names are
+//! the burn module paths (`"fc1.weight"`), so the same file loads back into the module here. The
+//! layout of every model is also written down as a table ([`tensor_specs`]) so initial weights can
+//! be drawn without a device, bit-identically on every machine; a test checks the table against
+//! the modules.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor, TensorData};
+use fedhive_shared::{NamedTensors, TensorError, TensorSpec};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Uniform};
+
+use crate::data::{IMAGE_PIXELS, NUM_CLASSES};
+
+/// Model family, named in a task's config (`"mlp"`, `"cnn"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelKind {
+    /// 784-128-10 perceptron with ReLU: fast, ~85% on Fashion-MNIST.
+    Mlp,
+    /// Two 3x3 conv + max-pool blocks (8 and 16 channels) and a linear head: ~89%, still CPU-cheap.
+    Cnn,
+}
+
+impl ModelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown model `{0}` (expected `mlp` or `cnn`)")]
+pub struct UnknownModel(pub String);
+
+impl FromStr for ModelKind {
+    type Err = UnknownModel;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mlp" => Ok(ModelKind::Mlp),
+            "cnn" => Ok(ModelKind::Cnn),
+            other => Err(UnknownModel(other.to_string())),
+        }
+    }
+}
+
+/// Why weights could not be moved into or out of a module.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    #[error("weights do not fit the model: {0}")]
+    Weights(#[from] TensorError),
+    #[error("tensor `{name}` has {found} values but its shape {shape:?} needs {expected}")]
+    DataLength {
+        name: String,
+        shape: Vec<usize>,
+        expected: usize,
+        found: usize,
+    },
+    #[error("cannot read tensor `{name}` back from the device: {message}")]
+    Readback { name: String, message: String },
+}
+
+/// Every tensor of `kind` with its shape and fan-in (which sets its initialisation range).
+fn layout(kind: ModelKind) -> Vec<(&'static str, Vec<usize>, usize)> {
+    match kind {
+        ModelKind::Mlp => vec![
+            ("fc1.weight", vec![IMAGE_PIXELS, MLP_HIDDEN], IMAGE_PIXELS),
+            ("fc1.bias", vec![MLP_HIDDEN], IMAGE_PIXELS),
+            ("fc2.weight", vec![MLP_HIDDEN, NUM_CLASSES], MLP_HIDDEN),
+            ("fc2.bias", vec![NUM_CLASSES], MLP_HIDDEN),
+        ],
+        ModelKind::Cnn => vec![
+            ("conv1.weight", vec![CONV1, 1, 3, 3], 9),
+            ("conv1.bias", vec![CONV1], 9),
+            ("conv2.weight", vec![CONV2, CONV1, 3, 3], CONV1 * 9),
+            ("conv2.bias", vec![CONV2], CONV1 * 9),
+            ("fc.weight", vec![CNN_FLAT, NUM_CLASSES], CNN_FLAT),
+            ("fc.bias", vec![NUM_CLASSES], CNN_FLAT),
+        ],
+    }
+}
+
+/// Names and shapes of every tensor of `kind`, in name order (as [`NamedTensors::specs`]).
+pub fn tensor_specs(kind: ModelKind) -> Vec<TensorSpec> {
+    let mut specs: Vec<TensorSpec> = layout(kind)
+        .into_iter()
+        .map(|(name, shape, _)| TensorSpec {
+            name: name.to_string(),
+            shape,
+        })
+        .collect();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    specs
+}
+
+/// Initial weights for `kind`, deterministic for `seed` on every machine and backend.
+///
+/// Drawn on the host rather than by burn's initialisers so the bits depend only on the seed.
+/// Every tensor is `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, the same range as burn's (and PyTorch's)
+/// default for linear and conv layers.
+pub fn initial_weights(kind: ModelKind, seed: u64) -> NamedTensors {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = BTreeMap::new();
+    for (name, shape, fan_in) in layout(kind) {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let dist = Uniform::new_inclusive(-bound, bound).expect("bound is positive and finite");
+        let data = (0..shape.iter().product::<usize>())
+            .map(|_| dist.sample(&mut rng))
+            .collect();
+        out.insert(name.to_string(), fedhive_shared::Tensor { shape, data });
+    }
+    NamedTensors(out)
+}
+
+const MLP_HIDDEN: usize = 128;
+const CONV1: usize = 8;
+const CONV2: usize = 16;
+/// 28 -conv3-> 26 -pool2-> 13 -conv3-> 11 -pool2-> 5: 16 channels of 5x5.
+const CNN_FLAT: usize = CONV2 * 5 * 5;
+
+/// A classifier over flattened 28x28 images: `[batch, 784] -> [batch, 10]` logits.
+pub(crate) trait Classifier: Module + Sized {
+    /// A module with burn's own (lazy, never materialised when loaded) initialisation.
+    fn init(device: &Device) -> Self;
+    fn forward(&self, images: Tensor<2>) -> Tensor<2>;
+}
+
+#[derive(Module, Debug)]
+pub(crate) struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Classifier for Mlp {
+    fn init(device: &Device) -> Self {
+        Mlp {
+            fc1: LinearConfig::new(IMAGE_PIXELS, MLP_HIDDEN).init(device),
+            fc2: LinearConfig::new(MLP_HIDDEN, NUM_CLASSES).init(device),
+        }
+    }
+
+    fn forward(&self, images: Tensor<2>) -> Tensor<2> {
+        self.fc2.forward(relu(self.fc1.forward(images)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub(crate) struct Cnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    pool: MaxPool2d,
+    fc: Linear,
+}
+
+impl Classifier for Cnn {
+    fn init(device: &Device) -> Self {
+        Cnn {
+            conv1: Conv2dConfig::new([1, CONV1], [3, 3]).init(device),
+            conv2: Conv2dConfig::new([CONV1, CONV2], [3, 3]).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            fc: LinearConfig::new(CNN_FLAT, NUM_CLASSES).init(device),
+        }
+    }
+
+    fn forward(&self, images: Tensor<2>) -> Tensor<2> {
+        let [batch, _] = images.dims();
+        let x = images.reshape([batch, 1, 28, 28]);
+        let x = self.pool.forward(relu(self.conv1.forward(x)));
+        let x = self.pool.forward(relu(self.conv2.forward(x)));
+        self.fc.forward(x.reshape([batch, CNN_FLAT]))
+    }
+}
+
+/// Builds a `M` on `device` holding exactly `weights` (names, shapes and finiteness are checked).
+pub(crate) fn load<M: Classifier>(
+    weights: &NamedTensors,
+    specs: &[TensorSpec],
+    device: &Device,
+) -> Result<M, ModelError> {
+    weights.check(specs, f32::INFINITY)?;
+    for (name, t) in &weights.0 {
+        let expected = t.shape.iter().product::<usize>();
+        if t.data.len() != expected {
+            return Err(ModelError::DataLength {
+                name: name.clone(),
+                shape: t.shape.clone(),
+                expected,
+                found: t.data.len(),
+            });
+        }
+    }
+    let mut loader = Loader {
+        path: Vec::new(),
+        weights,
+        missing: None,
+    };
+    let module = M::init(device).map(&mut loader);
+    match loader.missing {
+        // Only reachable if `specs` disagrees with the module, which a unit test rules out.
+        Some(name) => Err(ModelError::Weights(TensorError::MissingTensor(name))),
+        None => Ok(module),
+    }
+}
+
+/// Reads every float parameter of `module` back to the host, keyed by its dotted path.
+pub(crate) fn read<M: Module>(module: &M) -> Result<NamedTensors, ModelError> {
+    let mut reader = Reader {
+        path: Vec::new(),
+        out: BTreeMap::new(),
+        error: None,
+    };
+    module.visit(&mut reader);
+    match reader.error {
+        Some(e) => Err(e),
+        None => Ok(NamedTensors(reader.out)),
+    }
+}
+
+/// Replaces each float parameter by the tensor of the same dotted path. burn 0.22's traversal
+/// reports only module boundaries, so the path is tracked here.
+struct Loader<'a> {
+    path: Vec<String>,
+    weights: &'a NamedTensors,
+    missing: Option<String>,
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let Some(t) = self.weights.0.get(&name) else {
+            self.missing.get_or_insert(name);
+            return param;
+        };
+        let data = TensorData::new(t.data.clone(), t.shape.clone());
+        let tensor = Tensor::<D>::from_data(data, &param.lazy_device());
+        let id = param.id;
+        // Keeps the parameter's id, device and gradient requirement; the lazy initialiser never runs.
+        param.transform_for_load(tensor, id)
+    }
+}
+
+struct Reader {
+    path: Vec<String>,
+    out: BTreeMap<String, fedhive_shared::Tensor>,
+    error: Option<ModelError>,
+}
+
+impl ModuleVisitor for Reader {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = self.path.join(".");
+        let tensor = param.val();
+        let shape = tensor.dims().to_vec();
+        let data = tensor
+            .try_into_data_as::<f32>()
+            .map_err(|e| e.to_string())
+            .and_then(|d| d.try_into_vec::<f32>().map_err(|e| format!("{e:?}")));
+        match data {
+            Ok(data) => {
+                self.out
+                    .insert(name, fedhive_shared::Tensor { shape, data });
+            }
+            Err(message) => {
+                self.error
+                    .get_or_insert(ModelError::Readback { name, message });
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    fn bits(t: &NamedTensors) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+        t.0.iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.shape.clone(),
+                    t.data.iter().map(|v| v.to_bits()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_parse_and_print() {
+        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+            assert_eq!(kind.name().parse::<ModelKind>(), Ok(kind));
+        }
+        assert!(
+            "resnet"
+                .parse::<ModelKind>()
+                .unwrap_err()
+                .to_string()
+                .contains("resnet")
+        );
+    }
+
+    #[test]
+    fn spec_table_matches_the_modules() {
+        let device = Device::flex();
+        assert_eq!(
+            read(&Mlp::init(&device)).unwrap().specs(),
+            tensor_specs(ModelKind::Mlp)
+        );
+        assert_eq!(
+            read(&Cnn::init(&device)).unwrap().specs(),
+            tensor_specs(ModelKind::Cnn)
+        );
+    }
+
+    #[test]
+    fn initial_weights_are_deterministic_and_in_range() {
+        let a = initial_weights(ModelKind::Cnn, 1);
+        assert_eq!(bits(&a), bits(&initial_weights(ModelKind::Cnn, 1)));
+        assert_ne!(a, initial_weights(ModelKind::Cnn, 2));
+        assert_eq!(a.specs(), tensor_specs(ModelKind::Cnn));
+        let w = &initial_weights(ModelKind::Mlp, 1).0["fc1.weight"].data;
+        let bound = 1.0 / 28.0;
+        assert!(w.iter().all(|v| v.abs() <= bound));
+        assert!(w.iter().any(|v| v.abs() > 0.9 * bound));
+    }
+
+    #[test]
+    fn load_then_read_is_bit_exact() {
+        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+            let weights = initial_weights(kind, 42);
+            let specs = tensor_specs(kind);
+            for device in [Device::flex(), Device::flex().autodiff()] {
+                let back = match kind {
+                    ModelKind::Mlp => read(&load::<Mlp>(&weights, &specs, &device).unwrap()),
+                    ModelKind::Cnn => read(&load::<Cnn>(&weights, &specs, &device).unwrap()),
+                }
+                .unwrap();
+                assert_eq!(bits(&back), bits(&weights), "{kind}");
+            }
+        }
+    }
+
+    #[test]
+    fn load_rejects_mismatched_weights() {
+        let specs = tensor_specs(ModelKind::Mlp);
+        let device = Device::flex();
+        let cnn = initial_weights(ModelKind::Cnn, 0);
+        assert!(matches!(
+            load::<Mlp>(&cnn, &specs, &device),
+            Err(ModelError::Weights(TensorError::MissingTensor(_)))
+        ));
+        let mut bad = initial_weights(ModelKind::Mlp, 0);
+        bad.0.get_mut("fc2.bias").unwrap().data[3] = f32::NAN;
+        assert!(matches!(
+            load::<Mlp>(&bad, &specs, &device),
+            Err(ModelError::Weights(TensorError::NonFinite { .. }))
+        ));
+        let mut short = initial_weights(ModelKind::Mlp, 0);
+        short.0.get_mut("fc2.bias").unwrap().data.pop();
+        assert!(matches!(
+            load::<Mlp>(&short, &specs, &device),
+            Err(ModelError::DataLength { .. })
+        ));
+    }
+}

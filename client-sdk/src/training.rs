@@ -1,0 +1,264 @@
+//! A device's local step of FedAvg, and model evaluation.
+//!
+//! FedAvg (McMahan et al., 2017) has each device run plain minibatch SGD from the global model
+//! for a few epochs and send back the change `x_after - x_before`; the server averages changes
+//! weighted by sample counts. Plain SGD (no momentum, no weight decay) keeps the device step the
+//! one the algorithm analyses and leaves no optimizer state to carry between rounds.
+
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use fedhive_shared::NamedTensors;
+use fedhive_shared::wire::TrainingParams;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::data::{Dataset, IMAGE_PIXELS};
+use crate::model::{self, Classifier, Cnn, Mlp, ModelError, ModelKind};
+
+/// Samples per forward pass in [`evaluate`] (bounded memory, few dispatches).
+pub const EVAL_BATCH: usize = 1000;
+
+/// What a device sends back after its local training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalUpdate {
+    /// `x_after - x_before`, tensor by tensor.
+    pub delta: NamedTensors,
+    /// Local samples the update was trained on (FedAvg's weight `n_i`).
+    pub num_samples: u64,
+    /// Mean training loss over the last epoch (over the steps run, if `max_local_steps` cut it).
+    pub loss: f32,
+}
+
+/// Accuracy and mean cross-entropy of a model on a dataset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    pub accuracy: f32,
+    pub loss: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainError {
+    #[error("the dataset is empty")]
+    EmptyDataset,
+    #[error("invalid training parameters: {0}")]
+    InvalidParams(String),
+    #[error(
+        "dataset holds {images} pixel values for {labels} labels (expected {IMAGE_PIXELS} per label)"
+    )]
+    MalformedDataset { images: usize, labels: usize },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("backend error: {0}")]
+    Backend(String),
+    #[error("training diverged: the update of `{0}` is not finite (lower the learning rate)")]
+    Diverged(String),
+}
+
+/// Runs FedAvg's local step: `local_epochs` epochs of plain SGD with cross-entropy over
+/// minibatches of `batch_size`, reshuffled each epoch with `seed`, stopping after
+/// `max_local_steps` steps when that is non-zero. The last minibatch of an epoch may be smaller.
+///
+/// `device` is a plain device (see [`crate::backend::Backend::device`]); autodiff is enabled here.
+pub fn train_local(
+    kind: ModelKind,
+    device: &Device,
+    global: &NamedTensors,
+    data: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+) -> Result<LocalUpdate, TrainError> {
+    check_dataset(data)?;
+    if params.batch_size == 0 {
+        return Err(TrainError::InvalidParams(
+            "batch_size must be positive".into(),
+        ));
+    }
+    if params.local_epochs == 0 {
+        return Err(TrainError::InvalidParams(
+            "local_epochs must be positive".into(),
+        ));
+    }
+    if !(params.learning_rate.is_finite() && params.learning_rate > 0.0) {
+        return Err(TrainError::InvalidParams(format!(
+            "learning_rate must be positive and finite, got {}",
+            params.learning_rate
+        )));
+    }
+    let (after, loss) = match kind {
+        ModelKind::Mlp => run_sgd::<Mlp>(kind, device, global, data, params, seed)?,
+        ModelKind::Cnn => run_sgd::<Cnn>(kind, device, global, data, params, seed)?,
+    };
+    let delta = after.sub(global);
+    if let Some((name, _)) = delta
+        .0
+        .iter()
+        .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+    {
+        return Err(TrainError::Diverged(name.clone()));
+    }
+    Ok(LocalUpdate {
+        delta,
+        num_samples: data.len() as u64,
+        loss,
+    })
+}
+
+/// Accuracy and mean cross-entropy of `weights` on `data`, in batches of [`EVAL_BATCH`] without
+/// autodiff.
+pub fn evaluate(
+    kind: ModelKind,
+    device: &Device,
+    weights: &NamedTensors,
+    data: &Dataset,
+) -> Result<Evaluation, TrainError> {
+    check_dataset(data)?;
+    match kind {
+        ModelKind::Mlp => eval_with::<Mlp>(kind, device, weights, data),
+        ModelKind::Cnn => eval_with::<Cnn>(kind, device, weights, data),
+    }
+}
+
+fn check_dataset(data: &Dataset) -> Result<(), TrainError> {
+    if data.is_empty() {
+        return Err(TrainError::EmptyDataset);
+    }
+    if data.images.len() != data.len() * IMAGE_PIXELS {
+        return Err(TrainError::MalformedDataset {
+            images: data.images.len(),
+            labels: data.len(),
+        });
+    }
+    Ok(())
+}
+
+fn backend_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Backend(e.to_string())
+}
+
+/// The minibatch `idx` as `([b, 784] images, [b] labels)` on `device`: one host copy per batch.
+fn batch(data: &Dataset, idx: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+    let mut images = Vec::with_capacity(idx.len() * IMAGE_PIXELS);
+    let mut labels = Vec::with_capacity(idx.len());
+    for &i in idx {
+        images.extend_from_slice(data.image(i));
+        labels.push(i64::from(data.labels[i]));
+    }
+    (
+        Tensor::from_data(TensorData::new(images, [idx.len(), IMAGE_PIXELS]), device),
+        Tensor::from_data(TensorData::new(labels, [idx.len()]), device),
+    )
+}
+
+/// Trains from `global`, returning the weights after training and the last epoch's mean loss.
+fn run_sgd<M: Classifier>(
+    kind: ModelKind,
+    device: &Device,
+    global: &NamedTensors,
+    data: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+) -> Result<(NamedTensors, f32), TrainError> {
+    let device = device.clone().autodiff();
+    let mut model: M = model::load(global, &model::tensor_specs(kind), &device)?;
+    let mut optim = SgdConfig::new().init();
+    let criterion = CrossEntropyLossConfig::new().init(&device);
+    let lr = f64::from(params.learning_rate);
+    let batch_size = params.batch_size as usize;
+    let max_steps = params.max_local_steps as usize;
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut steps = 0usize;
+    let mut last_epoch_loss = f32::NAN;
+    'epochs: for _ in 0..params.local_epochs {
+        order.shuffle(&mut rng);
+        // Loss summed on the device (weighted by batch size) and read once per epoch, so the
+        // loop never waits on the device between steps.
+        let mut loss_sum: Option<Tensor<1>> = None;
+        let mut seen = 0usize;
+        for idx in order.chunks(batch_size) {
+            let (x, y) = batch(data, idx, &device);
+            let loss = step_loss(&model, &criterion, x, y);
+            let weighted = loss.clone().detach().inner().mul_scalar(idx.len() as f32);
+            loss_sum = Some(match loss_sum {
+                Some(s) => s + weighted,
+                None => weighted,
+            });
+            seen += idx.len();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            steps += 1;
+            if max_steps > 0 && steps >= max_steps {
+                last_epoch_loss = epoch_mean(loss_sum, seen)?;
+                break 'epochs;
+            }
+        }
+        last_epoch_loss = epoch_mean(loss_sum, seen)?;
+    }
+    Ok((model::read(&model)?, last_epoch_loss))
+}
+
+fn step_loss<M: Classifier>(
+    model: &M,
+    criterion: &CrossEntropyLoss,
+    x: Tensor<2>,
+    y: Tensor<1, Int>,
+) -> Tensor<1> {
+    criterion.forward(model.forward(x), y)
+}
+
+fn epoch_mean(loss_sum: Option<Tensor<1>>, seen: usize) -> Result<f32, TrainError> {
+    match loss_sum {
+        Some(sum) => Ok(sum.try_into_scalar::<f32>().map_err(backend_err)? / seen as f32),
+        None => Ok(f32::NAN),
+    }
+}
+
+fn eval_with<M: Classifier>(
+    kind: ModelKind,
+    device: &Device,
+    weights: &NamedTensors,
+    data: &Dataset,
+) -> Result<Evaluation, TrainError> {
+    let device = device.clone().without_autodiff();
+    let model: M = model::load(weights, &model::tensor_specs(kind), &device)?;
+    let criterion = CrossEntropyLossConfig::new().init(&device);
+    let all: Vec<usize> = (0..data.len()).collect();
+    let mut loss_sum: Option<Tensor<1>> = None;
+    let mut correct_sum: Option<Tensor<1, Int>> = None;
+    for idx in all.chunks(EVAL_BATCH) {
+        let (x, y) = batch(data, idx, &device);
+        let logits = model.forward(x);
+        let correct = logits
+            .clone()
+            .argmax(1)
+            .squeeze_dim::<1>(1)
+            .equal(y.clone())
+            .int()
+            .sum();
+        let loss = criterion.forward(logits, y).mul_scalar(idx.len() as f32);
+        loss_sum = Some(match loss_sum {
+            Some(s) => s + loss,
+            None => loss,
+        });
+        correct_sum = Some(match correct_sum {
+            Some(s) => s + correct,
+            None => correct,
+        });
+    }
+    let n = data.len() as f64;
+    let loss: f32 = loss_sum
+        .expect("data is not empty")
+        .try_into_scalar()
+        .map_err(backend_err)?;
+    let correct: i64 = correct_sum
+        .expect("data is not empty")
+        .try_into_scalar()
+        .map_err(backend_err)?;
+    Ok(Evaluation {
+        accuracy: (correct as f64 / n) as f32,
+        loss: (f64::from(loss) / n) as f32,
+    })
+}

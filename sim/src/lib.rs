@@ -1,0 +1,4 @@
+//! fedhive simulations: a real server and simulated devices that really train (burn) on real data,
+//! talking over HTTP on loopback.
+
+pub mod demo;

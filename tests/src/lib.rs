@@ -1,0 +1,246 @@
+//! Harness for fedhive's end-to-end tests: start the real server binary on a fresh SQLite directory or
+//! a fresh PostgreSQL database, talk to it over loopback HTTP, kill it with SIGKILL, restart it on
+//! the same state.
+//!
+//! PostgreSQL: `FEDHIVE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`) names the server;
+//! every test creates its own database there and drops it at the end, so tests run in parallel.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use fedhive_client::client::{FedhiveClient, RetryPolicy};
+use fedhive_shared::{
+    NamedTensors, Tensor, TensorSpec,
+    wire::{Assignment, CheckinResponse, StrategyConfig, TaskConfig, TrainingParams},
+};
+use sqlx::{Connection, Executor};
+
+pub const ADMIN_TOKEN: &str = "e2e-admin-token";
+
+/// Which database a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database for one test: a file under the test's data dir, or a PostgreSQL database of its own.
+pub struct TestDb {
+    pub url: Option<String>,
+    pg_name: Option<String>,
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("FEDHIVE_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+impl TestDb {
+    pub async fn create(backend: Backend) -> anyhow::Result<TestDb> {
+        match backend {
+            Backend::Sqlite => Ok(TestDb { url: None, pg_name: None }),
+            Backend::Postgres => {
+                let name = format!("fedhive_test_{:016x}", rand::random::<u64>());
+                let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", pg_admin_url()))
+                    .await
+                    .context("connecting to PostgreSQL (is it running? see .ci/run)")?;
+                conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
+                conn.close().await?;
+                Ok(TestDb {
+                    url: Some(format!("{}/{name}", pg_admin_url())),
+                    pg_name: Some(name),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else { return };
+        // Drop runs outside any runtime guarantee: use a private one on a fresh thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", pg_admin_url())).await.ok()?;
+                conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A running `fedhive serve` process.
+pub struct ServerProcess {
+    child: Child,
+    pub base_url: String,
+    pub data_dir: PathBuf,
+    database_url: Option<String>,
+    port: u16,
+}
+
+/// The `fedhive-e2e-server` binary: cargo builds a package's binaries for its integration tests and
+/// puts them one folder above the test executables (`target/<profile>/deps/..`).
+fn server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("FEDHIVE_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    profile_dir.join(format!("fedhive-e2e-server{}", std::env::consts::EXE_SUFFIX))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl ServerProcess {
+    /// Starts the server on `data_dir` (and `db`'s URL) and waits until it answers.
+    pub async fn start(data_dir: &Path, db: &TestDb) -> anyhow::Result<ServerProcess> {
+        Self::start_on(data_dir, db.url.clone(), free_port()).await
+    }
+
+    async fn start_on(data_dir: &Path, database_url: Option<String>, port: u16) -> anyhow::Result<ServerProcess> {
+        let mut cmd = Command::new(server_binary());
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--admin-token")
+            .arg(ADMIN_TOKEN)
+            .args(["--tick-ms", "50", "--checkin-retry-ms", "100"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(url) = &database_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        let child = cmd.spawn().context("spawning the server binary")?;
+        let mut server = ServerProcess {
+            child,
+            base_url: format!("http://127.0.0.1:{port}"),
+            data_dir: data_dir.to_path_buf(),
+            database_url,
+            port,
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(resp) = http.get(format!("{}/healthz", self.base_url)).send().await
+                && resp.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("server exited during start-up: {status}");
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("server did not become ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown hooks, no flushing; whatever was not durable is gone.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the server");
+        self.child.wait().expect("reap the server");
+    }
+
+    /// Starts a new process on the same data dir, database and port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let fresh = Self::start_on(&self.data_dir, self.database_url.clone(), self.port).await?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// A client with the admin token.
+    pub fn client(&self) -> FedhiveClient {
+        FedhiveClient::new(&self.base_url).unwrap().with_admin_token(ADMIN_TOKEN)
+    }
+
+    /// A client that does not retry, to observe every answer.
+    pub fn raw_client(&self) -> FedhiveClient {
+        self.client().with_retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny two-tensor model: `w` [2, 3] and `b` [3].
+pub fn small_specs() -> Vec<TensorSpec> {
+    vec![
+        TensorSpec { name: "b".into(), shape: vec![3] },
+        TensorSpec { name: "w".into(), shape: vec![2, 3] },
+    ]
+}
+
+/// Tensors with `small_specs()` shapes whose values are `f(index)` over the flattened model.
+pub fn small_tensors(f: impl Fn(usize) -> f32) -> NamedTensors {
+    let mut out = NamedTensors::default();
+    let mut i = 0;
+    for spec in small_specs() {
+        let data = (0..spec.numel()).map(|_| {
+            i += 1;
+            f(i - 1)
+        });
+        out.0.insert(spec.name.clone(), Tensor { shape: spec.shape.clone(), data: data.collect() });
+    }
+    out
+}
+
+/// A FedAvg task config on `small_specs()`.
+pub fn small_task(k: u32, min: u32, rounds: u32, deadline_secs: u64) -> TaskConfig {
+    TaskConfig {
+        model: "test".into(),
+        tensors: small_specs(),
+        strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
+        training: TrainingParams { local_epochs: 1, max_local_steps: 0, batch_size: 8, learning_rate: 0.1 },
+        devices_per_round: k,
+        min_devices_per_round: min,
+        over_selection: 2.0,
+        round_deadline_secs: deadline_secs,
+        rounds,
+    }
+}
+
+/// Checks in until assigned (panics on anything else).
+pub async fn assign(client: &FedhiveClient, task_id: &str) -> Assignment {
+    match client.checkin(task_id).await.expect("check-in") {
+        CheckinResponse::Assigned(a) => a,
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+}
+
+/// Polls the task until its model reaches `version` (or panics after `timeout`).
+pub async fn wait_for_version(client: &FedhiveClient, task_id: &str, version: i64, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let status = client.task_status(task_id).await.expect("status");
+        if status.model_version >= version {
+            return;
+        }
+        assert!(started.elapsed() < timeout, "model version {version} not reached within {timeout:?}: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

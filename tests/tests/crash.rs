@@ -1,0 +1,128 @@
+//! SIGKILL the server mid-round, restart it on the same state, finish the round: no acknowledged
+//! upload is lost or double-counted, and the committed model equals an uncrashed run's bit for bit.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fedhive_client::client::FedhiveClient;
+use fedhive_e2e::{Backend, ServerProcess, TestDb, assign, small_task, small_tensors, wait_for_version};
+use fedhive_shared::wire::{Assignment, UploadReceipt};
+
+const DEVICES: usize = 8;
+
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
+    };
+}
+
+on_both_databases!(kill_mid_round_commits_the_uncrashed_model, kill_after_last_upload_commits_once);
+
+/// Device j's update: irregular values so that float summation order would show in the bits.
+fn update(j: usize) -> (u64, Bytes) {
+    let n = 10 + 7 * j as u64;
+    let delta = small_tensors(|i| ((j * 7 + i * 3) % 17) as f32 * 0.371 - 3.003 + (j as f32) * 1e-3);
+    (n, Bytes::from(delta.encode()))
+}
+
+/// Fields drop in order: the server stops before its database and directory go.
+struct Run {
+    server: ServerProcess,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+    client: FedhiveClient,
+    task: String,
+    assignments: Vec<Assignment>,
+}
+
+async fn new_run(backend: Backend) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(dir.path(), &db).await.unwrap();
+    let client = server.client();
+    let initial = small_tensors(|i| (i as f32).sin());
+    let task = client
+        .create_task(&small_task(DEVICES as u32, DEVICES as u32, 1, 300), initial.encode())
+        .await
+        .unwrap()
+        .task_id;
+    let mut assignments = Vec::new();
+    for _ in 0..DEVICES {
+        assignments.push(assign(&client, &task).await);
+    }
+    Run { server, _db: db, _dir: dir, client, task, assignments }
+}
+
+async fn upload(client: &FedhiveClient, a: &Assignment, j: usize) -> Result<UploadReceipt, String> {
+    let (n, body) = update(j);
+    client.upload_update(&a.upload_token, n, body).await.map_err(|e| e.to_string())
+}
+
+async fn committed_model(run: &Run) -> Bytes {
+    wait_for_version(&run.client, &run.task, 1, Duration::from_secs(60)).await;
+    let rounds = run.client.rounds(&run.task).await.unwrap();
+    let expected_samples: u64 = (0..DEVICES).map(|j| update(j).0).sum();
+    assert_eq!((rounds[0].accepted, rounds[0].total_samples as u64), (DEVICES as i64, expected_samples));
+    run.client.download_model(&run.task, Some(1)).await.unwrap().1
+}
+
+async fn uncrashed_model(backend: Backend) -> Bytes {
+    let run = new_run(backend).await;
+    for (j, a) in run.assignments.iter().enumerate() {
+        upload(&run.client, a, j).await.unwrap();
+    }
+    committed_model(&run).await
+}
+
+async fn kill_mid_round_commits_the_uncrashed_model(backend: Backend) {
+    let expected = uncrashed_model(backend).await;
+    let mut run = new_run(backend).await;
+    let raw = run.server.raw_client();
+
+    // Three uploads acknowledged, then five in flight when the server is killed.
+    let mut acked: Vec<(usize, UploadReceipt)> = Vec::new();
+    for j in 0..3 {
+        acked.push((j, upload(&raw, &run.assignments[j], j).await.unwrap()));
+    }
+    let mut in_flight = Vec::new();
+    for j in 3..DEVICES {
+        let (raw, a) = (raw.clone(), run.assignments[j].clone());
+        in_flight.push(tokio::spawn(async move { (j, upload(&raw, &a, j).await) }));
+    }
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    run.server.kill();
+    for handle in in_flight {
+        if let (j, Ok(receipt)) = handle.await.unwrap() {
+            acked.push((j, receipt));
+        }
+    }
+    eprintln!("acknowledged before SIGKILL: {} of {DEVICES}", acked.len());
+
+    run.server.restart().await.unwrap();
+    let client = run.server.client();
+    // Every device retries (same token, same bytes). Acknowledged uploads get their stored receipt.
+    for (j, a) in run.assignments.iter().enumerate() {
+        let receipt = upload(&client, a, j).await.unwrap();
+        if let Some((_, before)) = acked.iter().find(|(k, _)| *k == j) {
+            assert_eq!(&receipt, before, "acknowledged upload {j} was lost or changed by the crash");
+        }
+    }
+    let model = committed_model(&run).await;
+    assert!(model == expected, "the crashed run committed a different model than the uncrashed run");
+}
+
+async fn kill_after_last_upload_commits_once(backend: Backend) {
+    let expected = uncrashed_model(backend).await;
+    let mut run = new_run(backend).await;
+    for (j, a) in run.assignments.iter().enumerate() {
+        upload(&run.client, a, j).await.unwrap();
+    }
+    // The round is full; the commit may be anywhere between not started and done.
+    run.server.kill();
+    run.server.restart().await.unwrap();
+    let model = committed_model(&run).await;
+    assert!(model == expected, "recovery committed a different model than the uncrashed run");
+    let status = run.client.task_status(&run.task).await.unwrap();
+    assert_eq!((status.model_version, status.committed_rounds), (1, 1));
+}
