@@ -105,11 +105,7 @@ pub enum DataError {
         labels: usize,
     },
     #[error("{} holds label {label} at index {index}, expected 0..=9", path.display())]
-    BadLabel {
-        path: PathBuf,
-        index: usize,
-        label: u8,
-    },
+    BadLabel { path: PathBuf, index: usize, label: u8 },
 }
 
 /// `FASHION_MNIST_DIR` if set, else `/usr/share/datasets/fashion-mnist`.
@@ -173,12 +169,7 @@ fn header(bytes: &[u8], fields: usize) -> Option<Vec<u32>> {
     )
 }
 
-fn check_body(
-    path: &Path,
-    bytes: &[u8],
-    header_len: usize,
-    expected: usize,
-) -> Result<(), DataError> {
+fn check_body(path: &Path, bytes: &[u8], header_len: usize, expected: usize) -> Result<(), DataError> {
     let found = bytes.len().saturating_sub(header_len);
     if found != expected {
         return Err(DataError::Truncated {
@@ -300,16 +291,10 @@ mod tests {
     #[test]
     fn errors_name_the_file() {
         let pixels = vec![0u8; IMAGE_PIXELS];
-        let dir = fixture(
-            &idx_images(1234, 1, &pixels),
-            &idx_labels(LABELS_MAGIC, &[0]),
-        );
+        let dir = fixture(&idx_images(1234, 1, &pixels), &idx_labels(LABELS_MAGIC, &[0]));
         let err = load_fashion_mnist(dir.path(), Split::Test).unwrap_err();
         assert!(matches!(err, DataError::BadMagic { found: 1234, .. }));
-        assert!(
-            err.to_string().contains("t10k-images-idx3-ubyte.gz"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("t10k-images-idx3-ubyte.gz"), "{err}");
 
         let dir = fixture(
             &idx_images(IMAGES_MAGIC, 2, &pixels),
@@ -330,15 +315,9 @@ mod tests {
             &idx_labels(LABELS_MAGIC, &[10]),
         );
         let err = load_fashion_mnist(dir.path(), Split::Test).unwrap_err();
-        assert!(
-            matches!(err, DataError::BadLabel { label: 10, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, DataError::BadLabel { label: 10, .. }), "{err}");
 
         let err = load_fashion_mnist(Path::new("/nonexistent-fedhive"), Split::Train).unwrap_err();
-        assert!(
-            err.to_string().contains("train-images-idx3-ubyte.gz"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("train-images-idx3-ubyte.gz"), "{err}");
     }
 }

@@ -290,12 +290,10 @@ impl ModuleVisitor for Reader {
             .and_then(|d| d.try_into_vec::<f32>().map_err(|e| format!("{e:?}")));
         match data {
             Ok(data) => {
-                self.out
-                    .insert(name, fedhive_shared::Tensor { shape, data });
+                self.out.insert(name, fedhive_shared::Tensor { shape, data });
             }
             Err(message) => {
-                self.error
-                    .get_or_insert(ModelError::Readback { name, message });
+                self.error.get_or_insert(ModelError::Readback { name, message });
             }
         }
     }

@@ -44,9 +44,7 @@ pub enum TrainError {
     EmptyDataset,
     #[error("invalid training parameters: {0}")]
     InvalidParams(String),
-    #[error(
-        "dataset holds {images} pixel values for {labels} labels (expected {IMAGE_PIXELS} per label)"
-    )]
+    #[error("dataset holds {images} pixel values for {labels} labels (expected {IMAGE_PIXELS} per label)")]
     MalformedDataset { images: usize, labels: usize },
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -71,14 +69,10 @@ pub fn train_local(
 ) -> Result<LocalUpdate, TrainError> {
     check_dataset(data)?;
     if params.batch_size == 0 {
-        return Err(TrainError::InvalidParams(
-            "batch_size must be positive".into(),
-        ));
+        return Err(TrainError::InvalidParams("batch_size must be positive".into()));
     }
     if params.local_epochs == 0 {
-        return Err(TrainError::InvalidParams(
-            "local_epochs must be positive".into(),
-        ));
+        return Err(TrainError::InvalidParams("local_epochs must be positive".into()));
     }
     if !(params.learning_rate.is_finite() && params.learning_rate > 0.0) {
         return Err(TrainError::InvalidParams(format!(

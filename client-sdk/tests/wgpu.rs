@@ -45,13 +45,7 @@ fn mlp_trains_on_wgpu() {
     // The CPU agrees with the GPU on the same weights (different kernels, same math).
     #[cfg(feature = "flex")]
     {
-        let cpu = evaluate(
-            ModelKind::Mlp,
-            &burn::tensor::Device::flex(),
-            &global,
-            &local,
-        )
-        .unwrap();
+        let cpu = evaluate(ModelKind::Mlp, &burn::tensor::Device::flex(), &global, &local).unwrap();
         assert!(
             (cpu.loss - before.loss).abs() < 1e-3,
             "flex {} vs wgpu {}",
@@ -89,21 +83,10 @@ fn mlp_trains_on_wgpu() {
         );
     }
     assert!(
-        update
-            .delta
-            .0
-            .values()
-            .flat_map(|t| &t.data)
-            .any(|v| *v != 0.0),
+        update.delta.0.values().flat_map(|t| &t.data).any(|v| *v != 0.0),
         "delta is zero"
     );
-    let after = evaluate(
-        ModelKind::Mlp,
-        &device,
-        &add(&global, &update.delta),
-        &local,
-    )
-    .unwrap();
+    let after = evaluate(ModelKind::Mlp, &device, &add(&global, &update.delta), &local).unwrap();
     assert!(
         after.loss < before.loss - 0.3,
         "loss on the training data: {} -> {}",

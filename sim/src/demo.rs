@@ -35,7 +35,7 @@ pub struct DemoOptions {
     #[arg(long, default_value_t = 20)]
     pub devices: usize,
     /// Committed rounds to run.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 60)]
     pub rounds: u32,
     /// K: updates a round needs to commit.
     #[arg(long, default_value_t = 10)]
