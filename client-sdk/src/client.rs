@@ -36,7 +36,9 @@ impl ClientError {
         match self {
             ClientError::Http(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
             ClientError::Api { status, body } => {
-                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS || body.error == "upload_in_flight"
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || body.error == "upload_in_flight"
             }
             ClientError::Unexpected { status, .. } => status.is_server_error(),
         }
@@ -64,7 +66,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Exponential backoff with full jitter, so devices that failed together do not retry together.
     fn backoff(&self, attempt: u32) -> Duration {
-        let cap = self.initial_backoff.saturating_mul(1 << attempt.min(16)).min(self.max_backoff);
+        let cap = self
+            .initial_backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.max_backoff);
         cap.mul_f64(rand::random::<f64>())
     }
 }
@@ -121,7 +126,9 @@ impl FedhiveClient {
         let mut attempt = 0;
         loop {
             let err = match build().send().await {
-                Ok(resp) if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED => return Ok(resp),
+                Ok(resp) if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED => {
+                    return Ok(resp);
+                }
                 Ok(resp) => error_from(resp).await,
                 Err(e) => ClientError::Http(e),
             };
@@ -136,11 +143,19 @@ impl FedhiveClient {
 
     pub async fn checkin(&self, task_id: &str) -> Result<CheckinResponse, ClientError> {
         let path = format!("/v1/tasks/{task_id}/checkin");
-        Ok(self.send(|| self.request(Method::POST, &path)).await?.json().await?)
+        Ok(self
+            .send(|| self.request(Method::POST, &path))
+            .await?
+            .json()
+            .await?)
     }
 
     /// Downloads a model version (the current one when `None`): `(version, safetensors bytes)`.
-    pub async fn download_model(&self, task_id: &str, version: Option<i64>) -> Result<(i64, Bytes), ClientError> {
+    pub async fn download_model(
+        &self,
+        task_id: &str,
+        version: Option<i64>,
+    ) -> Result<(i64, Bytes), ClientError> {
         let path = match version {
             Some(v) => format!("/v1/tasks/{task_id}/model?version={v}"),
             None => format!("/v1/tasks/{task_id}/model"),
@@ -157,7 +172,12 @@ impl FedhiveClient {
 
     /// Uploads an update (safetensors of Delta) with its sample count. Safe to call again with the
     /// same arguments: the server counts it once.
-    pub async fn upload_update(&self, upload_token: &str, num_samples: u64, body: Bytes) -> Result<UploadReceipt, ClientError> {
+    pub async fn upload_update(
+        &self,
+        upload_token: &str,
+        num_samples: u64,
+        body: Bytes,
+    ) -> Result<UploadReceipt, ClientError> {
         let resp = self
             .send(|| {
                 self.request(Method::PUT, "/v1/updates")
@@ -170,9 +190,17 @@ impl FedhiveClient {
         Ok(resp.json().await?)
     }
 
-    pub async fn report_metrics(&self, upload_token: &str, report: &MetricsReport) -> Result<(), ClientError> {
-        self.send(|| self.request(Method::POST, "/v1/metrics").bearer_auth(upload_token).json(report))
-            .await?;
+    pub async fn report_metrics(
+        &self,
+        upload_token: &str,
+        report: &MetricsReport,
+    ) -> Result<(), ClientError> {
+        self.send(|| {
+            self.request(Method::POST, "/v1/metrics")
+                .bearer_auth(upload_token)
+                .json(report)
+        })
+        .await?;
         Ok(())
     }
 

@@ -47,7 +47,13 @@ pub struct Device {
 }
 
 impl Device {
-    pub fn new(client: FedhiveClient, task_id: &str, device: burn::tensor::Device, data: Arc<Dataset>, seed: u64) -> Self {
+    pub fn new(
+        client: FedhiveClient,
+        task_id: &str,
+        device: burn::tensor::Device,
+        data: Arc<Dataset>,
+        seed: u64,
+    ) -> Self {
         Device {
             client,
             task_id: task_id.to_string(),
@@ -73,7 +79,9 @@ impl Device {
                     report.rounds_trained += 1;
                     match self.train_and_upload(&assignment).await {
                         Ok(()) => report.updates_accepted += 1,
-                        Err(DeviceError::Client(e)) if e.code() == Some("round_closed") => report.updates_late += 1,
+                        Err(DeviceError::Client(e)) if e.code() == Some("round_closed") => {
+                            report.updates_late += 1
+                        }
                         Err(e) => return Err(e),
                     }
                 }
@@ -108,7 +116,9 @@ impl Device {
         .await
         .expect("training task panicked")?;
         let body = Bytes::from(update.delta.encode());
-        self.client.upload_update(&a.upload_token, update.num_samples, body).await?;
+        self.client
+            .upload_update(&a.upload_token, update.num_samples, body)
+            .await?;
         let metrics = MetricsReport {
             loss: update.loss,
             num_samples: update.num_samples,

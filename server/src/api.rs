@@ -22,7 +22,9 @@ use axum::{
     routing::{get, post, put},
 };
 use bytes::Bytes;
-use fedhive_shared::wire::{CheckinResponse, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt};
+use fedhive_shared::wire::{
+    CheckinResponse, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
+};
 use serde::Deserialize;
 use tower_http::trace::TraceLayer;
 
@@ -66,7 +68,11 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match &state.admin_token {
         None => Ok(()),
-        Some(expected) if bearer(headers).is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes())) => Ok(()),
+        Some(expected)
+            if bearer(headers).is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes())) =>
+        {
+            Ok(())
+        }
         Some(_) => Err(ApiError::Unauthorized),
     }
 }
@@ -83,20 +89,31 @@ async fn create_task(
     require_admin(&state, &headers)?;
     let mut config: Option<TaskConfig> = None;
     let mut model: Option<Bytes> = None;
-    while let Some(field) = multipart.next_field().await.map_err(|e| ApiError::BadBody(e.to_string()))? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::BadBody(e.to_string()))?
+    {
         let name = field.name().unwrap_or_default().to_string();
-        let data = field.bytes().await.map_err(|e| ApiError::BadBody(e.to_string()))?;
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::BadBody(e.to_string()))?;
         match name.as_str() {
             "config" => {
-                config = Some(
-                    serde_json::from_slice(&data).map_err(|e| ApiError::InvalidConfig(e.to_string()))?,
-                )
+                config =
+                    Some(serde_json::from_slice(&data).map_err(|e| ApiError::InvalidConfig(e.to_string()))?)
             }
             "model" => model = Some(data),
-            other => return Err(ApiError::InvalidRequest(format!("unexpected multipart field `{other}`"))),
+            other => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unexpected multipart field `{other}`"
+                )));
+            }
         }
     }
-    let config = config.ok_or_else(|| ApiError::InvalidRequest("multipart field `config` is missing".into()))?;
+    let config =
+        config.ok_or_else(|| ApiError::InvalidRequest("multipart field `config` is missing".into()))?;
     let model = model.ok_or_else(|| ApiError::InvalidRequest("multipart field `model` is missing".into()))?;
     let created = state.coordinator.create_task(config, model).await?;
     Ok((StatusCode::CREATED, Json(created)))
@@ -120,7 +137,10 @@ async fn task_rounds(
     Ok(Json(state.coordinator.rounds(&task_id).await?))
 }
 
-async fn checkin(State(state): State<AppState>, Path(task_id): Path<String>) -> Result<Json<CheckinResponse>, ApiError> {
+async fn checkin(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+) -> Result<Json<CheckinResponse>, ApiError> {
     Ok(Json(state.coordinator.checkin(&task_id).await?))
 }
 
@@ -145,12 +165,18 @@ async fn model(
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
     let common = [
         (header::ETAG, etag_value.clone()),
-        (header::HeaderName::from_static("fedhive-model-version"), etag_value.clone()),
+        (
+            header::HeaderName::from_static("fedhive-model-version"),
+            etag_value.clone(),
+        ),
     ];
     if not_modified {
         return Ok((StatusCode::NOT_MODIFIED, common).into_response());
     }
-    let content_type = [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))];
+    let content_type = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    )];
     Ok((common, content_type, bytes).into_response())
 }
 
@@ -177,17 +203,22 @@ async fn upload(
             return Err(ApiError::BodyTooLarge { size, limit });
         }
         axum::body::to_bytes(body, limit).await.map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let too_large =
+                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             if too_large {
-                ApiError::BodyTooLarge { size: limit + 1, limit }
+                ApiError::BodyTooLarge {
+                    size: limit + 1,
+                    limit,
+                }
             } else {
                 ApiError::BadBody(e.to_string())
             }
         })
     };
     let (receipt, full) = coordinator
-        .upload(&token, query.num_samples, |config| read_body(upload_limit(config)))
+        .upload(&token, query.num_samples, |config| {
+            read_body(upload_limit(config))
+        })
         .await?;
     if full {
         let coordinator = state.coordinator.clone();

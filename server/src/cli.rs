@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use crate::{CoordinatorOptions, ServerConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "fedhive", version, about = "fedhive federated-learning aggregation server")]
+#[command(
+    name = "fedhive",
+    version,
+    about = "fedhive federated-learning aggregation server"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -71,7 +75,10 @@ pub fn init_tracing() {
 pub fn init_tracing_with_default(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Entry point of the `fedhive` binary.

@@ -76,7 +76,10 @@ pub struct Coordinator {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -148,12 +151,17 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
             return bad(format!("tensor `{}` is listed twice", t.name));
         }
         if t.shape.is_empty() || t.shape.contains(&0) {
-            return bad(format!("tensor `{}` has shape {:?}; every dimension must be >= 1", t.name, t.shape));
+            return bad(format!(
+                "tensor `{}` has shape {:?}; every dimension must be >= 1",
+                t.name, t.shape
+            ));
         }
     }
     let lr = server_lr(c);
     if !(lr.is_finite() && lr > 0.0) {
-        return bad(format!("`strategy.server_lr` must be a positive number, got {lr}"));
+        return bad(format!(
+            "`strategy.server_lr` must be a positive number, got {lr}"
+        ));
     }
     if c.devices_per_round == 0 {
         return bad("`devices_per_round` must be >= 1".into());
@@ -200,7 +208,10 @@ impl Coordinator {
     }
 
     async fn task(&self, task_id: &str) -> Result<TaskRow, ApiError> {
-        self.db.task(task_id).await?.ok_or_else(|| ApiError::UnknownTask(task_id.to_string()))
+        self.db
+            .task(task_id)
+            .await?
+            .ok_or_else(|| ApiError::UnknownTask(task_id.to_string()))
     }
 
     /// Creates a task from its config and initial weights (safetensors), and opens round 1.
@@ -236,7 +247,13 @@ impl Coordinator {
 
     pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundInfo>, ApiError> {
         self.task(task_id).await?;
-        Ok(self.db.rounds(task_id).await?.iter().map(RoundRow::info).collect())
+        Ok(self
+            .db
+            .rounds(task_id)
+            .await?
+            .iter()
+            .map(RoundRow::info)
+            .collect())
     }
 
     /// A device asks for work: an assignment in the open round, or when to come back.
@@ -306,7 +323,11 @@ impl Coordinator {
     /// The round an upload token was issued for.
     async fn token_round(&self, token: &str) -> Result<(String, i64), ApiError> {
         let token_hash = sha256_hex(token.as_bytes());
-        let round_id = self.db.assignment_round(&token_hash).await?.ok_or(ApiError::UnknownToken)?;
+        let round_id = self
+            .db
+            .assignment_round(&token_hash)
+            .await?
+            .ok_or(ApiError::UnknownToken)?;
         Ok((token_hash, round_id))
     }
 
@@ -314,14 +335,23 @@ impl Coordinator {
     /// awaited once an upload permit is held, so at
     /// most `max_concurrent_uploads` bodies are in memory at once. The flag says the round is now
     /// full and should be finalised.
-    pub async fn upload<R, F>(&self, token: &str, num_samples: u64, read_body: R) -> Result<(UploadReceipt, bool), ApiError>
+    pub async fn upload<R, F>(
+        &self,
+        token: &str,
+        num_samples: u64,
+        read_body: R,
+    ) -> Result<(UploadReceipt, bool), ApiError>
     where
         R: FnOnce(&TaskConfig) -> F,
         F: Future<Output = Result<Bytes, ApiError>>,
     {
         let (token_hash, round_id) = self.token_round(token).await?;
         let _flight = InFlight::enter(&self.in_flight, &token_hash).ok_or(ApiError::UploadInFlight)?;
-        let _permit = self.upload_permits.acquire().await.expect("semaphore never closed");
+        let _permit = self
+            .upload_permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
         let round = self.db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
         let task = self.task(&round.task_id).await?;
         let body = read_body(&task.config).await?;
@@ -362,7 +392,12 @@ impl Coordinator {
             return Err(self.why_refused(round_id, num_samples).await?);
         };
         self.fold(round_id, &task.config, stored.clone(), delta).await?;
-        info!(round = round_id, accepted = stored.accepted_seq, samples = num_samples, "update accepted");
+        info!(
+            round = round_id,
+            accepted = stored.accepted_seq,
+            samples = num_samples,
+            "update accepted"
+        );
         Ok((receipt(&stored), stored.accepted_seq >= k))
     }
 
@@ -375,7 +410,13 @@ impl Coordinator {
     }
 
     /// Adds an accepted update to the round's in-memory sums (at most once per token).
-    async fn fold(&self, round_id: i64, config: &TaskConfig, update: UpdateRow, delta: NamedTensors) -> Result<(), ApiError> {
+    async fn fold(
+        &self,
+        round_id: i64,
+        config: &TaskConfig,
+        update: UpdateRow,
+        delta: NamedTensors,
+    ) -> Result<(), ApiError> {
         let accumulators = self.accumulators.clone();
         let specs = config.tensors.clone();
         tokio::task::spawn_blocking(move || {
@@ -394,7 +435,13 @@ impl Coordinator {
     }
 
     /// Stores a device's training metrics for its round.
-    pub async fn report_metrics(&self, token: &str, loss: f32, num_samples: u64, accuracy: Option<f32>) -> Result<(), ApiError> {
+    pub async fn report_metrics(
+        &self,
+        token: &str,
+        loss: f32,
+        num_samples: u64,
+        accuracy: Option<f32>,
+    ) -> Result<(), ApiError> {
         if !loss.is_finite() || accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
             return Err(ApiError::InvalidRequest(format!(
                 "`loss` must be finite and `accuracy` within [0, 1]; got loss {loss}, accuracy {accuracy:?}"
@@ -402,7 +449,14 @@ impl Coordinator {
         }
         let (token_hash, round_id) = self.token_round(token).await?;
         self.db
-            .insert_metrics(&token_hash, round_id, f64::from(loss), num_samples as i64, accuracy.map(f64::from), now_ms())
+            .insert_metrics(
+                &token_hash,
+                round_id,
+                f64::from(loss),
+                num_samples as i64,
+                accuracy.map(f64::from),
+                now_ms(),
+            )
             .await?;
         Ok(())
     }
@@ -452,7 +506,9 @@ impl Coordinator {
             })
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
-            self.blobs.put(&model_key(&task.id, new_version), new_model).await?;
+            self.blobs
+                .put(&model_key(&task.id, new_version), new_model)
+                .await?;
             let more = task.committed_rounds + 1 < i64::from(config.rounds);
             let next = more.then_some(NextRound {
                 seq: round.seq + 1,
@@ -482,7 +538,10 @@ impl Coordinator {
                 ),
             }
         }
-        self.accumulators.lock().expect("accumulator lock").remove(&round_id);
+        self.accumulators
+            .lock()
+            .expect("accumulator lock")
+            .remove(&round_id);
         if let Err(e) = self.blobs.delete_prefix(&format!("updates/{round_id}")).await {
             warn!(round = round_id, error = %e, "could not remove the round's update blobs");
         }
@@ -491,15 +550,29 @@ impl Coordinator {
 
     /// The round's FedAvg sums: the in-memory ones if they hold exactly the accepted set, otherwise
     /// rebuilt from the stored update blobs one at a time (O(model size) memory).
-    async fn round_sums(&self, round: &RoundRow, config: &TaskConfig, updates: &[UpdateRow]) -> Result<FedAvgAccumulator, ApiError> {
+    async fn round_sums(
+        &self,
+        round: &RoundRow,
+        config: &TaskConfig,
+        updates: &[UpdateRow],
+    ) -> Result<FedAvgAccumulator, ApiError> {
         let accepted: BTreeSet<&str> = updates.iter().map(|u| u.token_hash.as_str()).collect();
-        if let Some(cached) = self.accumulators.lock().expect("accumulator lock").remove(&round.id) {
+        if let Some(cached) = self
+            .accumulators
+            .lock()
+            .expect("accumulator lock")
+            .remove(&round.id)
+        {
             let folded: BTreeSet<&str> = cached.folded.iter().map(String::as_str).collect();
             if folded == accepted {
                 return Ok(cached.acc);
             }
         }
-        info!(round = round.id, updates = updates.len(), "rebuilding round sums from stored updates");
+        info!(
+            round = round.id,
+            updates = updates.len(),
+            "rebuilding round sums from stored updates"
+        );
         let mut acc = FedAvgAccumulator::new(&config.tensors);
         for u in updates {
             let body = self.blobs.get(&u.blob_key).await?;

@@ -100,7 +100,8 @@ impl RoundRow {
     }
 }
 
-const ROUND_COLUMNS: &str = "id, task_id, seq, state, base_version, assigned, accepted, total_samples, opened_ms, deadline_ms";
+const ROUND_COLUMNS: &str =
+    "id, task_id, seq, state, base_version, assigned, accepted, total_samples, opened_ms, deadline_ms";
 const UPDATE_COLUMNS: &str = "token_hash, round_id, num_samples, sha256, blob_key, accepted_seq";
 
 fn round_row(r: &AnyRow) -> Result<RoundRow, sqlx::Error> {
@@ -204,10 +205,11 @@ impl Db {
     }
 
     pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
-        let row = sqlx::query("SELECT id, config, state, model_version, committed_rounds FROM tasks WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, config, state, model_version, committed_rounds FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         row.as_ref().map(task_row).transpose()
     }
 
@@ -239,15 +241,24 @@ impl Db {
     }
 
     pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundRow>, DbError> {
-        let rows = sqlx::query(sql("SELECT {cols} FROM rounds WHERE task_id = $1 ORDER BY seq", ROUND_COLUMNS))
-            .bind(task_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sql(
+            "SELECT {cols} FROM rounds WHERE task_id = $1 ORDER BY seq",
+            ROUND_COLUMNS,
+        ))
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(round_row).collect::<Result<_, _>>()?)
     }
 
     /// Hands out one of the round's `cap` assignments; `None` when the round is full or not open.
-    pub async fn assign(&self, round_id: i64, cap: i64, token_hash: &str, now_ms: i64) -> Result<Option<i64>, DbError> {
+    pub async fn assign(
+        &self,
+        round_id: i64,
+        cap: i64,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<i64>, DbError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "UPDATE rounds SET assigned = assigned + 1 \
@@ -281,10 +292,13 @@ impl Db {
     }
 
     pub async fn update_for_token(&self, token_hash: &str) -> Result<Option<UpdateRow>, DbError> {
-        let row = sqlx::query(sql("SELECT {cols} FROM updates WHERE token_hash = $1", UPDATE_COLUMNS))
-            .bind(token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sql(
+            "SELECT {cols} FROM updates WHERE token_hash = $1",
+            UPDATE_COLUMNS,
+        ))
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(update_row).transpose()?)
     }
 
@@ -367,12 +381,13 @@ impl Db {
             RoundOutcome::Committed { .. } => "committed",
             RoundOutcome::Abandoned => "abandoned",
         };
-        let done = sqlx::query("UPDATE rounds SET state = $1, closed_ms = $2 WHERE id = $3 AND state = 'closing'")
-            .bind(state)
-            .bind(now_ms)
-            .bind(round.id)
-            .execute(&mut *tx)
-            .await?;
+        let done =
+            sqlx::query("UPDATE rounds SET state = $1, closed_ms = $2 WHERE id = $3 AND state = 'closing'")
+                .bind(state)
+                .bind(now_ms)
+                .bind(round.id)
+                .execute(&mut *tx)
+                .await?;
         if done.rows_affected() != 1 {
             return Ok(false);
         }
@@ -386,7 +401,17 @@ impl Db {
             .await?;
         }
         match next {
-            Some(n) => insert_round(&mut tx, &round.task_id, n.seq, n.base_version, n.opened_ms, n.deadline_ms).await?,
+            Some(n) => {
+                insert_round(
+                    &mut tx,
+                    &round.task_id,
+                    n.seq,
+                    n.base_version,
+                    n.opened_ms,
+                    n.deadline_ms,
+                )
+                .await?
+            }
             None => {
                 sqlx::query("UPDATE tasks SET state = 'finished' WHERE id = $1")
                     .bind(&round.task_id)

@@ -44,7 +44,10 @@ pub struct FedAvgAccumulator {
 
 impl FedAvgAccumulator {
     pub fn new(specs: &[TensorSpec]) -> Self {
-        let sums = specs.iter().map(|s| (s.name.clone(), vec![0i64; s.numel()])).collect();
+        let sums = specs
+            .iter()
+            .map(|s| (s.name.clone(), vec![0i64; s.numel()]))
+            .collect();
         FedAvgAccumulator {
             sums,
             total_samples: 0,
@@ -90,7 +93,11 @@ impl FedAvgAccumulator {
         }
         let factor = f64::from(server_lr) / (self.total_samples as f64 * f64::from(FRACTION_BITS).exp2());
         for (name, sum) in &self.sums {
-            let x = &mut model.0.get_mut(name).expect("model has the accumulator's tensors").data;
+            let x = &mut model
+                .0
+                .get_mut(name)
+                .expect("model has the accumulator's tensors")
+                .data;
             for (xv, &s) in x.iter_mut().zip(sum) {
                 *xv = (f64::from(*xv) + s as f64 * factor) as f32;
             }
@@ -161,7 +168,8 @@ mod tests {
         let model = one("w", vec![0.0]);
         let mut acc = FedAvgAccumulator::new(&model.specs());
         for _ in 0..255 {
-            acc.add(MAX_UPDATE_SAMPLES, &one("w", vec![-DELTA_LIMIT])).unwrap();
+            acc.add(MAX_UPDATE_SAMPLES, &one("w", vec![-DELTA_LIMIT]))
+                .unwrap();
         }
         let mut out = model.clone();
         acc.apply(&mut out, 1.0);

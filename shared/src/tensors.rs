@@ -260,21 +260,34 @@ mod tests {
         let mut wrong_shape = specs.clone();
         wrong_shape[1].shape = vec![3, 2];
         assert_eq!(
-            NamedTensors::decode_checked(&bytes, &wrong_shape, 10.0).unwrap_err().code(),
+            NamedTensors::decode_checked(&bytes, &wrong_shape, 10.0)
+                .unwrap_err()
+                .code(),
             "shape_mismatch"
         );
         let mut extra = t.clone();
-        extra.0.insert("x".into(), Tensor { shape: vec![1], data: vec![0.0] });
+        extra.0.insert(
+            "x".into(),
+            Tensor {
+                shape: vec![1],
+                data: vec![0.0],
+            },
+        );
         assert_eq!(
             NamedTensors::decode_checked(&extra.encode(), &specs, 10.0).unwrap_err(),
             TensorError::UnexpectedTensor("x".into())
         );
         assert_eq!(
-            NamedTensors::decode_checked(&bytes, &specs[..1], 10.0).unwrap_err().code(),
+            NamedTensors::decode_checked(&bytes, &specs[..1], 10.0)
+                .unwrap_err()
+                .code(),
             "unexpected_tensor"
         );
         let mut missing = specs.clone();
-        missing.push(TensorSpec { name: "y".into(), shape: vec![1] });
+        missing.push(TensorSpec {
+            name: "y".into(),
+            shape: vec![1],
+        });
         assert_eq!(
             NamedTensors::decode_checked(&bytes, &missing, 10.0).unwrap_err(),
             TensorError::MissingTensor("y".into())
@@ -283,10 +296,15 @@ mod tests {
         nan.0.get_mut("fc.bias").unwrap().data[1] = f32::NAN;
         assert_eq!(
             NamedTensors::decode_checked(&nan.encode(), &specs, 10.0).unwrap_err(),
-            TensorError::NonFinite { name: "fc.bias".into(), index: 1 }
+            TensorError::NonFinite {
+                name: "fc.bias".into(),
+                index: 1
+            }
         );
         assert_eq!(
-            NamedTensors::decode_checked(&bytes, &specs, 4.0).unwrap_err().code(),
+            NamedTensors::decode_checked(&bytes, &specs, 4.0)
+                .unwrap_err()
+                .code(),
             "value_out_of_range"
         );
     }

@@ -115,7 +115,12 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
     config.insecure_dev = true;
     config.coordinator.checkin_retry_ms = 100;
     config.tick = Duration::from_millis(50);
-    let database = config.database_url().split(':').next().unwrap_or_default().to_string();
+    let database = config
+        .database_url()
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let server = start(config).await?;
     let base_url = format!("http://{}", server.addr);
     let client = FedhiveClient::new(&base_url)?;
@@ -136,14 +141,22 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         round_deadline_secs: 120,
         rounds: options.rounds,
     };
-    let created = client.create_task(&task, initial_weights(kind, options.seed).encode()).await?;
+    let created = client
+        .create_task(&task, initial_weights(kind, options.seed).encode())
+        .await?;
     let task_id = created.task_id;
 
     let parts = partition::dirichlet(&train.labels, options.devices, options.alpha, options.seed);
     let mut devices = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         let data = Arc::new(train.subset(part));
-        let mut d = Device::new(client.clone(), &task_id, device.clone(), data, options.seed + i as u64);
+        let mut d = Device::new(
+            client.clone(),
+            &task_id,
+            device.clone(),
+            data,
+            options.seed + i as u64,
+        );
         devices.push(tokio::spawn(async move { d.run().await }));
     }
 
@@ -152,7 +165,9 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
     } else {
         ProgressBar::hidden()
     };
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}",
+    )?);
     let mut accuracy_per_round = Vec::new();
     let mut evaluated = 0;
     loop {
@@ -162,11 +177,15 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
             let (_, bytes) = client.download_model(&task_id, Some(evaluated)).await?;
             let weights = NamedTensors::decode(&bytes)?;
             let (device, test) = (device.clone(), test.clone());
-            let eval = tokio::task::spawn_blocking(move || evaluate(kind, &device, &weights, &test)).await??;
+            let eval =
+                tokio::task::spawn_blocking(move || evaluate(kind, &device, &weights, &test)).await??;
             accuracy_per_round.push(eval.accuracy);
             bar.set_position(evaluated as u64);
             bar.set_message(format!("test accuracy {:.4}", eval.accuracy));
-            bar.println(format!("round {evaluated:>3}: test accuracy {:.4}  loss {:.4}", eval.accuracy, eval.loss));
+            bar.println(format!(
+                "round {evaluated:>3}: test accuracy {:.4}  loss {:.4}",
+                eval.accuracy, eval.loss
+            ));
         }
         if status.state == TaskState::Finished && evaluated == status.model_version {
             break;

@@ -18,9 +18,16 @@ async fn small_federation(backend: Backend) {
     eprintln!("{}", serde_json::to_string(&report).unwrap());
     assert_eq!(report.rounds, 4);
     assert_eq!(report.accuracy_per_round.len(), 4);
-    assert!(report.updates_accepted >= 4 * 3, "every round needs K accepted updates: {report:?}");
+    assert!(
+        report.updates_accepted >= 4 * 3,
+        "every round needs K accepted updates: {report:?}"
+    );
     // Chance is 0.10; four rounds of FedAvg on non-IID shards get well past it.
-    assert!(report.final_accuracy > 0.55, "final accuracy {}", report.final_accuracy);
+    assert!(
+        report.final_accuracy > 0.55,
+        "final accuracy {}",
+        report.final_accuracy
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

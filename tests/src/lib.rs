@@ -42,13 +42,17 @@ fn pg_admin_url() -> String {
 impl TestDb {
     pub async fn create(backend: Backend) -> anyhow::Result<TestDb> {
         match backend {
-            Backend::Sqlite => Ok(TestDb { url: None, pg_name: None }),
+            Backend::Sqlite => Ok(TestDb {
+                url: None,
+                pg_name: None,
+            }),
             Backend::Postgres => {
                 let name = format!("fedhive_test_{:016x}", rand::random::<u64>());
                 let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", pg_admin_url()))
                     .await
                     .context("connecting to PostgreSQL (is it running? see .ci/run)")?;
-                conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
+                conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .await?;
                 conn.close().await?;
                 Ok(TestDb {
                     url: Some(format!("{}/{name}", pg_admin_url())),
@@ -64,12 +68,19 @@ impl Drop for TestDb {
         let Some(name) = self.pg_name.take() else { return };
         // Drop runs outside any runtime guarantee: use a private one on a fresh thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
-                let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", pg_admin_url())).await.ok()?;
-                conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", pg_admin_url()))
                     .await
-                    .ok()
+                    .ok()?;
+                conn.execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .await
+                .ok()
             })
         })
         .join();
@@ -92,12 +103,19 @@ fn server_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
     profile_dir.join(format!("fedhive-e2e-server{}", std::env::consts::EXE_SUFFIX))
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl ServerProcess {
@@ -106,7 +124,11 @@ impl ServerProcess {
         Self::start_on(data_dir, db.url.clone(), free_port()).await
     }
 
-    async fn start_on(data_dir: &Path, database_url: Option<String>, port: u16) -> anyhow::Result<ServerProcess> {
+    async fn start_on(
+        data_dir: &Path,
+        database_url: Option<String>,
+        port: u16,
+    ) -> anyhow::Result<ServerProcess> {
         let mut cmd = Command::new(server_binary());
         cmd.arg("serve")
             .arg("--listen")
@@ -168,7 +190,9 @@ impl ServerProcess {
 
     /// A client with the admin token.
     pub fn client(&self) -> FedhiveClient {
-        FedhiveClient::new(&self.base_url).unwrap().with_admin_token(ADMIN_TOKEN)
+        FedhiveClient::new(&self.base_url)
+            .unwrap()
+            .with_admin_token(ADMIN_TOKEN)
     }
 
     /// A client that does not retry, to observe every answer.
@@ -190,8 +214,14 @@ impl Drop for ServerProcess {
 /// A tiny two-tensor model: `w` [2, 3] and `b` [3].
 pub fn small_specs() -> Vec<TensorSpec> {
     vec![
-        TensorSpec { name: "b".into(), shape: vec![3] },
-        TensorSpec { name: "w".into(), shape: vec![2, 3] },
+        TensorSpec {
+            name: "b".into(),
+            shape: vec![3],
+        },
+        TensorSpec {
+            name: "w".into(),
+            shape: vec![2, 3],
+        },
     ]
 }
 
@@ -204,7 +234,13 @@ pub fn small_tensors(f: impl Fn(usize) -> f32) -> NamedTensors {
             i += 1;
             f(i - 1)
         });
-        out.0.insert(spec.name.clone(), Tensor { shape: spec.shape.clone(), data: data.collect() });
+        out.0.insert(
+            spec.name.clone(),
+            Tensor {
+                shape: spec.shape.clone(),
+                data: data.collect(),
+            },
+        );
     }
     out
 }
@@ -215,7 +251,12 @@ pub fn small_task(k: u32, min: u32, rounds: u32, deadline_secs: u64) -> TaskConf
         model: "test".into(),
         tensors: small_specs(),
         strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
-        training: TrainingParams { local_epochs: 1, max_local_steps: 0, batch_size: 8, learning_rate: 0.1 },
+        training: TrainingParams {
+            local_epochs: 1,
+            max_local_steps: 0,
+            batch_size: 8,
+            learning_rate: 0.1,
+        },
         devices_per_round: k,
         min_devices_per_round: min,
         over_selection: 2.0,
@@ -240,7 +281,10 @@ pub async fn wait_for_version(client: &FedhiveClient, task_id: &str, version: i6
         if status.model_version >= version {
             return;
         }
-        assert!(started.elapsed() < timeout, "model version {version} not reached within {timeout:?}: {status:?}");
+        assert!(
+            started.elapsed() < timeout,
+            "model version {version} not reached within {timeout:?}: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

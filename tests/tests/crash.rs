@@ -17,7 +17,10 @@ macro_rules! on_both_databases {
     };
 }
 
-on_both_databases!(kill_mid_round_commits_the_uncrashed_model, kill_after_last_upload_commits_once);
+on_both_databases!(
+    kill_mid_round_commits_the_uncrashed_model,
+    kill_after_last_upload_commits_once
+);
 
 /// Device j's update: irregular values so that float summation order would show in the bits.
 fn update(j: usize) -> (u64, Bytes) {
@@ -43,7 +46,10 @@ async fn new_run(backend: Backend) -> Run {
     let client = server.client();
     let initial = small_tensors(|i| (i as f32).sin());
     let task = client
-        .create_task(&small_task(DEVICES as u32, DEVICES as u32, 1, 300), initial.encode())
+        .create_task(
+            &small_task(DEVICES as u32, DEVICES as u32, 1, 300),
+            initial.encode(),
+        )
         .await
         .unwrap()
         .task_id;
@@ -51,19 +57,32 @@ async fn new_run(backend: Backend) -> Run {
     for _ in 0..DEVICES {
         assignments.push(assign(&client, &task).await);
     }
-    Run { server, _db: db, _dir: dir, client, task, assignments }
+    Run {
+        server,
+        _db: db,
+        _dir: dir,
+        client,
+        task,
+        assignments,
+    }
 }
 
 async fn upload(client: &FedhiveClient, a: &Assignment, j: usize) -> Result<UploadReceipt, String> {
     let (n, body) = update(j);
-    client.upload_update(&a.upload_token, n, body).await.map_err(|e| e.to_string())
+    client
+        .upload_update(&a.upload_token, n, body)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn committed_model(run: &Run) -> Bytes {
     wait_for_version(&run.client, &run.task, 1, Duration::from_secs(60)).await;
     let rounds = run.client.rounds(&run.task).await.unwrap();
     let expected_samples: u64 = (0..DEVICES).map(|j| update(j).0).sum();
-    assert_eq!((rounds[0].accepted, rounds[0].total_samples as u64), (DEVICES as i64, expected_samples));
+    assert_eq!(
+        (rounds[0].accepted, rounds[0].total_samples as u64),
+        (DEVICES as i64, expected_samples)
+    );
     run.client.download_model(&run.task, Some(1)).await.unwrap().1
 }
 
@@ -105,11 +124,17 @@ async fn kill_mid_round_commits_the_uncrashed_model(backend: Backend) {
     for (j, a) in run.assignments.iter().enumerate() {
         let receipt = upload(&client, a, j).await.unwrap();
         if let Some((_, before)) = acked.iter().find(|(k, _)| *k == j) {
-            assert_eq!(&receipt, before, "acknowledged upload {j} was lost or changed by the crash");
+            assert_eq!(
+                &receipt, before,
+                "acknowledged upload {j} was lost or changed by the crash"
+            );
         }
     }
     let model = committed_model(&run).await;
-    assert!(model == expected, "the crashed run committed a different model than the uncrashed run");
+    assert!(
+        model == expected,
+        "the crashed run committed a different model than the uncrashed run"
+    );
 }
 
 async fn kill_after_last_upload_commits_once(backend: Backend) {
@@ -122,7 +147,10 @@ async fn kill_after_last_upload_commits_once(backend: Backend) {
     run.server.kill();
     run.server.restart().await.unwrap();
     let model = committed_model(&run).await;
-    assert!(model == expected, "recovery committed a different model than the uncrashed run");
+    assert!(
+        model == expected,
+        "recovery committed a different model than the uncrashed run"
+    );
     let status = run.client.task_status(&run.task).await.unwrap();
     assert_eq!((status.model_version, status.committed_rounds), (1, 1));
 }
