@@ -22,6 +22,22 @@ use sqlx::{Connection, Executor};
 
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 
+/// Defines each listed `async fn name(backend: Backend)` as two tests, `sqlite::name` and
+/// `postgres::name`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread")]
+            async fn $name() { super::$name($crate::Backend::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread")]
+            async fn $name() { super::$name($crate::Backend::Postgres).await } )*
+        }
+    };
+}
+
 /// Which database a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -2,18 +2,12 @@
 
 use bytes::Bytes;
 use fedhive_e2e::{
-    ADMIN_TOKEN, Backend, ServerProcess, TestDb, assign, small_task, small_tensors, wait_for_version,
+    ADMIN_TOKEN, Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors,
+    wait_for_version,
 };
 use fedhive_shared::{NamedTensors, Tensor, wire::ErrorBody};
 use reqwest::{Method, StatusCode};
 use safetensors::{Dtype, tensor::TensorView};
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
-    };
-}
 
 on_both_databases!(
     bad_uploads_change_nothing,

@@ -5,17 +5,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedhive_client::client::FedhiveClient;
-use fedhive_e2e::{Backend, ServerProcess, TestDb, assign, small_task, small_tensors, wait_for_version};
+use fedhive_e2e::{
+    Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors, wait_for_version,
+};
 use fedhive_shared::wire::{Assignment, UploadReceipt};
 
 const DEVICES: usize = 8;
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
-    };
-}
 
 on_both_databases!(
     kill_mid_round_commits_the_uncrashed_model,

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use fedhive_e2e::{Backend, ServerProcess, TestDb, assign, small_task, small_tensors, wait_for_version};
+use fedhive_e2e::{
+    Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors, wait_for_version,
+};
 use fedhive_shared::{
     NamedTensors,
     wire::{CheckinResponse, MetricsReport, RoundState, TaskState},
@@ -11,13 +13,6 @@ use fedhive_shared::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LONG: Duration = Duration::from_secs(30);
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
-    };
-}
 
 on_both_databases!(
     fedavg_round_commits_hand_computed_model,
