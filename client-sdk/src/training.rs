@@ -175,7 +175,11 @@ fn run_sgd<M: Classifier>(
         for idx in order.chunks(batch_size) {
             let (x, y) = batch(data, idx, &device);
             let loss = step_loss(&model, &criterion, x, y);
-            let weighted = loss.clone().detach().inner().mul_scalar(idx.len() as f32);
+            // In units of full batches; only a short last batch pays for the rescaling op.
+            let mut weighted = loss.clone().detach().inner();
+            if idx.len() != batch_size {
+                weighted = weighted.mul_scalar(idx.len() as f32 / batch_size as f32);
+            }
             loss_sum = Some(match loss_sum {
                 Some(s) => s + weighted,
                 None => weighted,
@@ -185,11 +189,11 @@ fn run_sgd<M: Classifier>(
             model = optim.step(lr, model, grads);
             steps += 1;
             if max_steps > 0 && steps >= max_steps {
-                last_epoch_loss = epoch_mean(loss_sum, seen)?;
+                last_epoch_loss = epoch_mean(loss_sum, seen, batch_size)?;
                 break 'epochs;
             }
         }
-        last_epoch_loss = epoch_mean(loss_sum, seen)?;
+        last_epoch_loss = epoch_mean(loss_sum, seen, batch_size)?;
     }
     Ok((model::read(&model)?, last_epoch_loss))
 }
@@ -203,9 +207,13 @@ fn step_loss<M: Classifier>(
     criterion.forward(model.forward(x), y)
 }
 
-fn epoch_mean(loss_sum: Option<Tensor<1>>, seen: usize) -> Result<f32, TrainError> {
+/// Mean per-sample loss from a sum of batch-mean losses weighted in units of `batch_size`.
+fn epoch_mean(loss_sum: Option<Tensor<1>>, seen: usize, batch_size: usize) -> Result<f32, TrainError> {
     match loss_sum {
-        Some(sum) => Ok(sum.try_into_scalar::<f32>().map_err(backend_err)? / seen as f32),
+        Some(sum) => {
+            let sum: f32 = sum.try_into_scalar().map_err(backend_err)?;
+            Ok(sum * batch_size as f32 / seen as f32)
+        }
         None => Ok(f32::NAN),
     }
 }

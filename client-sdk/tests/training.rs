@@ -204,3 +204,26 @@ fn bad_inputs_are_errors() {
         Err(TrainError::Model(_))
     ));
 }
+
+#[test]
+fn reported_loss_is_the_per_sample_mean() {
+    // With a negligible step the weights stay put, so the epoch's mean training loss equals the
+    // evaluation loss on the same data, even with a short last batch (250 = 7 * 32 + 26).
+    let device = Device::flex();
+    let local = split(Split::Train).subset(&(0..250).collect::<Vec<_>>());
+    let global = initial_weights(ModelKind::Mlp, 0);
+    let params = TrainingParams {
+        local_epochs: 1,
+        max_local_steps: 0,
+        batch_size: 32,
+        learning_rate: 1e-9,
+    };
+    let update = train_local(ModelKind::Mlp, &device, &global, &local, &params, 0).unwrap();
+    let eval = evaluate(ModelKind::Mlp, &device, &global, &local).unwrap();
+    assert!(
+        (update.loss - eval.loss).abs() < 1e-4,
+        "{} vs {}",
+        update.loss,
+        eval.loss
+    );
+}
