@@ -10,6 +10,8 @@
 //! | GET | /v1/tasks/{id}/model[?version=N] | device | model safetensors; ETag = version |
 //! | PUT | /v1/updates?num_samples=N | device (upload token) | the update (safetensors of Delta) |
 //! | POST | /v1/metrics | device (upload token) | loss, sample count, accuracy |
+//!
+//! FedSubAvg's submodel routes are in [`crate::api_sparse`].
 
 use std::sync::Arc;
 
@@ -51,6 +53,7 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         .route("/v1/tasks/{task_id}/model", get(model))
         .route("/v1/updates", put(upload))
         .route("/v1/metrics", post(metrics))
+        .merge(crate::api_sparse::routes())
         .layer(DefaultBodyLimit::max(max_model_bytes))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -65,7 +68,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match &state.admin_token {
         None => Ok(()),
         Some(expected)

@@ -40,6 +40,37 @@ impl BlobStore {
         Ok(Bytes::from(tokio::fs::read(self.path(key)).await?))
     }
 
+    /// Removes one blob (missing is fine).
+    pub async fn delete(&self, key: &str) -> std::io::Result<()> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Names of the blobs directly in the folder `prefix` (none if it does not exist).
+    pub async fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        let mut dir = match tokio::fs::read_dir(self.path(prefix)).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        while let Some(entry) = dir.next_entry().await? {
+            if let Some(name) = entry.file_name().to_str()
+                && !name.starts_with(".tmp-")
+            {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    /// The directory that holds the blobs.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Removes every blob under the folder `prefix` (missing is fine).
     pub async fn delete_prefix(&self, prefix: &str) -> std::io::Result<()> {
         match tokio::fs::remove_dir_all(self.path(prefix)).await {

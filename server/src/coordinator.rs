@@ -20,8 +20,8 @@ use std::{
 
 use bytes::Bytes;
 use fedhive_shared::{
-    FedAvgAccumulator, NamedTensors,
-    fedavg::{AggregateError, DELTA_LIMIT, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
+    NamedTensors,
+    fedavg::{AggregateError, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
     wire::{
         Assignment, CheckinResponse, RoundInfo, StrategyConfig, TaskConfig, TaskCreated, TaskState,
         TaskStatus, UploadReceipt,
@@ -35,6 +35,8 @@ use crate::{
     blobs::BlobStore,
     db::{Db, DbError, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
     error::ApiError,
+    fedsubavg::{self, RoundSums, RoundUpdate, SparseState},
+    tables::TableStore,
 };
 
 /// Tunables of the coordinator (the rest lives in each task's config).
@@ -56,15 +58,17 @@ impl Default for CoordinatorOptions {
     }
 }
 
-/// FedAvg sums of one open round and the tokens folded into them.
+/// Sums of one open round (for its task's strategy) and the tokens folded into them.
 struct RoundAccumulator {
-    acc: FedAvgAccumulator,
+    acc: RoundSums,
     folded: BTreeSet<String>,
 }
 
 pub struct Coordinator {
     db: Db,
-    blobs: BlobStore,
+    pub(crate) blobs: BlobStore,
+    /// FedSubAvg's row-addressable tables.
+    pub(crate) sparse: SparseState,
     options: CoordinatorOptions,
     accumulators: Arc<Mutex<HashMap<i64, RoundAccumulator>>>,
     /// Latest model bytes per task, so downloads do not hit the blob store.
@@ -72,7 +76,7 @@ pub struct Coordinator {
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
     upload_permits: Semaphore,
-    finalize_lock: tokio::sync::Mutex<()>,
+    pub(crate) finalize_lock: tokio::sync::Mutex<()>,
 }
 
 pub fn now_ms() -> i64 {
@@ -86,7 +90,7 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-fn model_key(task_id: &str, version: i64) -> String {
+pub(crate) fn model_key(task_id: &str, version: i64) -> String {
     format!("models/{task_id}/{version}.safetensors")
 }
 
@@ -101,6 +105,9 @@ fn receipt(u: &UpdateRow) -> UploadReceipt {
 
 /// Largest upload body a task accepts: its f32 data plus room for the safetensors header.
 pub fn upload_limit(config: &TaskConfig) -> usize {
+    if let Some(model) = fedsubavg::sparse_model(config) {
+        return fedsubavg::upload_limit(&model);
+    }
     let params: usize = config.tensors.iter().map(|t| t.numel()).sum();
     params * 4 + 64 * 1024 + config.tensors.len() * 256
 }
@@ -108,6 +115,7 @@ pub fn upload_limit(config: &TaskConfig) -> usize {
 fn server_lr(config: &TaskConfig) -> f32 {
     match config.strategy {
         StrategyConfig::FedAvg { server_lr } => server_lr,
+        StrategyConfig::FedSubAvg { server_lr, .. } => server_lr,
     }
 }
 
@@ -157,6 +165,7 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
             ));
         }
     }
+    fedsubavg::validate(c)?;
     let lr = server_lr(c);
     if !(lr.is_finite() && lr > 0.0) {
         return bad(format!(
@@ -191,9 +200,11 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
 impl Coordinator {
     pub fn new(db: Db, blobs: BlobStore, options: CoordinatorOptions) -> Self {
         let permits = options.max_concurrent_uploads.max(1);
+        let tables = TableStore::new(blobs.root().join("tables"));
         Coordinator {
             db,
             blobs,
+            sparse: SparseState::new(tables),
             options,
             accumulators: Arc::default(),
             models: Mutex::default(),
@@ -217,13 +228,15 @@ impl Coordinator {
     /// Creates a task from its config and initial weights (safetensors), and opens round 1.
     pub async fn create_task(&self, config: TaskConfig, model: Bytes) -> Result<TaskCreated, ApiError> {
         validate_config(&config)?;
-        let specs = config.tensors.clone();
-        let checked = model.clone();
-        tokio::task::spawn_blocking(move || NamedTensors::decode_checked(&checked, &specs, f32::MAX))
+        let (checked, for_check) = (model.clone(), config.clone());
+        tokio::task::spawn_blocking(move || fedsubavg::check_initial_model(&for_check, &checked))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
         let task_id = format!("t-{:012x}", rand::random::<u64>() >> 16);
-        self.blobs.put(&model_key(&task_id, 0), model).await?;
+        match fedsubavg::sparse_model(&config) {
+            Some(sparse) => self.store_sparse_model(&task_id, &sparse, model).await?,
+            None => self.blobs.put(&model_key(&task_id, 0), model).await?,
+        }
         self.db.create_task(&task_id, &config, now_ms()).await?;
         info!(task = %task_id, model = %config.model, rounds = config.rounds, k = config.devices_per_round, "task created");
         Ok(TaskCreated {
@@ -370,12 +383,14 @@ impl Coordinator {
         if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
             return Err(AggregateError::BadSampleCount(num_samples).into());
         }
-        let specs = task.config.tensors.clone();
+        let config = task.config.clone();
         let checked = body.clone();
-        let delta =
-            tokio::task::spawn_blocking(move || NamedTensors::decode_checked(&checked, &specs, DELTA_LIMIT))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let delta = tokio::task::spawn_blocking(move || fedsubavg::decode_update(&config, &checked))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        if let RoundUpdate::Sparse(update) = &delta {
+            self.check_rows_held(&task.id, update).await?;
+        }
 
         let blob_key = format!("updates/{round_id}/{token_hash}.safetensors");
         self.blobs.put(&blob_key, body).await?;
@@ -415,14 +430,14 @@ impl Coordinator {
         round_id: i64,
         config: &TaskConfig,
         update: UpdateRow,
-        delta: NamedTensors,
+        delta: RoundUpdate,
     ) -> Result<(), ApiError> {
         let accumulators = self.accumulators.clone();
-        let specs = config.tensors.clone();
+        let config = config.clone();
         tokio::task::spawn_blocking(move || {
             let mut all = accumulators.lock().expect("accumulator lock");
             let entry = all.entry(round_id).or_insert_with(|| RoundAccumulator {
-                acc: FedAvgAccumulator::new(&specs),
+                acc: RoundSums::new(&config),
                 folded: BTreeSet::new(),
             });
             if entry.folded.insert(update.token_hash) {
@@ -494,21 +509,30 @@ impl Coordinator {
         let updates = self.db.updates_of_round(round_id).await?;
         let now = now_ms();
         let deadline = now + config.round_deadline_secs as i64 * 1000;
+        // FedSubAvg: held from before the table journal is written until it has been applied.
+        let mut table_guard = None;
         let (outcome, next) = if updates.len() as u64 >= u64::from(config.min_devices_per_round) {
             let new_version = round.base_version + 1;
-            let acc = self.round_sums(&round, config, &updates).await?;
-            let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
-            let lr = server_lr(config);
-            let new_model = tokio::task::spawn_blocking(move || {
-                let mut model = NamedTensors::decode(&base)?;
-                acc.apply(&mut model, lr);
-                Ok::<_, ApiError>(Bytes::from(model.encode()))
-            })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-            self.blobs
-                .put(&model_key(&task.id, new_version), new_model)
-                .await?;
+            match self.round_sums(&round, config, &updates).await? {
+                RoundSums::Dense(acc) => {
+                    let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
+                    let lr = server_lr(config);
+                    let new_model = tokio::task::spawn_blocking(move || {
+                        let mut model = NamedTensors::decode(&base)?;
+                        acc.apply(&mut model, lr);
+                        Ok::<_, ApiError>(Bytes::from(model.encode()))
+                    })
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))??;
+                    self.blobs
+                        .put(&model_key(&task.id, new_version), new_model)
+                        .await?;
+                }
+                RoundSums::Sparse(acc) => {
+                    table_guard = Some(self.table_write_lock(&task.id).await);
+                    self.write_sparse_version(&task, &round, acc, new_version).await?;
+                }
+            }
             let more = task.committed_rounds + 1 < i64::from(config.rounds);
             let next = more.then_some(NextRound {
                 seq: round.seq + 1,
@@ -538,6 +562,9 @@ impl Coordinator {
                 ),
             }
         }
+        if let Some(_writing) = table_guard {
+            self.apply_committed_journals(&task.id).await?;
+        }
         self.accumulators
             .lock()
             .expect("accumulator lock")
@@ -555,7 +582,7 @@ impl Coordinator {
         round: &RoundRow,
         config: &TaskConfig,
         updates: &[UpdateRow],
-    ) -> Result<FedAvgAccumulator, ApiError> {
+    ) -> Result<RoundSums, ApiError> {
         let accepted: BTreeSet<&str> = updates.iter().map(|u| u.token_hash.as_str()).collect();
         if let Some(cached) = self
             .accumulators
@@ -573,13 +600,13 @@ impl Coordinator {
             updates = updates.len(),
             "rebuilding round sums from stored updates"
         );
-        let mut acc = FedAvgAccumulator::new(&config.tensors);
+        let mut acc = RoundSums::new(config);
         for u in updates {
             let body = self.blobs.get(&u.blob_key).await?;
-            let specs = config.tensors.clone();
+            let config = config.clone();
             let n = u.num_samples as u64;
             acc = tokio::task::spawn_blocking(move || {
-                let delta = NamedTensors::decode_checked(&body, &specs, DELTA_LIMIT)?;
+                let delta = fedsubavg::decode_update(&config, &body)?;
                 acc.add(n, &delta)?;
                 Ok::<_, ApiError>(acc)
             })

@@ -182,6 +182,11 @@ impl Db {
         Ok(Db { pool })
     }
 
+    /// The pool, for strategy modules that keep their own tables (`fedsubavg`).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

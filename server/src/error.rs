@@ -6,7 +6,7 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use fedhive_shared::{TensorError, fedavg::AggregateError, wire::ErrorBody};
+use fedhive_shared::{TensorError, fedavg::AggregateError, sparse::SparseError, wire::ErrorBody};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -34,6 +34,14 @@ pub enum ApiError {
     Tensor(#[from] TensorError),
     #[error("{0}")]
     Aggregate(#[from] AggregateError),
+    #[error("{0}")]
+    Sparse(#[from] SparseError),
+    #[error("task `{0}` does not use FedSubAvg (no sparse tables)")]
+    NotSparse(String),
+    #[error("model version {requested} is no longer served (current: {current}); check in again")]
+    StaleModelVersion { requested: i64, current: i64 },
+    #[error("round {0} is being finalised; feature sets are frozen until it ends, retry shortly")]
+    RoundClosing(i64),
     #[error("invalid task config: {0}")]
     InvalidConfig(String),
     #[error("invalid request: {0}")]
@@ -48,10 +56,13 @@ impl ApiError {
         match self {
             Unauthorized | MissingToken => StatusCode::UNAUTHORIZED,
             UnknownTask(_) | UnknownModelVersion { .. } | UnknownToken => StatusCode::NOT_FOUND,
-            RoundClosed(_) | UploadInFlight => StatusCode::CONFLICT,
+            RoundClosed(_) | UploadInFlight | StaleModelVersion { .. } | RoundClosing(_) => {
+                StatusCode::CONFLICT
+            }
+            NotSparse(_) => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BadBody(_) | InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            ConflictingRetry { .. } | Tensor(_) | Aggregate(_) | InvalidConfig(_) => {
+            ConflictingRetry { .. } | Tensor(_) | Sparse(_) | Aggregate(_) | InvalidConfig(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,6 +84,10 @@ impl ApiError {
             BodyTooLarge { .. } => "body_too_large",
             BadBody(_) => "bad_body",
             Tensor(e) => e.code(),
+            Sparse(e) => e.code(),
+            NotSparse(_) => "not_fedsubavg",
+            StaleModelVersion { .. } => "stale_model_version",
+            RoundClosing(_) => "round_closing",
             Aggregate(AggregateError::BadSampleCount(_)) => "bad_num_samples",
             Aggregate(AggregateError::RoundSampleLimit(..)) => "round_sample_limit",
             InvalidConfig(_) => "invalid_config",

@@ -9,11 +9,14 @@
 //! `fedhive-shared`.
 
 pub mod api;
+pub mod api_sparse;
 pub mod blobs;
 pub mod cli;
 pub mod coordinator;
 pub mod db;
 pub mod error;
+pub mod fedsubavg;
+pub mod tables;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

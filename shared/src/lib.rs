@@ -5,6 +5,8 @@
 //! every upload ([`tensors`]), and the order-independent FedAvg accumulator ([`fedavg`]).
 
 pub mod fedavg;
+pub mod fedsubavg;
+pub mod sparse;
 pub mod tensors;
 pub mod wire;
 

@@ -15,6 +15,15 @@ pub enum StrategyConfig {
         #[serde(default = "one")]
         server_lr: f32,
     },
+    /// FedSubAvg (see [`crate::fedsubavg`]): the named 2-D tensors are row-addressable tables that
+    /// devices download and update row by row; the other tensors are dense.
+    FedSubAvg {
+        #[serde(default = "one")]
+        server_lr: f32,
+        #[serde(default)]
+        form: crate::fedsubavg::SubAvgForm,
+        tables: Vec<String>,
+    },
 }
 
 fn one() -> f32 {
