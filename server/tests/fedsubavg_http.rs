@@ -671,18 +671,35 @@ async fn fedavg_on_the_same_model(db: Db) {
     let t = s.create_with(&config, &initial()).await;
     let filled = |v: f32| {
         let mut m = initial();
-        m.0.values_mut().for_each(|t| t.data.iter_mut().for_each(|x| *x = v));
+        m.0.values_mut()
+            .for_each(|t| t.data.iter_mut().for_each(|x| *x = v));
         m.encode()
     };
     let (a, b) = (s.token(&t).await, s.token(&t).await);
     s.upload(&a, 1, filled(0.5)).await.unwrap();
     // A sparse body is not a FedAvg update (its I64 ids are refused first).
-    assert_eq!(s.upload(&b, 3, update(&[(1, 0.5)], 0.0)).await.unwrap_err().1, "dtype_mismatch");
+    assert_eq!(
+        s.upload(&b, 3, update(&[(1, 0.5)], 0.0)).await.unwrap_err().1,
+        "dtype_mismatch"
+    );
     s.upload(&b, 3, filled(1.5)).await.unwrap();
     s.wait_version(&t, 1).await;
-    let bytes = s.http.get(format!("{}/v1/tasks/{t}/model", s.base)).send().await.unwrap().bytes().await.unwrap();
+    let bytes = s
+        .http
+        .get(format!("{}/v1/tasks/{t}/model", s.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     let model = NamedTensors::decode(&bytes).unwrap();
-    assert_close(&model.0["emb"].data, &[1.25, 1.25, 2.25, 2.25, 3.25, 3.25, 4.25, 4.25, 5.25, 5.25, 6.25, 6.25]);
+    assert_close(
+        &model.0["emb"].data,
+        &[
+            1.25, 1.25, 2.25, 2.25, 3.25, 3.25, 4.25, 4.25, 5.25, 5.25, 6.25, 6.25,
+        ],
+    );
     assert_close(&model.0["b"].data, &[1.25]);
     drop(s);
     tdb.drop_db().await;
@@ -701,4 +718,9 @@ macro_rules! both {
     };
 }
 
-both!(rule_and_heat, bad_inputs_and_retries, sigkill_after_last_upload, fedavg_on_the_same_model);
+both!(
+    rule_and_heat,
+    bad_inputs_and_retries,
+    sigkill_after_last_upload,
+    fedavg_on_the_same_model
+);
