@@ -1,0 +1,533 @@
+//! `fedhive-load`: load-tests a fedhive server with many simulated devices over real HTTP.
+//!
+//! `fedhive-load run` starts the server as a child process (temporary SQLite, or a fresh
+//! PostgreSQL database with `--postgres`), or targets a running one (`--server-url`), creates a
+//! FedAvg task with a synthetic model of `--params` parameters, and runs `--devices` virtual
+//! devices for `--duration-secs`. It ends with a table and one JSON line (the last line on
+//! stdout), and exits non-zero if the server's per-round accepted counts differ from the receipts
+//! the devices got. `fedhive-load serve` is the `fedhive serve` server itself (what `run` spawns
+//! unless `--server-bin` names another binary).
+
+mod device;
+mod report;
+mod server;
+mod stats;
+mod synth;
+mod verify;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use fedhive_shared::{
+    NamedTensors,
+    wire::{RoundInfo, RoundState, TaskCreated, TaskState, TaskStatus},
+};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::{SeedableRng, rngs::SmallRng};
+use tokio::sync::watch;
+
+use crate::{
+    device::{DeviceOptions, Fleet},
+    report::{Events, ProcessUsage, Report, RoundTimes, Setup},
+    server::{FreshPostgres, ProcSample, ServerProcess, SpawnOptions},
+    stats::Stats,
+    synth::TaskShape,
+};
+
+#[derive(Parser)]
+#[command(name = "fedhive-load", version, about = "Load-test harness for the fedhive server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run virtual devices against a server and report.
+    Run(Box<RunArgs>),
+    /// Run the fedhive server (same as `fedhive serve`; what `run` starts by default).
+    Serve(fedhive_server::cli::ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Virtual devices, all running at once.
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
+    /// K: accepted updates that commit a round.
+    #[arg(long, default_value_t = 100)]
+    devices_per_round: u32,
+    /// A round commits at its deadline with at least this many (default: half of K).
+    #[arg(long)]
+    min_devices_per_round: Option<u32>,
+    /// Assignments per round = ceil(K * this).
+    #[arg(long, default_value_t = 1.2)]
+    over_selection: f32,
+    #[arg(long, default_value_t = 120)]
+    round_deadline_secs: u64,
+    /// Stop after this many committed rounds (0: only --duration-secs stops the run).
+    #[arg(long, default_value_t = 0)]
+    rounds: u32,
+    /// Model parameters (f32).
+    #[arg(long, default_value_t = 1_000_000)]
+    params: usize,
+    /// Tensors the parameters are split into.
+    #[arg(long, default_value_t = 4)]
+    tensors: usize,
+    /// Distinct synthetic update bodies, encoded once and shared by all devices.
+    #[arg(long, default_value_t = 8)]
+    update_variants: usize,
+    /// Mean simulated training time per round (each draw uniform within ±50%).
+    #[arg(long, default_value_t = 2000)]
+    train_ms: u64,
+    /// Probability that a device vanishes after getting an assignment.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Share of the dropouts that vanish in the middle of their upload (the others right after
+    /// check-in).
+    #[arg(long, default_value_t = 0.5)]
+    mid_upload_share: f64,
+    /// Extra attempts per request after a transport error, a 5xx or 409 upload_in_flight (0 = none).
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    #[arg(long, default_value_t = 200)]
+    retry_backoff_ms: u64,
+    /// Probability that an accepted upload is sent again (same token and bytes).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_rate: f64,
+    /// How long devices keep starting new rounds.
+    #[arg(long, default_value_t = 60)]
+    duration_secs: u64,
+    /// Timeout of one HTTP request.
+    #[arg(long, default_value_t = 300)]
+    request_timeout_secs: u64,
+    /// Worker threads of the load generator (the rest of the machine is left to the server).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    /// Target this running server instead of starting one (needs --admin-token).
+    #[arg(long)]
+    server_url: Option<String>,
+    /// PID of the --server-url server, for its memory and CPU (local servers only).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[arg(long, env = "FEDHIVE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Start this `fedhive` binary (default: this binary's `serve`, the same server code).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// PostgreSQL server (`postgres://user@host:port`) to create a fresh database on for the run
+    /// (dropped afterwards); default: SQLite in a temporary directory.
+    #[arg(long)]
+    postgres: Option<String>,
+    /// The started server's --max-concurrent-uploads.
+    #[arg(long, default_value_t = 8)]
+    max_concurrent_uploads: usize,
+    /// The started server's --checkin-retry-ms.
+    #[arg(long, default_value_t = 1000)]
+    checkin_retry_ms: u64,
+    /// The started server's RUST_LOG.
+    #[arg(long, default_value = "warn")]
+    server_log: String,
+    /// Keep the started server's data directory and log here instead of a temporary directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.threads.max(1))
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(run(*args)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => {
+                    eprintln!("fedhive-load: the exactly-once check FAILED (see the report)");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("fedhive-load: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve(args: fedhive_server::cli::ServeArgs) -> ExitCode {
+    fedhive_server::cli::init_tracing();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        let server = fedhive_server::start(args.into_config()).await?;
+        tokio::select! {
+            served = server.handle => served??,
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fedhive-load serve: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The server under test and what it takes to clean up after it.
+struct Target {
+    base_url: String,
+    addr: std::net::SocketAddr,
+    admin_token: String,
+    pid: Option<u32>,
+    database: String,
+    process: Option<ServerProcess>,
+    postgres: Option<FreshPostgres>,
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
+    if let Some(url) = &args.server_url {
+        let admin_token = args
+            .admin_token
+            .clone()
+            .context("--server-url needs --admin-token (or FEDHIVE_ADMIN_TOKEN)")?;
+        let base_url = url.trim_end_matches('/').to_string();
+        let host = base_url
+            .strip_prefix("http://")
+            .context("--server-url must be http://HOST:PORT")?;
+        let addr = tokio::net::lookup_host(host)
+            .await?
+            .next()
+            .context("resolving --server-url")?;
+        return Ok(Target {
+            base_url,
+            addr,
+            admin_token,
+            pid: args.server_pid,
+            database: "external".into(),
+            process: None,
+            postgres: None,
+            _data_dir: None,
+        });
+    }
+    let (data_dir, tempdir) = match &args.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            (dir.clone(), None)
+        }
+        None => {
+            let t = tempfile::tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let postgres = match &args.postgres {
+        Some(url) => Some(FreshPostgres::create(url).await?),
+        None => None,
+    };
+    let admin_token = format!("{:032x}", rand::random::<u128>());
+    let options = SpawnOptions {
+        binary: args.server_bin.clone(),
+        data_dir: data_dir.join("server"),
+        database_url: postgres.as_ref().map(|p| p.url.clone()),
+        admin_token: admin_token.clone(),
+        max_concurrent_uploads: args.max_concurrent_uploads,
+        checkin_retry_ms: args.checkin_retry_ms,
+        tick_ms: 200,
+        log_filter: args.server_log.clone(),
+        log_path: data_dir.join("server.log"),
+    };
+    let process = ServerProcess::spawn(&options).await?;
+    eprintln!(
+        "fedhive-load: server pid {} on {}, log {}",
+        process.pid(),
+        process.addr,
+        options.log_path.display()
+    );
+    Ok(Target {
+        base_url: format!("http://{}", process.addr),
+        addr: process.addr,
+        admin_token,
+        pid: Some(process.pid()),
+        database: if postgres.is_some() { "postgres" } else { "sqlite" }.into(),
+        process: Some(process),
+        postgres,
+        _data_dir: tempdir,
+    })
+}
+
+async fn create_task(
+    http: &reqwest::Client,
+    target: &Target,
+    shape: &TaskShape,
+) -> anyhow::Result<TaskCreated> {
+    let config = serde_json::to_string(&synth::task_config(shape))?;
+    let model = NamedTensors::zeros(&shape.specs).encode();
+    let form = reqwest::multipart::Form::new()
+        .text("config", config)
+        .part("model", reqwest::multipart::Part::bytes(model));
+    let resp = http
+        .post(format!("{}/v1/tasks", target.base_url))
+        .bearer_auth(&target.admin_token)
+        .multipart(form)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("creating the task: {} {}", resp.status(), resp.text().await?);
+    }
+    Ok(resp.json().await?)
+}
+
+async fn admin_get<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    target: &Target,
+    path: &str,
+) -> anyhow::Result<T> {
+    let resp = http
+        .get(format!("{}{path}", target.base_url))
+        .bearer_auth(&target.admin_token)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("GET {path}: {} {}", resp.status(), resp.text().await?);
+    }
+    Ok(resp.json().await?)
+}
+
+/// Runs the load; `Ok(true)` when the exactly-once check passed.
+async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let specs = synth::model_specs(args.params, args.tensors);
+    let k = args.devices_per_round;
+    let shape = TaskShape {
+        specs: specs.clone(),
+        devices_per_round: k,
+        min_devices_per_round: args.min_devices_per_round.unwrap_or(k.div_ceil(2)),
+        over_selection: args.over_selection,
+        round_deadline_secs: args.round_deadline_secs,
+        rounds: if args.rounds == 0 { u32::MAX } else { args.rounds },
+    };
+    let (variants, seed) = (args.update_variants, args.seed);
+    let bodies = {
+        let specs = specs.clone();
+        tokio::task::spawn_blocking(move || synth::update_bodies(&specs, variants, seed)).await?
+    };
+    let update_bytes = bodies[0].len() as u64;
+
+    let mut target = start_target(&args).await?;
+    let admin_http = reqwest::Client::new();
+    let task = create_task(&admin_http, &target, &shape).await?;
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.request_timeout_secs))
+        .connect_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stats = Arc::new(Stats::default());
+    let fleet = Arc::new(Fleet {
+        http,
+        base_url: target.base_url.clone(),
+        addr: target.addr,
+        task_id: task.task_id.clone(),
+        bodies: Arc::new(bodies),
+        options: DeviceOptions {
+            train_time: Duration::from_millis(args.train_ms),
+            dropout: args.dropout,
+            mid_upload_share: args.mid_upload_share,
+            retries: args.retries,
+            retry_backoff: Duration::from_millis(args.retry_backoff_ms),
+            duplicate_rate: args.duplicate_rate,
+        },
+        stats: stats.clone(),
+        stop: stop_rx,
+    });
+
+    let started = Instant::now();
+    let first_server = target.pid.and_then(server::sample).unwrap_or_default();
+    let first_self = server::sample(std::process::id()).unwrap_or_default();
+    let devices: Vec<_> = (0..args.devices)
+        .map(|i| tokio::spawn(fleet.clone().run(i, args.seed)))
+        .collect();
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(args.duration_secs), ProgressDrawTarget::stderr())
+    };
+    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {msg}")?);
+    let mut server_samples: Vec<(f64, ProcSample)> = Vec::new();
+    let mut self_samples: Vec<(f64, ProcSample)> = Vec::new();
+    let mut commit_times: Vec<f64> = Vec::new();
+    let mut committed_seen = 0i64;
+    let duration = Duration::from_secs(args.duration_secs);
+    let mut stopping_since: Option<Instant> = None;
+    let grace = Duration::from_secs(args.request_timeout_secs) + Duration::from_millis(args.train_ms * 2);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = started.elapsed().as_secs_f64();
+        if let Some(s) = target.pid.and_then(server::sample) {
+            server_samples.push((t, s));
+        }
+        if let Some(s) = server::sample(std::process::id()) {
+            self_samples.push((t, s));
+        }
+        if let Some(p) = target.process.as_mut()
+            && !p.alive()
+        {
+            bail!("the server process exited during the run");
+        }
+        let status: Option<TaskStatus> = admin_get(&admin_http, &target, &format!("/v1/tasks/{}", task.task_id))
+            .await
+            .ok();
+        if let Some(st) = &status {
+            while committed_seen < st.committed_rounds {
+                committed_seen += 1;
+                commit_times.push(t);
+            }
+        }
+        let finished = status.as_ref().is_some_and(|s| s.state == TaskState::Finished);
+        let (requests, errors) = stats.totals();
+        bar.set_position(started.elapsed().as_secs().min(args.duration_secs));
+        bar.set_message(format!(
+            "{} rounds | {} accepted | {:.0} req/s | {} errors | server RSS {:.0} MB{}",
+            committed_seen,
+            stats.accepted(),
+            requests as f64 / t.max(1e-9),
+            errors,
+            server_samples.last().map_or(0.0, |s| s.1.rss_bytes as f64 / 1048576.0),
+            if stopping_since.is_some() { " | finishing in-flight uploads" } else { "" }
+        ));
+        if stopping_since.is_none() && (started.elapsed() >= duration || finished) {
+            stop_tx.send_replace(true);
+            stopping_since = Some(Instant::now());
+        }
+        if let Some(since) = stopping_since
+            && (devices.iter().all(|d| d.is_finished()) || since.elapsed() > grace)
+        {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let unfinished = devices.iter().filter(|d| !d.is_finished()).count();
+    for d in &devices {
+        d.abort();
+    }
+    if unfinished > 0 {
+        eprintln!("fedhive-load: {unfinished} devices were still busy after the grace period");
+    }
+
+    // Uploads whose outcome the devices never learnt: ask once more with the same token and bytes.
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let mut unresolved = 0;
+    for pending in stats.take_pending() {
+        match fleet.reconcile(&pending, &mut rng).await {
+            Ok(true) => stats::Counters::bump(&stats.counters.reconciled),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("fedhive-load: upload outcome still unknown: {e}");
+                unresolved += 1;
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    let rounds: Vec<RoundInfo> =
+        admin_get(&admin_http, &target, &format!("/v1/tasks/{}/rounds", task.task_id)).await?;
+    let committed: Vec<&RoundInfo> = rounds
+        .iter()
+        .filter(|r| r.state == RoundState::Committed)
+        .collect();
+    let commits: Vec<(f64, i64)> = commit_times
+        .iter()
+        .zip(&committed)
+        .map(|(t, r)| (*t, r.accepted))
+        .collect();
+    let conflicts = stats.conflicting_receipts().len();
+    let exactly_once = verify::verify(&rounds, &stats.receipts(), conflicts, unresolved);
+
+    let server_usage = target.pid.and_then(|pid| {
+        let last = server::sample(pid)?;
+        Some(ProcessUsage::new(pid, &server_samples, last, first_server.cpu_secs, seconds))
+    });
+    let self_last = server::sample(std::process::id()).unwrap_or_default();
+    let generator = ProcessUsage::new(
+        std::process::id(),
+        &self_samples,
+        self_last,
+        first_self.cpu_secs,
+        seconds,
+    );
+    let endpoints = stats.summaries(Duration::from_secs_f64(seconds));
+    let c = &stats.counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let report = Report {
+        setup: Setup {
+            devices: args.devices,
+            devices_per_round: k,
+            params: args.params,
+            update_bytes,
+            database: target.database.clone(),
+            train_ms: args.train_ms,
+            dropout: args.dropout,
+            retries: args.retries,
+            duplicate_rate: args.duplicate_rate,
+            max_concurrent_uploads: args.max_concurrent_uploads,
+            duration_secs: args.duration_secs as f64,
+        },
+        seconds,
+        task_id: task.task_id.clone(),
+        rounds_committed: committed.len() as i64,
+        rounds_abandoned: rounds
+            .iter()
+            .filter(|r| r.state == RoundState::Abandoned)
+            .count() as i64,
+        updates_accepted: stats.accepted(),
+        updates_per_sec: stats.accepted() as f64 / seconds,
+        round_times: RoundTimes::from_commits(&commits),
+        errors: Report::errors_from(&endpoints),
+        bytes_sent: endpoints.iter().map(|e| e.bytes_sent).sum(),
+        bytes_received: endpoints.iter().map(|e| e.bytes_received).sum(),
+        endpoints,
+        events: Events {
+            assignments: get(&c.assignments),
+            retry_after: get(&c.retry_after),
+            dropped_after_checkin: get(&c.dropped_after_checkin),
+            dropped_mid_upload: get(&c.dropped_mid_upload),
+            download_failed: get(&c.download_failed),
+            late: get(&c.late),
+            rejected: get(&c.rejected),
+            retries: get(&c.retries),
+            duplicates_sent: get(&c.duplicates_sent),
+            duplicates_identical: get(&c.duplicates_identical),
+            duplicates_different: get(&c.duplicates_different),
+            reconciled_accepted: get(&c.reconciled),
+        },
+        server: server_usage,
+        generator,
+        exactly_once,
+    };
+    print!("{}", report.table());
+    println!("{}", serde_json::to_string(&report)?);
+
+    drop(target.process.take());
+    if let Some(pg) = target.postgres.take() {
+        pg.drop_database().await?;
+    }
+    Ok(report.exactly_once.ok && report.events.duplicates_different == 0)
+}
