@@ -1,4 +1,5 @@
 //! fedhive simulations: a real server and simulated devices that really train (burn) on real data,
 //! talking over HTTP on loopback.
 
+pub mod bench_training;
 pub mod demo;

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fedhive_sim::demo::{DemoOptions, run_demo};
+use fedhive_sim::{
+    bench_training::{BenchTrainingOptions, OnceOptions},
+    demo::{DemoOptions, run_demo},
+};
 
 #[derive(Parser)]
 #[command(name = "fedhive-sim", version, about = "fedhive simulations")]
@@ -17,6 +20,12 @@ enum Command {
     /// A FedAvg federation on non-IID Fashion-MNIST: server on a temporary SQLite (or --database-url),
     /// simulated devices training with burn; prints one JSON line at the end.
     Demo(DemoOptions),
+    /// Device training throughput (samples/s) per model and backend, cold and warm, with and
+    /// without wgpu's kernel cache; each measurement in a fresh child process.
+    BenchTraining(BenchTrainingOptions),
+    /// One measurement of bench-training in this process (what bench-training runs as a child).
+    #[command(hide = true)]
+    BenchTrainingOnce(OnceOptions),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +38,16 @@ fn main() -> ExitCode {
                 let report = run_demo(&options, true).await?;
                 println!("{}", serde_json::to_string(&report)?);
                 anyhow::Ok(())
+            }
+            Command::BenchTraining(options) => {
+                let results = fedhive_sim::bench_training::run_all(&options)?;
+                println!("{}", serde_json::to_string(&results)?);
+                Ok(())
+            }
+            Command::BenchTrainingOnce(options) => {
+                let result = fedhive_sim::bench_training::run_once(&options)?;
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(())
             }
         }
     });
