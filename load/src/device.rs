@@ -112,7 +112,9 @@ impl Fleet {
             attempt += 1;
             Counters::bump(&self.stats.counters.retries);
             let backoff = self.options.retry_backoff.saturating_mul(1 << attempt.min(8));
-            let backoff = backoff.min(Duration::from_secs(5)).mul_f64(rng.random_range(0.5..1.5));
+            let backoff = backoff
+                .min(Duration::from_secs(5))
+                .mul_f64(rng.random_range(0.5..1.5));
             tokio::time::sleep(backoff).await;
         }
     }
@@ -136,7 +138,10 @@ impl Fleet {
 
     async fn checkin(&self, rng: &mut SmallRng) -> Option<CheckinResponse> {
         let url = format!("{}/v1/tasks/{}/checkin", self.base_url, self.task_id);
-        match self.call(Endpoint::Checkin, 0, rng, || self.http.post(&url)).await {
+        match self
+            .call(Endpoint::Checkin, 0, rng, || self.http.post(&url))
+            .await
+        {
             Answer::Http(StatusCode::OK, body) => serde_json::from_slice(&body).ok(),
             _ => None,
         }
@@ -198,13 +203,8 @@ impl Fleet {
             Ok(()) => "vanished mid-upload",
             Err(_) => "transport",
         };
-        self.stats.record(
-            Endpoint::Upload,
-            started.elapsed(),
-            outcome,
-            half.len() as u64,
-            0,
-        );
+        self.stats
+            .record(Endpoint::Upload, started.elapsed(), outcome, half.len() as u64, 0);
     }
 
     /// Asks once more, at the end of the run, for an upload whose outcome was never learnt.
@@ -230,7 +230,10 @@ impl Fleet {
         let mut rng = SmallRng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut cached_version: Option<i64> = None;
         // Devices do not all start at the same instant.
-        if self.sleep(self.options.train_time.mul_f64(rng.random_range(0.0..1.0))).await {
+        if self
+            .sleep(self.options.train_time.mul_f64(rng.random_range(0.0..1.0)))
+            .await
+        {
             return;
         }
         while !self.stopped() {

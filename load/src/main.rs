@@ -41,7 +41,11 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(name = "fedhive-load", version, about = "Load-test harness for the fedhive server")]
+#[command(
+    name = "fedhive-load",
+    version,
+    about = "Load-test harness for the fedhive server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -370,7 +374,9 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     } else {
         ProgressBar::with_draw_target(Some(args.duration_secs), ProgressDrawTarget::stderr())
     };
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {msg}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:20}] {msg}",
+    )?);
     let mut server_samples: Vec<(f64, ProcSample)> = Vec::new();
     let mut self_samples: Vec<(f64, ProcSample)> = Vec::new();
     let mut commit_times: Vec<f64> = Vec::new();
@@ -392,9 +398,10 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         {
             bail!("the server process exited during the run");
         }
-        let status: Option<TaskStatus> = admin_get(&admin_http, &target, &format!("/v1/tasks/{}", task.task_id))
-            .await
-            .ok();
+        let status: Option<TaskStatus> =
+            admin_get(&admin_http, &target, &format!("/v1/tasks/{}", task.task_id))
+                .await
+                .ok();
         if let Some(st) = &status {
             while committed_seen < st.committed_rounds {
                 committed_seen += 1;
@@ -410,8 +417,14 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             stats.accepted(),
             requests as f64 / t.max(1e-9),
             errors,
-            server_samples.last().map_or(0.0, |s| s.1.rss_bytes as f64 / 1048576.0),
-            if stopping_since.is_some() { " | finishing in-flight uploads" } else { "" }
+            server_samples
+                .last()
+                .map_or(0.0, |s| s.1.rss_bytes as f64 / 1048576.0),
+            if stopping_since.is_some() {
+                " | finishing in-flight uploads"
+            } else {
+                ""
+            }
         ));
         if stopping_since.is_none() && (started.elapsed() >= duration || finished) {
             stop_tx.send_replace(true);
@@ -447,8 +460,12 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let rounds: Vec<RoundInfo> =
-        admin_get(&admin_http, &target, &format!("/v1/tasks/{}/rounds", task.task_id)).await?;
+    let rounds: Vec<RoundInfo> = admin_get(
+        &admin_http,
+        &target,
+        &format!("/v1/tasks/{}/rounds", task.task_id),
+    )
+    .await?;
     let committed: Vec<&RoundInfo> = rounds
         .iter()
         .filter(|r| r.state == RoundState::Committed)
@@ -463,7 +480,13 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
 
     let server_usage = target.pid.and_then(|pid| {
         let last = server::sample(pid)?;
-        Some(ProcessUsage::new(pid, &server_samples, last, first_server.cpu_secs, seconds))
+        Some(ProcessUsage::new(
+            pid,
+            &server_samples,
+            last,
+            first_server.cpu_secs,
+            seconds,
+        ))
     });
     let self_last = server::sample(std::process::id()).unwrap_or_default();
     let generator = ProcessUsage::new(
@@ -493,10 +516,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         seconds,
         task_id: task.task_id.clone(),
         rounds_committed: committed.len() as i64,
-        rounds_abandoned: rounds
-            .iter()
-            .filter(|r| r.state == RoundState::Abandoned)
-            .count() as i64,
+        rounds_abandoned: rounds.iter().filter(|r| r.state == RoundState::Abandoned).count() as i64,
         updates_accepted: stats.accepted(),
         updates_per_sec: stats.accepted() as f64 / seconds,
         round_times: RoundTimes::from_commits(&commits),

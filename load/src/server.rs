@@ -39,8 +39,8 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     let after = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // /proc reports CPU time in USER_HZ ticks, fixed at 100 by the Linux ABI.
+    let hz = 100.0;
     Some(ProcSample {
         rss_bytes: kib("VmRSS:")?,
         peak_rss_bytes: kib("VmHWM:")?,

@@ -9,7 +9,14 @@ fn run(extra: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_fedhive-load"))
         .args(["run", "--quiet", "--devices", "40", "--devices-per-round", "8"])
         .args(["--params", "20000", "--train-ms", "150", "--duration-secs", "6"])
-        .args(["--dropout", "0.15", "--duplicate-rate", "0.2", "--checkin-retry-ms", "100"])
+        .args([
+            "--dropout",
+            "0.15",
+            "--duplicate-rate",
+            "0.2",
+            "--checkin-retry-ms",
+            "100",
+        ])
         .args(["--threads", "2", "--round-deadline-secs", "2"])
         .args(extra)
         .output()
@@ -38,7 +45,10 @@ fn check(report: &Value) {
     // Both kinds of dropout and the duplicate deliveries happened, and duplicates were harmless.
     assert!(n(&["events", "dropped_after_checkin"]) + n(&["events", "dropped_mid_upload"]) > 0.0);
     assert!(n(&["events", "duplicates_sent"]) > 0.0);
-    assert_eq!(n(&["events", "duplicates_identical"]), n(&["events", "duplicates_sent"]));
+    assert_eq!(
+        n(&["events", "duplicates_identical"]),
+        n(&["events", "duplicates_sent"])
+    );
     assert_eq!(n(&["events", "rejected"]), 0.0, "{report}");
     // Every endpoint was measured and the server's memory was read from /proc.
     for e in report["endpoints"].as_array().unwrap() {
@@ -56,7 +66,8 @@ fn sqlite_load_counts_every_update_once() {
 
 #[test]
 fn postgres_load_counts_every_update_once() {
-    let server = std::env::var("FEDHIVE_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let server = std::env::var("FEDHIVE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let report = run(&["--postgres", &server]);
     assert_eq!(report["setup"]["database"], "postgres");
     check(&report);

@@ -238,7 +238,13 @@ mod tests {
         let mut values = vec![0.5f32, -0.5, 1.5, -1.5, 2.5, -2.5, 0.0, -0.0, 3.0, 1e-30];
         values.extend([0.49999997f32, -0.49999997, 0.50000006, -0.50000006, 1e-8, -1e-8]);
         values.extend([DELTA_LIMIT, -DELTA_LIMIT, 127.99999, -127.99999]);
-        for scale in [1.0, 3.0, 0.5, f64::from(FRACTION_BITS).exp2(), (FAST_FOLD_MAX_SAMPLES as f64) * 2f64.powi(24)] {
+        for scale in [
+            1.0,
+            3.0,
+            0.5,
+            f64::from(FRACTION_BITS).exp2(),
+            (FAST_FOLD_MAX_SAMPLES as f64) * 2f64.powi(24),
+        ] {
             let mut exact = vec![7i64; values.len()];
             let mut fast = exact.clone();
             fold::exact(&mut exact, &values, scale);

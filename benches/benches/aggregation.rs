@@ -1,7 +1,7 @@
 //! Aggregation kernel throughput: folding one f32 update into the fixed-point FedAvg accumulator,
 //! next to a plain copy of the same bytes measured in the same run.
 //!
-//! `cargo bench -p fedhive-shared --bench aggregation` prints criterion's figures and then, per
+//! `cargo bench --manifest-path benches/Cargo.toml --bench aggregation` prints criterion's figures and then, per
 //! size, one line `aggregation <n> params: fold X GB/s, memcpy Y GB/s, fold/memcpy = R` (bytes
 //! are the update's f32 bytes, 4 per parameter). The fold reads the 4-byte value and reads and
 //! writes the 8-byte sum, so it moves 20 bytes per parameter where the copy moves 8 (12 with
@@ -37,7 +37,9 @@ impl Mean {
 
 fn update(n: usize) -> NamedTensors {
     // Values spread over the accepted range so the rounding sees every case.
-    let data = (0..n).map(|i| ((i * 7919) % 20001) as f32 / 1000.0 - 10.0).collect();
+    let data = (0..n)
+        .map(|i| ((i * 7919) % 20001) as f32 / 1000.0 - 10.0)
+        .collect();
     let mut m = BTreeMap::new();
     m.insert("w".to_string(), Tensor { shape: vec![n], data });
     NamedTensors(m)

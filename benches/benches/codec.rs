@@ -1,7 +1,7 @@
 //! Update codec throughput: safetensors encode, and the server's checked decode (parse, copy,
 //! names/shapes, finite and range check) of dense updates.
 //!
-//! `cargo bench -p fedhive-shared --bench codec`; throughput is in bytes of f32 data.
+//! `cargo bench --manifest-path benches/Cargo.toml --bench codec`; throughput is in bytes of f32 data.
 
 use std::{collections::BTreeMap, hint::black_box};
 
@@ -13,8 +13,16 @@ fn update(n: usize) -> NamedTensors {
     let each = n / 4;
     let tensors = (0..4)
         .map(|t| {
-            let data = (0..each).map(|i| ((i * 31 + t) % 2001) as f32 / 1000.0 - 1.0).collect();
-            (format!("layer{t}.weight"), Tensor { shape: vec![each], data })
+            let data = (0..each)
+                .map(|i| ((i * 31 + t) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            (
+                format!("layer{t}.weight"),
+                Tensor {
+                    shape: vec![each],
+                    data,
+                },
+            )
         })
         .collect::<BTreeMap<_, _>>();
     NamedTensors(tensors)
