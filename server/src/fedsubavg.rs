@@ -610,7 +610,7 @@ async fn enrol_device(
             e.1 += new_n;
         }
     }
-    let changes: Vec<((&str, u64), (i64, i64))> = delta.into_iter().filter(|(_, d)| *d != (0, 0)).collect();
+    let changes: Vec<_> = delta.into_iter().filter(|(_, d)| *d != (0, 0)).collect();
     for chunk in changes.chunks(200) {
         // Only integers are spliced into the SQL; the task id and table names are bound.
         let mut values = Vec::with_capacity(chunk.len());
