@@ -2,13 +2,16 @@
 //!
 //! Architecture invariant: this crate knows nothing of HTTP, SQL or burn. It holds plain data types
 //! ([`NamedTensors`], [`wire`]), the safetensors codec with the validation the server applies to
-//! every upload ([`tensors`]), and the order-independent FedAvg accumulator ([`fedavg`]).
+//! every upload ([`tensors`]), the order-independent FedAvg accumulator ([`fedavg`]) and FedLaAvg's running sum of
+//! latest gradient sums ([`fedlaavg`]).
 
 pub mod fedavg;
+pub mod fedlaavg;
 pub mod fedsubavg;
 pub mod sparse;
 pub mod tensors;
 pub mod wire;
 
 pub use fedavg::FedAvgAccumulator;
+pub use fedlaavg::LatestAverage;
 pub use tensors::{NamedTensors, Tensor, TensorError, TensorSpec};

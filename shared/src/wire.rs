@@ -24,10 +24,63 @@ pub enum StrategyConfig {
         form: crate::fedsubavg::SubAvgForm,
         tables: Vec<String>,
     },
+    /// FedLaAvg (`crate::fedlaavg`): least-recently-participated selection among the devices that
+    /// check in during the round's selection window; `x -= gamma * S` with `S` the average of every
+    /// enrolled device's latest gradient sum. `gamma` is `training.learning_rate`, the same on
+    /// devices and server. Devices enrol first and check in with their credentials.
+    FedLaAvg {
+        /// The first W committed rounds only collect gradient sums; `x` moves from round W+1 on.
+        #[serde(default)]
+        warmup_rounds: u32,
+        /// Milliseconds from a round's opening during which available devices check in (and are
+        /// told to come back when it ends); then the K least recently participated are assigned.
+        #[serde(default = "default_selection_window_ms")]
+        selection_window_ms: u64,
+    },
 }
 
 fn one() -> f32 {
     1.0
+}
+
+fn default_selection_window_ms() -> u64 {
+    10_000
+}
+
+/// What a device uploads for its assignment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadKind {
+    /// `x_after - x_before` (FedAvg).
+    #[default]
+    Delta,
+    /// FedLaAvg's `G = (x_before - x_after) / learning_rate`.
+    GradientSum,
+}
+
+/// A device's pseudonymous identity for strategies that track devices across rounds (FedLaAvg).
+/// The secret is shown once; the device presents `device_id:device_secret` as its bearer token
+/// when it checks in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCredentials {
+    pub device_id: String,
+    pub device_secret: String,
+}
+
+/// An enrolled device as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    /// `seq` of the latest committed round that applied this device's update (`R_i`); `None` if
+    /// none did yet.
+    pub last_round_seq: Option<i64>,
+}
+
+impl DeviceCredentials {
+    /// The check-in bearer token.
+    pub fn bearer(&self) -> String {
+        format!("{}:{}", self.device_id, self.device_secret)
+    }
 }
 
 /// Hyperparameters handed to every device of a round.
@@ -85,6 +138,9 @@ pub struct Assignment {
     pub upload_token: String,
     /// Unix seconds after which uploads are refused.
     pub deadline_unix: i64,
+    /// What to upload (absent from older servers: a delta).
+    #[serde(default)]
+    pub upload: UploadKind,
 }
 
 /// Acknowledgement of an accepted update (returned again, unchanged, for a retried identical upload).
