@@ -6,7 +6,9 @@
 //! | POST | /v1/tasks | admin | create a task: multipart `config` (JSON) + `model` (safetensors) |
 //! | GET | /v1/tasks/{id} | admin | task status |
 //! | GET | /v1/tasks/{id}/rounds | admin | every round with its counts |
-//! | POST | /v1/tasks/{id}/checkin | device | an assignment, or retry-after, or finished |
+//! | POST | /v1/tasks/{id}/checkin | device (FedLaAvg: `Bearer device_id:secret`) | an assignment, or retry-after, or finished |
+//! | POST | /v1/tasks/{id}/devices | device | FedLaAvg enrolment: a pseudonymous device id and its secret |
+//! | GET | /v1/tasks/{id}/devices | admin | FedLaAvg devices with their last participation |
 //! | GET | /v1/tasks/{id}/model[?version=N] | device | model safetensors; ETag = version |
 //! | PUT | /v1/updates?num_samples=N | device (upload token) | the update (safetensors of Delta) |
 //! | POST | /v1/metrics | device (upload token) | loss, sample count, accuracy |
@@ -25,7 +27,8 @@ use axum::{
 };
 use bytes::Bytes;
 use fedhive_shared::wire::{
-    CheckinResponse, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
+    CheckinResponse, DeviceCredentials, DeviceInfo, MetricsReport, RoundInfo, TaskConfig, TaskCreated,
+    TaskStatus, UploadReceipt,
 };
 use serde::Deserialize;
 use tower_http::trace::TraceLayer;
@@ -50,6 +53,10 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         .route("/v1/tasks/{task_id}", get(task_status))
         .route("/v1/tasks/{task_id}/rounds", get(task_rounds))
         .route("/v1/tasks/{task_id}/checkin", post(checkin))
+        .route(
+            "/v1/tasks/{task_id}/devices",
+            post(enrol_device).get(task_devices),
+        )
         .route("/v1/tasks/{task_id}/model", get(model))
         .route("/v1/updates", put(upload))
         .route("/v1/metrics", post(metrics))
@@ -143,8 +150,33 @@ async fn task_rounds(
 async fn checkin(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<CheckinResponse>, ApiError> {
-    Ok(Json(state.coordinator.checkin(&task_id).await?))
+    let response = match bearer(&headers) {
+        Some(device) => state.coordinator.checkin_device(&task_id, device).await?,
+        None => state.coordinator.checkin(&task_id).await?,
+    };
+    Ok(Json(response))
+}
+
+/// Open like check-in: a deployment that must restrict who enrols puts app attestation in front.
+async fn enrol_device(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+) -> Result<(StatusCode, Json<DeviceCredentials>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.coordinator.enrol(&task_id).await?),
+    ))
+}
+
+async fn task_devices(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(state.coordinator.devices(&task_id).await?))
 }
 
 #[derive(Deserialize)]

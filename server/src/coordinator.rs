@@ -11,6 +11,10 @@
 //! accumulator is only a cache: finalising checks that it folded exactly the round's accepted set, and
 //! otherwise (after a restart, or on another replica) rebuilds it from the stored updates. The
 //! fixed-point sums make the result identical either way.
+//!
+//! FedLaAvg's enrolment, selection window and round step live in [`fedlaavg`].
+
+mod fedlaavg;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -24,7 +28,7 @@ use fedhive_shared::{
     fedavg::{AggregateError, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
     wire::{
         Assignment, CheckinResponse, RoundInfo, StrategyConfig, TaskConfig, TaskCreated, TaskState,
-        TaskStatus, UploadReceipt,
+        TaskStatus, UploadKind, UploadReceipt,
     },
 };
 use sha2::{Digest, Sha256};
@@ -116,6 +120,8 @@ fn server_lr(config: &TaskConfig) -> f32 {
     match config.strategy {
         StrategyConfig::FedAvg { server_lr } => server_lr,
         StrategyConfig::FedSubAvg { server_lr, .. } => server_lr,
+        // FedLaAvg steps with `training.learning_rate` (the devices' gamma).
+        StrategyConfig::FedLaAvg { .. } => 1.0,
     }
 }
 
@@ -186,6 +192,16 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
     }
     if c.round_deadline_secs == 0 || c.rounds == 0 {
         return bad("`round_deadline_secs` and `rounds` must be >= 1".into());
+    }
+    if let StrategyConfig::FedLaAvg {
+        selection_window_ms, ..
+    } = c.strategy
+        && selection_window_ms >= c.round_deadline_secs * 1000
+    {
+        return bad(format!(
+            "`strategy.selection_window_ms` ({selection_window_ms}) must be shorter than the round deadline ({} s)",
+            c.round_deadline_secs
+        ));
     }
     let t = &c.training;
     if t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
@@ -272,6 +288,9 @@ impl Coordinator {
     /// A device asks for work: an assignment in the open round, or when to come back.
     pub async fn checkin(&self, task_id: &str) -> Result<CheckinResponse, ApiError> {
         let task = self.task(task_id).await?;
+        if fedlaavg::is_fedlaavg(&task) {
+            return Err(fedlaavg::credentials_required(task_id));
+        }
         if task.state == TaskState::Finished {
             return Ok(CheckinResponse::Finished {
                 model_version: task.model_version,
@@ -305,6 +324,7 @@ impl Coordinator {
             training: config.training.clone(),
             upload_token: token,
             deadline_unix: round.deadline_ms / 1000,
+            upload: UploadKind::Delta,
         }))
     }
 
@@ -406,7 +426,9 @@ impl Coordinator {
             // Nothing references the blob; the round's folder is removed when it ends.
             return Err(self.why_refused(round_id, num_samples).await?);
         };
-        self.fold(round_id, &task.config, stored.clone(), delta).await?;
+        if !fedlaavg::is_fedlaavg(&task) {
+            self.fold(round_id, &task.config, stored.clone(), delta).await?;
+        }
         info!(
             round = round_id,
             accepted = stored.accepted_seq,
@@ -497,7 +519,8 @@ impl Coordinator {
         let task = self.task(&round.task_id).await?;
         let config = &task.config;
         if round.state == "open" {
-            let full = round.accepted >= i64::from(config.devices_per_round);
+            let full = round.accepted >= i64::from(config.devices_per_round)
+                || (fedlaavg::is_fedlaavg(&task) && self.fedlaavg_all_uploaded(&round).await?);
             if !full && now_ms() < round.deadline_ms {
                 return Ok(());
             }
@@ -513,24 +536,31 @@ impl Coordinator {
         let mut table_guard = None;
         let (outcome, next) = if updates.len() as u64 >= u64::from(config.min_devices_per_round) {
             let new_version = round.base_version + 1;
-            match self.round_sums(&round, config, &updates).await? {
-                RoundSums::Dense(acc) => {
-                    let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
-                    let lr = server_lr(config);
-                    let new_model = tokio::task::spawn_blocking(move || {
-                        let mut model = NamedTensors::decode(&base)?;
-                        acc.apply(&mut model, lr);
-                        Ok::<_, ApiError>(Bytes::from(model.encode()))
-                    })
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))??;
-                    self.blobs
-                        .put(&model_key(&task.id, new_version), new_model)
-                        .await?;
-                }
-                RoundSums::Sparse(acc) => {
-                    table_guard = Some(self.table_write_lock(&task.id).await);
-                    self.write_sparse_version(&task, &round, acc, new_version).await?;
+            if fedlaavg::is_fedlaavg(&task) {
+                let new_model = self.fedlaavg_model(&task, &round).await?;
+                self.blobs
+                    .put(&model_key(&task.id, new_version), new_model)
+                    .await?;
+            } else {
+                match self.round_sums(&round, config, &updates).await? {
+                    RoundSums::Dense(acc) => {
+                        let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
+                        let lr = server_lr(config);
+                        let new_model = tokio::task::spawn_blocking(move || {
+                            let mut model = NamedTensors::decode(&base)?;
+                            acc.apply(&mut model, lr);
+                            Ok::<_, ApiError>(Bytes::from(model.encode()))
+                        })
+                        .await
+                        .map_err(|e| ApiError::Internal(e.to_string()))??;
+                        self.blobs
+                            .put(&model_key(&task.id, new_version), new_model)
+                            .await?;
+                    }
+                    RoundSums::Sparse(acc) => {
+                        table_guard = Some(self.table_write_lock(&task.id).await);
+                        self.write_sparse_version(&task, &round, acc, new_version).await?;
+                    }
                 }
             }
             let more = task.committed_rounds + 1 < i64::from(config.rounds);
@@ -560,6 +590,9 @@ impl Coordinator {
                     task = %task.id, round = round.id, accepted = updates.len(),
                     min = config.min_devices_per_round, "round abandoned: too few updates by the deadline"
                 ),
+            }
+            if matches!(outcome, RoundOutcome::Committed { .. }) && fedlaavg::is_fedlaavg(&task) {
+                self.fedlaavg_after_commit(&task, &round).await;
             }
         }
         if let Some(_writing) = table_guard {

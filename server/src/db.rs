@@ -6,6 +6,8 @@
 //! once, whatever the number of concurrent requests or server replicas. Queries use `$n` placeholders,
 //! which both databases accept, through sqlx's `Any` driver.
 
+pub mod fedlaavg;
+
 use fedhive_shared::wire::{RoundInfo, RoundState, TaskConfig, TaskState};
 use sqlx::{
     AnyPool, Row,

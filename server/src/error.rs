@@ -20,6 +20,8 @@ pub enum ApiError {
     UnknownToken,
     #[error("missing `Authorization: Bearer <upload token>` header")]
     MissingToken,
+    #[error("device not recognised: {0}")]
+    DeviceUnauthorized(String),
     #[error("round {0} no longer accepts uploads (committed, abandoned, full or past its deadline)")]
     RoundClosed(i64),
     #[error("an upload with this token is still being processed; retry when it has finished")]
@@ -54,7 +56,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            Unauthorized | MissingToken => StatusCode::UNAUTHORIZED,
+            Unauthorized | MissingToken | DeviceUnauthorized(_) => StatusCode::UNAUTHORIZED,
             UnknownTask(_) | UnknownModelVersion { .. } | UnknownToken => StatusCode::NOT_FOUND,
             RoundClosed(_) | UploadInFlight | StaleModelVersion { .. } | RoundClosing(_) => {
                 StatusCode::CONFLICT
@@ -75,6 +77,7 @@ impl ApiError {
         match self {
             Unauthorized => "unauthorized",
             MissingToken => "missing_token",
+            DeviceUnauthorized(_) => "device_unauthorized",
             UnknownTask(_) => "unknown_task",
             UnknownModelVersion { .. } => "unknown_model_version",
             UnknownToken => "unknown_token",
