@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedhive_shared::wire::{
-    CheckinResponse, ErrorBody, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
+    CheckinResponse, DeviceCredentials, DeviceInfo, ErrorBody, MetricsReport, RoundInfo, TaskConfig,
+    TaskCreated, TaskStatus, UploadReceipt,
 };
 use reqwest::{Method, RequestBuilder, StatusCode, header};
 
@@ -150,6 +151,33 @@ impl FedhiveClient {
             .await?)
     }
 
+    /// Enrols this device in a task whose strategy tracks devices across rounds (FedLaAvg). Keep
+    /// the credentials: they are the device's identity for the task. Not retried (a lost answer
+    /// would leave an orphan enrolment; enrol again instead).
+    pub async fn enrol(&self, task_id: &str) -> Result<DeviceCredentials, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/devices");
+        let resp = self.request(Method::POST, &path).send().await?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        Ok(resp.json().await?)
+    }
+
+    /// Check-in as an enrolled device.
+    pub async fn checkin_as(
+        &self,
+        task_id: &str,
+        credentials: &DeviceCredentials,
+    ) -> Result<CheckinResponse, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/checkin");
+        let bearer = credentials.bearer();
+        Ok(self
+            .send(|| self.request(Method::POST, &path).bearer_auth(&bearer))
+            .await?
+            .json()
+            .await?)
+    }
+
     /// Downloads a model version (the current one when `None`): `(version, safetensors bytes)`.
     pub async fn download_model(
         &self,
@@ -220,6 +248,12 @@ impl FedhiveClient {
 
     pub async fn task_status(&self, task_id: &str) -> Result<TaskStatus, ClientError> {
         let path = format!("/v1/tasks/{task_id}");
+        Ok(self.send(|| self.admin(Method::GET, &path)).await?.json().await?)
+    }
+
+    /// Operator: a FedLaAvg task's enrolled devices and their last participation.
+    pub async fn devices(&self, task_id: &str) -> Result<Vec<DeviceInfo>, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/devices");
         Ok(self.send(|| self.admin(Method::GET, &path)).await?.json().await?)
     }
 

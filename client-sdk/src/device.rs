@@ -1,12 +1,16 @@
 //! The device loop: check in, download the model, train locally, upload the update, report metrics,
 //! and repeat until the task finishes.
+//!
+//! FedLaAvg (the server says so in the assignment) reuses the same local step: `local_epochs` /
+//! `max_local_steps` of plain SGD at `learning_rate` = gamma (times s_i, 1 for equal weighting) is
+//! FedLaAvg's `C` steps from `z = x`, and the device uploads `G = (x - z) / gamma`.
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use fedhive_shared::{
-    NamedTensors,
-    wire::{Assignment, CheckinResponse, MetricsReport},
+    NamedTensors, fedlaavg,
+    wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport, UploadKind},
 };
 
 use crate::{
@@ -42,6 +46,8 @@ pub struct Device {
     pub device: burn::tensor::Device,
     pub data: Arc<Dataset>,
     pub seed: u64,
+    /// Identity for strategies that track devices across rounds (FedLaAvg); see [`Device::enrol`].
+    pub credentials: Option<DeviceCredentials>,
     /// The last model downloaded: `(version, tensors)`, reused while the version stays the same.
     cached: Option<(i64, Arc<NamedTensors>)>,
 }
@@ -60,15 +66,30 @@ impl Device {
             device,
             data,
             seed,
+            credentials: None,
             cached: None,
         }
+    }
+
+    /// Enrols with the server (FedLaAvg tasks) and keeps the credentials for later check-ins.
+    pub async fn enrol(&mut self) -> Result<&DeviceCredentials, DeviceError> {
+        let credentials = self.client.enrol(&self.task_id).await?;
+        Ok(&*self.credentials.insert(credentials))
+    }
+
+    /// One check-in, with the device's credentials if it has enrolled.
+    pub async fn checkin(&self) -> Result<CheckinResponse, DeviceError> {
+        Ok(match &self.credentials {
+            Some(c) => self.client.checkin_as(&self.task_id, c).await?,
+            None => self.client.checkin(&self.task_id).await?,
+        })
     }
 
     /// Participates until the server says the task is finished.
     pub async fn run(&mut self) -> Result<DeviceReport, DeviceError> {
         let mut report = DeviceReport::default();
         loop {
-            match self.client.checkin(&self.task_id).await? {
+            match self.checkin().await? {
                 CheckinResponse::Finished { .. } => return Ok(report),
                 CheckinResponse::RetryAfter { retry_after_ms, .. } => {
                     // Jitter spreads the herd of devices that were all told the same wait.
@@ -115,7 +136,14 @@ impl Device {
         })
         .await
         .expect("training task panicked")?;
-        let body = Bytes::from(update.delta.encode());
+        // FedLaAvg: the server keeps G_old and applies G_new - G_old itself, so a device that lost
+        // its state cannot corrupt the running average; the device only ever sends G_new.
+        let body = match a.upload {
+            UploadKind::Delta => Bytes::from(update.delta.encode()),
+            UploadKind::GradientSum => {
+                Bytes::from(fedlaavg::gradient_sum(&update.delta, a.training.learning_rate).encode())
+            }
+        };
         self.client
             .upload_update(&a.upload_token, update.num_samples, body)
             .await?;
