@@ -2,4 +2,6 @@
 //! talking over HTTP on loopback.
 
 pub mod bench_training;
+pub mod availability;
+pub mod availability_scenario;
 pub mod demo;

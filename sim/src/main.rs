@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fedhive_sim::{
     bench_training::{BenchTrainingOptions, OnceOptions},
+    availability_scenario::{AvailabilityOptions, run_availability},
     demo::{DemoOptions, run_demo},
 };
 
@@ -26,6 +27,9 @@ enum Command {
     /// One measurement of bench-training in this process (what bench-training runs as a child).
     #[command(hide = true)]
     BenchTrainingOnce(OnceOptions),
+    /// FedAvg vs FedLaAvg under intermittent availability (one class per device, devices take part
+    /// only when available); prints one JSON summary at the end.
+    Availability(AvailabilityOptions),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,11 @@ fn main() -> ExitCode {
                 let result = fedhive_sim::bench_training::run_once(&options)?;
                 println!("{}", serde_json::to_string(&result)?);
                 Ok(())
+            }
+            Command::Availability(options) => {
+                let report = run_availability(&options, true).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                anyhow::Ok(())
             }
         }
     });
