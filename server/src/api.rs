@@ -166,7 +166,7 @@ async fn enrol_device(
 ) -> Result<(StatusCode, Json<DeviceCredentials>), ApiError> {
     Ok((
         StatusCode::CREATED,
-        Json(state.coordinator.enrol(&task_id).await?),
+        Json(state.coordinator.enrol_device(&task_id).await?),
     ))
 }
 

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fedhive_sim::{
-    bench_training::{BenchTrainingOptions, OnceOptions},
     availability_scenario::{AvailabilityOptions, run_availability},
+    bench_training::{BenchTrainingOptions, OnceOptions},
     demo::{DemoOptions, run_demo},
 };
 

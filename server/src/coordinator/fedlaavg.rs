@@ -70,7 +70,7 @@ pub(super) fn credentials_required(task_id: &str) -> ApiError {
 
 impl Coordinator {
     /// Enrols a new device in a FedLaAvg task: a pseudonymous id and a secret shown only now.
-    pub async fn enrol(&self, task_id: &str) -> Result<DeviceCredentials, ApiError> {
+    pub async fn enrol_device(&self, task_id: &str) -> Result<DeviceCredentials, ApiError> {
         let task = self.task(task_id).await?;
         if !is_fedlaavg(&task) {
             return Err(ApiError::InvalidRequest(format!(
