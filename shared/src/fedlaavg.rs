@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn two_devices_fedavg_drifts_fedlaavg_reaches_the_optimum() {
         let (gamma, optimum, centres) = (0.1f32, 0.5f32, [0.0f32, 1.0]);
-        let available = |r: usize| if r % 5 == 0 { vec![0, 1] } else { vec![0] };
+        let available = |r: usize| if r.is_multiple_of(5) { vec![0, 1] } else { vec![0] };
         // One local SGD step from x on device i: delta = -gamma * (x - c_i).
         let local = |x: f32, i: usize| w(vec![-gamma * (x - centres[i])]);
 

@@ -36,7 +36,7 @@ impl Availability {
         let t = round.saturating_sub(1);
         match self {
             Availability::AlternatingGroups { classes, period } => {
-                let first_group = (t / period.max(&1)) % 2 == 0;
+                let first_group = (t / period.max(&1)).is_multiple_of(2);
                 (class < *classes) == first_group
             }
             Availability::DailyWindow { day, hours, offsets } => {
