@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use fedhive_shared::blocks::BlockStatus;
 use fedhive_shared::wire::{
     CheckinResponse, DeviceCredentials, DeviceInfo, ErrorBody, MetricsReport, RoundInfo, TaskConfig,
     TaskCreated, TaskStatus, UploadReceipt,
@@ -261,6 +262,74 @@ impl FedhiveClient {
         let path = format!("/v1/tasks/{task_id}/rounds");
         Ok(self.send(|| self.admin(Method::GET, &path)).await?.json().await?)
     }
+
+    /// MM/MC-PSGD: the predictor of `block` (the block meant for now when `None`) as safetensors.
+    pub async fn download_predictor(
+        &self,
+        task_id: &str,
+        block: Option<&str>,
+    ) -> Result<ServedPredictor, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/predictor");
+        let resp = self
+            .send(|| {
+                let req = self.request(Method::GET, &path);
+                match block {
+                    Some(b) => req.query(&[("block", b)]),
+                    None => req,
+                }
+            })
+            .await?;
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (block, rounds, etag) = (
+            header("fedhive-block"),
+            header("fedhive-block-rounds").parse().unwrap_or_default(),
+            header("etag").trim_matches('"').to_string(),
+        );
+        Ok(ServedPredictor {
+            block,
+            rounds,
+            etag,
+            bytes: resp.bytes().await?,
+        })
+    }
+
+    /// MC-PSGD: version `version` of `block`'s chain `y_m` (0 = the task's initial model).
+    pub async fn download_chain(
+        &self,
+        task_id: &str,
+        block: &str,
+        version: i64,
+    ) -> Result<Bytes, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/blocks/{block}/chain");
+        let resp = self
+            .send(|| self.request(Method::GET, &path).query(&[("version", version)]))
+            .await?;
+        Ok(resp.bytes().await?)
+    }
+
+    /// Operator: schedule position, per-block counts and the history of a block-cyclic task.
+    pub async fn block_status(&self, task_id: &str) -> Result<BlockStatus, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/blocks");
+        Ok(self.send(|| self.admin(Method::GET, &path)).await?.json().await?)
+    }
+}
+
+/// A predictor as the server served it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedPredictor {
+    /// The block it belongs to.
+    pub block: String,
+    /// `r_m`: committed rounds averaged into it (0: the block has none yet, this is the global model).
+    pub rounds: i64,
+    /// Changes whenever the predictor does.
+    pub etag: String,
+    pub bytes: Bytes,
 }
 
 async fn error_from(resp: reqwest::Response) -> ClientError {

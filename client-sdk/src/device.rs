@@ -5,7 +5,7 @@
 //! `max_local_steps` of plain SGD at `learning_rate` = gamma (times s_i, 1 for equal weighting) is
 //! FedLaAvg's `C` steps from `z = x`, and the device uploads `G = (x - z) / gamma`.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use fedhive_shared::{
@@ -14,6 +14,7 @@ use fedhive_shared::{
 };
 
 use crate::{
+    block_cyclic::{McStart, train_mc},
     client::{ClientError, FedhiveClient},
     data::Dataset,
     model::ModelKind,
@@ -48,8 +49,13 @@ pub struct Device {
     pub seed: u64,
     /// Identity for strategies that track devices across rounds (FedLaAvg); see [`Device::enrol`].
     pub credentials: Option<DeviceCredentials>,
+    /// Block-cyclic tasks: the device's data in each block, by block name (a block without an entry
+    /// trains on `data`).
+    pub block_data: BTreeMap<String, Arc<Dataset>>,
     /// The last model downloaded: `(version, tensors)`, reused while the version stays the same.
     cached: Option<(i64, Arc<NamedTensors>)>,
+    /// MC-PSGD: the last chain downloaded per block, `(version, tensors)`.
+    cached_chains: BTreeMap<String, (i64, Arc<NamedTensors>)>,
 }
 
 impl Device {
@@ -67,7 +73,9 @@ impl Device {
             data,
             seed,
             credentials: None,
+            block_data: BTreeMap::new(),
             cached: None,
+            cached_chains: BTreeMap::new(),
         }
     }
 
@@ -83,6 +91,12 @@ impl Device {
             Some(c) => self.client.checkin_as(&self.task_id, c).await?,
             None => self.client.checkin(&self.task_id).await?,
         })
+    }
+
+    /// Block-cyclic tasks: the data this device holds while `block` is active.
+    pub fn with_block_data(mut self, block: &str, data: Arc<Dataset>) -> Self {
+        self.block_data.insert(block.to_string(), data);
+        self
     }
 
     /// Participates until the server says the task is finished.
@@ -122,6 +136,20 @@ impl Device {
         Ok(model)
     }
 
+    /// MC-PSGD: version `version` of `block`'s chain, cached while the version stays the same.
+    async fn chain(&mut self, block: &str, version: i64) -> Result<Arc<NamedTensors>, DeviceError> {
+        if let Some((v, chain)) = self.cached_chains.get(block)
+            && *v == version
+        {
+            return Ok(chain.clone());
+        }
+        let bytes = self.client.download_chain(&self.task_id, block, version).await?;
+        let chain = Arc::new(NamedTensors::decode(&bytes).map_err(|e| DeviceError::BadModel(e.to_string()))?);
+        self.cached_chains
+            .insert(block.to_string(), (version, chain.clone()));
+        Ok(chain)
+    }
+
     /// One round's work for an assignment.
     pub async fn train_and_upload(&mut self, a: &Assignment) -> Result<(), DeviceError> {
         let kind: ModelKind = a
@@ -129,27 +157,53 @@ impl Device {
             .parse()
             .map_err(|_| DeviceError::BadModel(format!("unknown model family `{}`", a.model)))?;
         let global = self.model(a.model_version).await?;
-        let (device, data, params) = (self.device.clone(), self.data.clone(), a.training.clone());
+        let block = a.block.as_ref();
+        let data = block
+            .and_then(|b| self.block_data.get(&b.name))
+            .unwrap_or(&self.data)
+            .clone();
+        let (device, params) = (self.device.clone(), a.training.clone());
         let seed = self.seed ^ (a.round_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let update = tokio::task::spawn_blocking(move || {
-            training::train_local(kind, &device, &global, &data, &params, seed)
-        })
-        .await
-        .expect("training task panicked")?;
-        // FedLaAvg: the server keeps G_old and applies G_new - G_old itself, so a device that lost
-        // its state cannot corrupt the running average; the device only ever sends G_new.
-        let body = match a.upload {
-            UploadKind::Delta => Bytes::from(update.delta.encode()),
-            UploadKind::GradientSum => {
-                Bytes::from(fedlaavg::gradient_sum(&update.delta, a.training.learning_rate).encode())
+        let (body, num_samples, loss) = match block.and_then(|b| Some((b, b.chain_version?))) {
+            // MC-PSGD: train x and the block's chain, report both starting losses.
+            Some((b, version)) => {
+                let chain = self.chain(&b.name, version).await?;
+                let chain_learning_rate = b.chain_learning_rate.unwrap_or(params.learning_rate);
+                let update = tokio::task::spawn_blocking(move || {
+                    let start = McStart {
+                        x: &global,
+                        chain: &chain,
+                        chain_learning_rate,
+                    };
+                    train_mc(kind, &device, start, &data, &params, seed)
+                })
+                .await
+                .expect("training task panicked")?;
+                (update.body, update.num_samples, update.train_loss)
+            }
+            None => {
+                let update = tokio::task::spawn_blocking(move || {
+                    training::train_local(kind, &device, &global, &data, &params, seed)
+                })
+                .await
+                .expect("training task panicked")?;
+                // FedLaAvg: the server keeps G_old and applies G_new - G_old itself, so a device that
+                // lost its state cannot corrupt the running average; the device only ever sends G_new.
+                let body = match a.upload {
+                    UploadKind::Delta => update.delta,
+                    UploadKind::GradientSum => {
+                        fedlaavg::gradient_sum(&update.delta, a.training.learning_rate)
+                    }
+                };
+                (body, update.num_samples, update.loss)
             }
         };
         self.client
-            .upload_update(&a.upload_token, update.num_samples, body)
+            .upload_update(&a.upload_token, num_samples, Bytes::from(body.encode()))
             .await?;
         let metrics = MetricsReport {
-            loss: update.loss,
-            num_samples: update.num_samples,
+            loss,
+            num_samples,
             accuracy: None,
         };
         self.client.report_metrics(&a.upload_token, &metrics).await?;

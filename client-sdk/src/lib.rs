@@ -4,9 +4,11 @@
 //!   simulated devices.
 //! - [`model`]: the burn models and their exchange with the wire format ([`fedhive_shared::NamedTensors`]).
 //! - [`training`]: FedAvg's local SGD step ([`training::train_local`]) and evaluation.
+//! - [`block_cyclic`]: MC-PSGD's device step (train `x` and the block's chain `y_m`).
 //! - [`backend`]: run-time choice of the compute device (`flex` CPU or `wgpu`).
 
 pub mod backend;
+pub mod block_cyclic;
 pub mod client;
 pub mod data;
 pub mod device;

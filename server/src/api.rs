@@ -14,6 +14,9 @@
 //! | POST | /v1/metrics | device (upload token) | loss, sample count, accuracy |
 //!
 //! FedSubAvg's submodel routes are in [`crate::api_sparse`].
+//! | GET | /v1/tasks/{id}/predictor[?block=NAME] | anyone | MM/MC-PSGD: predictor of the current (or named) block |
+//! | GET | /v1/tasks/{id}/blocks/{name}/chain?version=N | device | MC-PSGD: the block's chain `y_m` |
+//! | GET | /v1/tasks/{id}/blocks | admin | MM/MC-PSGD: schedule position, `r_m` per block, round history |
 
 use std::sync::Arc;
 
@@ -26,6 +29,7 @@ use axum::{
     routing::{get, post, put},
 };
 use bytes::Bytes;
+use fedhive_shared::blocks::BlockStatus;
 use fedhive_shared::wire::{
     CheckinResponse, DeviceCredentials, DeviceInfo, MetricsReport, RoundInfo, TaskConfig, TaskCreated,
     TaskStatus, UploadReceipt,
@@ -61,6 +65,9 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         .route("/v1/updates", put(upload))
         .route("/v1/metrics", post(metrics))
         .merge(crate::api_sparse::routes())
+        .route("/v1/tasks/{task_id}/predictor", get(predictor))
+        .route("/v1/tasks/{task_id}/blocks/{block}/chain", get(chain))
+        .route("/v1/tasks/{task_id}/blocks", get(block_status))
         .layer(DefaultBodyLimit::max(max_model_bytes))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -279,4 +286,78 @@ async fn metrics(
         .report_metrics(token, report.loss, report.num_samples, report.accuracy)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct PredictorQuery {
+    block: Option<String>,
+}
+
+/// The predictor of the block meant for now (or of `?block=`), as safetensors. Headers name the block
+/// (`fedhive-block`) and its `r_m` (`fedhive-block-rounds`; 0 means the block has no committed round
+/// yet and the current global model stands in); the ETag changes whenever the predictor does.
+async fn predictor(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+    query: Result<Query<PredictorQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let served = state
+        .coordinator
+        .predictor(&task_id, query.block.as_deref())
+        .await?;
+    let etag = format!("\"{}\"", served.etag);
+    let header_value = |v: &str| HeaderValue::from_str(v).expect("block names and digits are valid headers");
+    let common = [
+        (header::ETAG, header_value(&etag)),
+        (
+            header::HeaderName::from_static("fedhive-block"),
+            header_value(&served.block),
+        ),
+        (
+            header::HeaderName::from_static("fedhive-block-rounds"),
+            header_value(&served.rounds.to_string()),
+        ),
+    ];
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    if not_modified {
+        return Ok((StatusCode::NOT_MODIFIED, common).into_response());
+    }
+    let content_type = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    )];
+    Ok((common, content_type, served.bytes).into_response())
+}
+
+#[derive(Deserialize)]
+struct ChainQuery {
+    version: i64,
+}
+
+async fn chain(
+    State(state): State<AppState>,
+    Path((task_id, block)): Path<(String, String)>,
+    query: Result<Query<ChainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let bytes = state.coordinator.chain(&task_id, &block, query.version).await?;
+    let content_type = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    )];
+    Ok((content_type, bytes).into_response())
+}
+
+async fn block_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Json<BlockStatus>, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(state.coordinator.block_status(&task_id).await?))
 }

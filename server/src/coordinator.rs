@@ -16,6 +16,8 @@
 
 mod fedlaavg;
 
+pub(crate) mod blocks;
+
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -112,13 +114,16 @@ pub fn upload_limit(config: &TaskConfig) -> usize {
     if let Some(model) = fedsubavg::sparse_model(config) {
         return fedsubavg::upload_limit(&model);
     }
-    let params: usize = config.tensors.iter().map(|t| t.numel()).sum();
-    params * 4 + 64 * 1024 + config.tensors.len() * 256
+    let specs = blocks::upload_specs(config);
+    let params: usize = specs.iter().map(|t| t.numel()).sum();
+    params * 4 + 64 * 1024 + specs.len() * 256
 }
 
 fn server_lr(config: &TaskConfig) -> f32 {
     match config.strategy {
-        StrategyConfig::FedAvg { server_lr } => server_lr,
+        StrategyConfig::FedAvg { server_lr }
+        | StrategyConfig::MmPsgd { server_lr, .. }
+        | StrategyConfig::McPsgd { server_lr, .. } => server_lr,
         StrategyConfig::FedSubAvg { server_lr, .. } => server_lr,
         // FedLaAvg steps with `training.learning_rate` (the devices' gamma).
         StrategyConfig::FedLaAvg { .. } => 1.0,
@@ -178,6 +183,7 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
             "`strategy.server_lr` must be a positive number, got {lr}"
         ));
     }
+    blocks::validate(c)?;
     if c.devices_per_round == 0 {
         return bad("`devices_per_round` must be >= 1".into());
     }
@@ -308,6 +314,8 @@ impl Coordinator {
         if round.state != "open" || now >= round.deadline_ms {
             return Ok(retry("round_closing", base_retry));
         }
+        // Before taking a slot, so a failure here does not use one up.
+        let block = self.block_assignment(&task, &round).await?;
         let config = &task.config;
         let cap = (config.devices_per_round as f64 * config.over_selection as f64).ceil() as i64;
         let token = hex::encode(rand::random::<[u8; 32]>());
@@ -325,6 +333,7 @@ impl Coordinator {
             upload_token: token,
             deadline_unix: round.deadline_ms / 1000,
             upload: UploadKind::Delta,
+            block,
         }))
     }
 
@@ -546,13 +555,17 @@ impl Coordinator {
                     RoundSums::Dense(acc) => {
                         let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
                         let lr = server_lr(config);
-                        let new_model = tokio::task::spawn_blocking(move || {
-                            let mut model = NamedTensors::decode(&base)?;
-                            acc.apply(&mut model, lr);
-                            Ok::<_, ApiError>(Bytes::from(model.encode()))
-                        })
-                        .await
-                        .map_err(|e| ApiError::Internal(e.to_string()))??;
+                        let new_model = if config.strategy.block_schedule().is_some() {
+                            self.commit_block_round(&task, &round, acc, base, lr).await?
+                        } else {
+                            tokio::task::spawn_blocking(move || {
+                                let mut model = NamedTensors::decode(&base)?;
+                                acc.apply(&mut model, lr);
+                                Ok::<_, ApiError>(Bytes::from(model.encode()))
+                            })
+                            .await
+                            .map_err(|e| ApiError::Internal(e.to_string()))??
+                        };
                         self.blobs
                             .put(&model_key(&task.id, new_version), new_model)
                             .await?;

@@ -184,7 +184,7 @@ impl Db {
         Ok(Db { pool })
     }
 
-    /// The pool, for strategy modules that keep their own tables (`fedsubavg`).
+    /// The pool, for strategy modules that keep their own tables (`fedsubavg`, `coordinator::blocks`).
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -44,6 +44,12 @@ pub enum ApiError {
     StaleModelVersion { requested: i64, current: i64 },
     #[error("round {0} is being finalised; feature sets are frozen until it ends, retry shortly")]
     RoundClosing(i64),
+    #[error("task `{0}` has no block schedule (only MM-PSGD and MC-PSGD tasks have blocks)")]
+    NotBlockCyclic(String),
+    #[error("task `{task}` has no block `{block}`")]
+    UnknownBlock { task: String, block: String },
+    #[error("block `{block}` has no chain version {version}")]
+    UnknownChainVersion { block: String, version: i64 },
     #[error("invalid task config: {0}")]
     InvalidConfig(String),
     #[error("invalid request: {0}")]
@@ -62,6 +68,7 @@ impl ApiError {
                 StatusCode::CONFLICT
             }
             NotSparse(_) => StatusCode::BAD_REQUEST,
+            NotBlockCyclic(_) | UnknownBlock { .. } | UnknownChainVersion { .. } => StatusCode::NOT_FOUND,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BadBody(_) | InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ConflictingRetry { .. } | Tensor(_) | Sparse(_) | Aggregate(_) | InvalidConfig(_) => {
@@ -93,6 +100,9 @@ impl ApiError {
             RoundClosing(_) => "round_closing",
             Aggregate(AggregateError::BadSampleCount(_)) => "bad_num_samples",
             Aggregate(AggregateError::RoundSampleLimit(..)) => "round_sample_limit",
+            NotBlockCyclic(_) => "not_block_cyclic",
+            UnknownBlock { .. } => "unknown_block",
+            UnknownChainVersion { .. } => "unknown_chain_version",
             InvalidConfig(_) => "invalid_config",
             InvalidRequest(_) => "invalid_request",
             Internal(_) => "internal",

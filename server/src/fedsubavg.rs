@@ -40,7 +40,7 @@ use sqlx::{AnyPool, Row};
 use tracing::info;
 
 use crate::{
-    coordinator::{Coordinator, model_key, now_ms},
+    coordinator::{Coordinator, blocks::upload_specs, model_key, now_ms},
     db::{DbError, RoundRow, TaskRow},
     error::ApiError,
     tables::TableStore,
@@ -157,7 +157,8 @@ impl RoundSums {
     pub fn new(config: &TaskConfig) -> Self {
         match sparse_model(config) {
             Some(m) => RoundSums::Sparse(SubAvgAccumulator::new(m.form, &m.dense, m.tables.into_keys())),
-            None => RoundSums::Dense(FedAvgAccumulator::new(&config.tensors)),
+            // Dense strategies; MC-PSGD's uploads also carry its chain update and losses.
+            None => RoundSums::Dense(FedAvgAccumulator::new(&upload_specs(config))),
         }
     }
 
@@ -181,7 +182,7 @@ pub fn decode_update(config: &TaskConfig, body: &[u8]) -> Result<RoundUpdate, Ap
         )?)),
         None => Ok(RoundUpdate::Dense(NamedTensors::decode_checked(
             body,
-            &config.tensors,
+            &upload_specs(config),
             DELTA_LIMIT,
         )?)),
     }

@@ -141,6 +141,18 @@ impl FedAvgAccumulator {
         self.updates
     }
 
+    /// Sample-weighted mean `sum_i n_i v_i / m_t` of the tensor `name` over the round's updates
+    /// (e.g. losses the devices reported inside their uploads); `None` for an empty round or an
+    /// unknown name. A function of the accepted set only, like the sums.
+    pub fn mean(&self, name: &str) -> Option<Vec<f64>> {
+        let sum = self.sums.get(name)?;
+        if self.total_samples == 0 {
+            return None;
+        }
+        let factor = 1.0 / (self.total_samples as f64 * f64::from(FRACTION_BITS).exp2());
+        Some(sum.iter().map(|&s| s as f64 * factor).collect())
+    }
+
     /// Applies the round to `model`: `x += server_lr * (sum n_i Delta_i) / m_t`. A round with no
     /// updates leaves the model unchanged.
     pub fn apply(&self, model: &mut NamedTensors, server_lr: f32) {
@@ -200,6 +212,17 @@ mod tests {
         acc.add(3, &one("w", vec![1.5, 1.0])).unwrap();
         acc.apply(&mut model, 2.0);
         assert_eq!(model.0["w"].data, vec![3.5, 3.0]);
+    }
+
+    #[test]
+    fn mean_is_sample_weighted() {
+        // n=1 reports 1.0, n=3 reports 2.0: (1 + 6) / 4 = 1.75.
+        let mut acc = FedAvgAccumulator::new(&one("loss", vec![0.0]).specs());
+        assert_eq!(acc.mean("loss"), None, "no updates, no mean");
+        acc.add(1, &one("loss", vec![1.0])).unwrap();
+        acc.add(3, &one("loss", vec![2.0])).unwrap();
+        assert_eq!(acc.mean("loss"), Some(vec![1.75]));
+        assert_eq!(acc.mean("other"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! every upload ([`tensors`]), the order-independent FedAvg accumulator ([`fedavg`]) and FedLaAvg's running sum of
 //! latest gradient sums ([`fedlaavg`]).
 
+pub mod blocks;
 pub mod fedavg;
 pub mod fedlaavg;
 pub mod fedsubavg;

@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::tensors::TensorSpec;
+use crate::{
+    blocks::{BlockAssignment, BlockSchedule},
+    tensors::TensorSpec,
+};
 
 /// Aggregation strategy of a task and its hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +40,35 @@ pub enum StrategyConfig {
         #[serde(default = "default_selection_window_ms")]
         selection_window_ms: u64,
     },
+    /// MM-PSGD: FedAvg on `x` plus a running-mean predictor per block of `schedule` (see
+    /// [`crate::blocks`]).
+    MmPsgd {
+        #[serde(default = "one")]
+        server_lr: f32,
+        schedule: BlockSchedule,
+    },
+    /// MC-PSGD: MM-PSGD plus a block-separate chain `y_m` per block; devices train both and report
+    /// the loss of each, and the lower mean loss picks which one feeds the predictor.
+    McPsgd {
+        #[serde(default = "one")]
+        server_lr: f32,
+        schedule: BlockSchedule,
+        /// Device step size `eta` on the chains `y_m` (default: `training.learning_rate`).
+        #[serde(default)]
+        chain_learning_rate: Option<f32>,
+    },
+}
+
+impl StrategyConfig {
+    /// The block schedule of a block-cyclic strategy (MM-PSGD, MC-PSGD).
+    pub fn block_schedule(&self) -> Option<&BlockSchedule> {
+        match self {
+            StrategyConfig::MmPsgd { schedule, .. } | StrategyConfig::McPsgd { schedule, .. } => {
+                Some(schedule)
+            }
+            _ => None,
+        }
+    }
 }
 
 fn one() -> f32 {
@@ -141,6 +173,9 @@ pub struct Assignment {
     /// What to upload (absent from older servers: a delta).
     #[serde(default)]
     pub upload: UploadKind,
+    /// Block-cyclic strategies: the round's block, and in MC-PSGD the chain to train as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockAssignment>,
 }
 
 /// Acknowledgement of an accepted update (returned again, unchanged, for a retried identical upload).

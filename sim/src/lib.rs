@@ -4,4 +4,5 @@
 pub mod availability;
 pub mod availability_scenario;
 pub mod bench_training;
+pub mod block_cyclic;
 pub mod demo;

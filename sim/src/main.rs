@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use fedhive_sim::{
     availability_scenario::{AvailabilityOptions, run_availability},
     bench_training::{BenchTrainingOptions, OnceOptions},
+    block_cyclic::{BlockCyclicOptions, run_block_cyclic},
     demo::{DemoOptions, run_demo},
 };
 
@@ -30,6 +31,9 @@ enum Command {
     /// FedAvg vs FedLaAvg under intermittent availability (one class per device, devices take part
     /// only when available); prints one JSON summary at the end.
     Availability(AvailabilityOptions),
+    /// MM-PSGD and MC-PSGD on block-cyclic Fashion-MNIST (day/night concepts) against the last global
+    /// model, plus a control where both blocks are the same; prints one JSON line at the end.
+    BlockCyclic(BlockCyclicOptions),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,11 @@ fn main() -> ExitCode {
             }
             Command::Availability(options) => {
                 let report = run_availability(&options, true).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                anyhow::Ok(())
+            }
+            Command::BlockCyclic(options) => {
+                let report = run_block_cyclic(&options, true).await?;
                 println!("{}", serde_json::to_string(&report)?);
                 anyhow::Ok(())
             }

@@ -198,6 +198,7 @@ impl Coordinator {
             upload_token: token,
             deadline_unix: round.deadline_ms / 1000,
             upload: UploadKind::GradientSum,
+            block: None,
         }))
     }
 
