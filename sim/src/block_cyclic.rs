@@ -349,16 +349,16 @@ async fn run_federation(
         .task_id;
 
     let mut devices = Vec::new();
-    for i in 0..options.devices {
+    for (i, (day, night)) in data.day.iter().zip(night_data).enumerate() {
         let mut d = Device::new(
             client.clone(),
             &task_id,
             device.clone(),
-            data.day[i].clone(),
+            day.clone(),
             options.seed * 1000 + i as u64,
         )
-        .with_block_data("day", data.day[i].clone())
-        .with_block_data("night", night_data[i].clone());
+        .with_block_data("day", day.clone())
+        .with_block_data("night", night.clone());
         devices.push(tokio::spawn(async move { d.run().await }));
     }
 
