@@ -62,8 +62,8 @@ pub struct AvailabilityOptions {
     /// Model (b): rounds a day each device is available.
     #[arg(long, default_value_t = 8)]
     pub hours: u32,
-    /// Rounds per run: this many full availability cycles (both turns, or days), at least 100 rounds.
-    #[arg(long, default_value_t = 2)]
+    /// Rounds per run: this many full availability cycles (both turns, or days), at least 300 rounds.
+    #[arg(long, default_value_t = 3)]
     pub cycles: u32,
     /// Override the number of rounds of every run.
     #[arg(long)]
@@ -109,13 +109,7 @@ pub struct AvailabilityOptions {
 
 impl Default for AvailabilityOptions {
     fn default() -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            options: AvailabilityOptions,
-        }
-        Wrapper::parse_from(["availability"]).options
+        crate::clap_defaults("availability")
     }
 }
 
@@ -231,7 +225,7 @@ pub async fn run_availability(
         let cycle = availability.cycle();
         let rounds = options
             .rounds
-            .unwrap_or_else(|| (cycle * options.cycles).max(100).div_ceil(cycle) * cycle);
+            .unwrap_or_else(|| (cycle * options.cycles).max(300).div_ceil(cycle) * cycle);
         let mut methods = Vec::new();
         for method in &options.methods {
             let label = format!("{} | {method}", availability.describe());
@@ -356,7 +350,7 @@ async fn run_one(
     )?);
     bar.set_prefix(label.to_string());
     let mut rng = StdRng::seed_from_u64(options.seed ^ 0xA5A5);
-    let mut accuracy = Vec::new();
+    let (mut evaluations, mut accuracy) = (std::collections::VecDeque::new(), Vec::new());
     let (mut accepted, mut missed) = (0u32, 0u32);
     for r in 1..=rounds {
         wait_open_round(&client, &task_id, i64::from(r) - 1).await?;
@@ -390,11 +384,22 @@ async fn run_one(
         wait_version(&client, &task_id, i64::from(r)).await?;
         let (_, bytes) = client.download_model(&task_id, Some(i64::from(r))).await?;
         let weights = NamedTensors::decode(&bytes)?;
+        // Evaluated beside the next round: evaluating first would delay the devices' check-ins past
+        // the selection window that opened when this round committed.
         let (kind, device, test) = (world.kind, world.device.clone(), world.test.clone());
-        let eval = tokio::task::spawn_blocking(move || evaluate(kind, &device, &weights, &test)).await??;
-        accuracy.push(eval.accuracy);
+        evaluations.push_back(tokio::task::spawn_blocking(move || {
+            evaluate(kind, &device, &weights, &test)
+        }));
+        // At most two evaluations in flight, one per core.
+        if evaluations.len() > 2 {
+            let done = evaluations.pop_front().expect("non-empty");
+            accuracy.push(done.await??.accuracy);
+            bar.set_message(format!("acc {:.4}", accuracy[accuracy.len() - 1]));
+        }
         bar.set_position(u64::from(r));
-        bar.set_message(format!("acc {:.4}", eval.accuracy));
+    }
+    for evaluation in evaluations {
+        accuracy.push(evaluation.await??.accuracy);
     }
     bar.finish_and_clear();
     server.handle.abort();

@@ -127,13 +127,7 @@ pub struct BlockCyclicOptions {
 
 impl Default for BlockCyclicOptions {
     fn default() -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            options: BlockCyclicOptions,
-        }
-        Wrapper::parse_from(["block-cyclic"]).options
+        crate::clap_defaults("block-cyclic")
     }
 }
 

@@ -70,13 +70,7 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            options: DemoOptions,
-        }
-        Wrapper::parse_from(["demo"]).options
+        crate::clap_defaults("demo")
     }
 }
 
