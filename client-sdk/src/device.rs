@@ -165,7 +165,7 @@ impl Device {
         let (device, params) = (self.device.clone(), a.training.clone());
         let seed = self.seed ^ (a.round_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let (body, num_samples, loss) = match block.and_then(|b| Some((b, b.chain_version?))) {
-            // MC-PSGD: train x and the block's chain, report both starting losses.
+            // MC-PSGD: train x and the block's chain, report both trained models' losses.
             Some((b, version)) => {
                 let chain = self.chain(&b.name, version).await?;
                 let chain_learning_rate = b.chain_learning_rate.unwrap_or(params.learning_rate);

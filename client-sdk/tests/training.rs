@@ -227,3 +227,42 @@ fn reported_loss_is_the_per_sample_mean() {
         eval.loss
     );
 }
+
+#[test]
+fn mc_reports_the_losses_of_the_trained_models() {
+    use fedhive_client::block_cyclic::{McStart, train_mc};
+    use fedhive_shared::blocks::{CHAIN_PREFIX, LOSS_CHAIN, LOSS_X, take_prefixed};
+
+    let device = Device::flex();
+    let local = split(Split::Train).subset(&(0..320).collect::<Vec<_>>());
+    let x = initial_weights(ModelKind::Mlp, 1);
+    let chain = initial_weights(ModelKind::Mlp, 2);
+    let params = TrainingParams {
+        local_epochs: 2,
+        max_local_steps: 0,
+        batch_size: 32,
+        learning_rate: 0.1,
+    };
+    let start = McStart {
+        x: &x,
+        chain: &chain,
+        chain_learning_rate: 0.05,
+    };
+    let mc = train_mc(ModelKind::Mlp, &device, start, &local, &params, 5).unwrap();
+
+    let mut body = mc.body.clone();
+    let loss_x = body.0.remove(LOSS_X).unwrap().data[0];
+    let loss_chain = body.0.remove(LOSS_CHAIN).unwrap().data[0];
+    let chain_delta = take_prefixed(&mut body, CHAIN_PREFIX);
+    let trained_x = evaluate(ModelKind::Mlp, &device, &add(&x, &body), &local).unwrap();
+    let trained_chain = evaluate(ModelKind::Mlp, &device, &add(&chain, &chain_delta), &local).unwrap();
+    assert_eq!((loss_x, mc.loss_x), (trained_x.loss, trained_x.loss));
+    assert_eq!(
+        (loss_chain, mc.loss_chain),
+        (trained_chain.loss, trained_chain.loss)
+    );
+    // The chain ran at its own step: not the x run's update applied to another start.
+    let x_start = evaluate(ModelKind::Mlp, &device, &x, &local).unwrap().loss;
+    assert!(loss_x < x_start - 0.1, "x: {x_start} -> {loss_x}");
+    assert_ne!(chain_delta, body);
+}

@@ -69,6 +69,20 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     pub coordinator: Arc<Coordinator>,
     pub handle: JoinHandle<std::io::Result<()>>,
+    /// The round ticker (deadlines, finalisation), which runs beside the HTTP server.
+    pub ticker: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stops serving and ticking, then closes the database, for a server embedded in another
+    /// program (the simulator starts one per run). The ticker stops first, so it never meets the
+    /// closed pool.
+    pub async fn shutdown(self) {
+        self.handle.abort();
+        self.ticker.abort();
+        let _ = self.ticker.await;
+        self.coordinator.db().close().await;
+    }
 }
 
 /// Opens the state, recovers interrupted rounds, binds, and serves in the background.
@@ -87,7 +101,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let blobs = blobs::BlobStore::open(config.data_dir.join("blobs")).context("opening blob store")?;
     let coordinator = Arc::new(Coordinator::new(db, blobs, config.coordinator.clone()));
     coordinator.tick().await.context("recovering rounds")?;
-    tokio::spawn(coordinator.clone().run_ticker(config.tick));
+    let ticker = tokio::spawn(coordinator.clone().run_ticker(config.tick));
 
     let state = api::AppState {
         coordinator: coordinator.clone(),
@@ -104,6 +118,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         addr,
         coordinator,
         handle,
+        ticker,
     })
 }
 

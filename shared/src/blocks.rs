@@ -18,9 +18,9 @@ use crate::tensors::{NamedTensors, TensorSpec};
 /// Prefix of the chain update `y_m_after - y_m_before` inside an MC-PSGD upload: tensor `w` of the
 /// model travels as `chain/w` next to the plain `w` (the update of `x`).
 pub const CHAIN_PREFIX: &str = "chain/";
-/// `[1]` tensor of an MC-PSGD upload: the device's mean loss of `x` (before training) on its block data.
+/// `[1]` tensor of an MC-PSGD upload: the device's mean loss, on its block data, of the model it trained from `x`.
 pub const LOSS_X: &str = "loss/x";
-/// `[1]` tensor of an MC-PSGD upload: the device's mean loss of `y_m` (before training) on its block data.
+/// `[1]` tensor of an MC-PSGD upload: the device's mean loss, on its block data, of the model it trained from `y_m`.
 pub const LOSS_CHAIN: &str = "loss/chain";
 
 /// Which blocks make up a cycle and when each one is active.

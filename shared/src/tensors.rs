@@ -198,12 +198,21 @@ impl NamedTensors {
 
     /// `self - other`, tensor by tensor (both must have the same specs).
     pub fn sub(&self, other: &NamedTensors) -> NamedTensors {
+        self.zip_with(other, |x, y| x - y)
+    }
+
+    /// `self + other`, tensor by tensor (both must have the same specs).
+    pub fn add(&self, other: &NamedTensors) -> NamedTensors {
+        self.zip_with(other, |x, y| x + y)
+    }
+
+    fn zip_with(&self, other: &NamedTensors, op: impl Fn(f32, f32) -> f32) -> NamedTensors {
         NamedTensors(
             self.0
                 .iter()
                 .map(|(name, a)| {
                     let b = &other.0[name];
-                    let data = a.data.iter().zip(&b.data).map(|(x, y)| x - y).collect();
+                    let data = a.data.iter().zip(&b.data).map(|(&x, &y)| op(x, y)).collect();
                     (
                         name.clone(),
                         Tensor {

@@ -402,8 +402,7 @@ async fn run_one(
         accuracy.push(evaluation.await??.accuracy);
     }
     bar.finish_and_clear();
-    server.handle.abort();
-    server.coordinator.db().close().await;
+    server.shutdown().await;
 
     let last = &accuracy[accuracy.len().saturating_sub(availability.cycle() as usize)..];
     Ok(MethodReport {

@@ -115,9 +115,12 @@ pub struct BlockCyclicOptions {
     pub local_epochs: u32,
     #[arg(long, default_value_t = 32)]
     pub batch_size: u32,
-    /// Device step gamma on x (and eta on the MC chains).
+    /// Device step gamma on x (and eta on the MC chains unless `--chain-learning-rate`).
     #[arg(long, default_value_t = 0.05)]
     pub learning_rate: f32,
+    /// MC-PSGD's eta, the device step on the chains `y_m` (default: gamma).
+    #[arg(long)]
+    pub chain_learning_rate: Option<f32>,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Fashion-MNIST directory (IDX .gz files).
@@ -312,7 +315,7 @@ async fn run_federation(
         StrategyConfig::McPsgd {
             server_lr: 1.0,
             schedule,
-            chain_learning_rate: None,
+            chain_learning_rate: options.chain_learning_rate,
         }
     } else {
         StrategyConfig::MmPsgd {
@@ -396,8 +399,7 @@ async fn run_federation(
     };
     let chain_chosen = PerBlock::new(chain_share("day"), chain_share("night"));
     let committed = client.task_status(&task_id).await?.committed_rounds;
-    server.handle.abort();
-    server.coordinator.db().close().await;
+    server.shutdown().await;
     let label = if mc { "MC-PSGD" } else { "MM-PSGD" };
     if show_progress {
         eprintln!(

@@ -193,8 +193,7 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         totals.updates_accepted += r.updates_accepted;
         totals.updates_late += r.updates_late;
     }
-    server.handle.abort();
-    server.coordinator.db().close().await;
+    server.shutdown().await;
     Ok(DemoReport {
         final_accuracy: accuracy_per_round.last().copied().unwrap_or(0.0),
         rounds: evaluated,
