@@ -115,10 +115,12 @@ pub struct BlockCyclicOptions {
     pub local_epochs: u32,
     #[arg(long, default_value_t = 32)]
     pub batch_size: u32,
-    /// Device step gamma on x (and eta on the MC chains unless `--chain-learning-rate`).
+    /// Device step gamma on x.
     #[arg(long, default_value_t = 0.05)]
     pub learning_rate: f32,
-    /// MC-PSGD's eta, the device step on the chains `y_m` (default: gamma).
+    /// MC-PSGD's eta, the device step on the chains `y_m` (default: 2 x gamma: a chain trains only
+    /// in its own block's rounds, half as many as `x`, so twice the step gives it `x`'s step per
+    /// cycle; at eta = gamma the chains lag `x` and MC-PSGD trailed MM-PSGD by 1-2 points).
     #[arg(long)]
     pub chain_learning_rate: Option<f32>,
     #[arg(long, default_value_t = 7)]
@@ -126,6 +128,12 @@ pub struct BlockCyclicOptions {
     /// Fashion-MNIST directory (IDX .gz files).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+impl BlockCyclicOptions {
+    fn chain_learning_rate(&self) -> f32 {
+        self.chain_learning_rate.unwrap_or(2.0 * self.learning_rate)
+    }
 }
 
 impl Default for BlockCyclicOptions {
@@ -180,6 +188,10 @@ pub struct BlockCyclicReport {
     pub rounds_per_block: u32,
     pub devices_per_round: u32,
     pub samples_per_device: usize,
+    /// gamma, the devices' step on `x`.
+    pub learning_rate: f32,
+    /// eta, the devices' step on MC-PSGD's chains.
+    pub chain_learning_rate: f32,
     pub model: String,
     pub backend: String,
     pub seconds: f64,
@@ -244,6 +256,8 @@ pub async fn run_block_cyclic(
         rounds_per_block: options.rounds_per_block,
         devices_per_round: options.devices_per_round,
         samples_per_device: options.samples_per_device,
+        learning_rate: options.learning_rate,
+        chain_learning_rate: options.chain_learning_rate(),
         model: options.model.clone(),
         backend: options.backend.clone(),
         seconds: started.elapsed().as_secs_f64(),
@@ -315,7 +329,7 @@ async fn run_federation(
         StrategyConfig::McPsgd {
             server_lr: 1.0,
             schedule,
-            chain_learning_rate: options.chain_learning_rate,
+            chain_learning_rate: Some(options.chain_learning_rate()),
         }
     } else {
         StrategyConfig::MmPsgd {
