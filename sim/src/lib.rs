@@ -6,3 +6,4 @@ pub mod availability_scenario;
 pub mod bench_training;
 pub mod block_cyclic;
 pub mod demo;
+pub mod hot_cold;
