@@ -334,8 +334,7 @@ async fn check_heat(
     };
     let report = client.heat(task, &request).await?;
     anyhow::ensure!(
-        report.population.devices == devices as u64
-            && report.population.samples == pop.all.len() as u64,
+        report.population.devices == devices as u64 && report.population.samples == pop.all.len() as u64,
         "server population {:?}, generated {devices} devices with {} samples",
         report.population,
         pop.all.len()
