@@ -5,7 +5,9 @@
 //! each field's embedding (an embedding bag of one feature per field), concatenates them, and
 //! applies an MLP `fields*dim -> hidden -> 1` with ReLU; the loss is the logistic loss of the logit.
 //!
-//! Submodels (FedSubAvg): a device only ever needs the rows `R_i` its data touches. burn's
+//! Submodels (FedSubAvg: Ding et al., "Federated Submodel Optimization for Hot and Cold Data
+//! Features", NeurIPS 2022; rule in `ALGORITHMS.md`): a device only ever needs the rows `R_i` its
+//! data touches. burn's
 //! embeddings get dense gradients, so the device builds a *local* table of just those rows (feature
 //! ids remapped to local indices `0..|R_i|`) and trains it with plain SGD; its update is the change
 //! of those rows plus the change of the dense tensors ([`SparseTensors`]).

@@ -2,6 +2,10 @@
 //! round it is assigned downloads only its rows plus the dense tensors (FedSubAvg) and uploads only
 //! the rows it touched, or, when the task runs plain FedAvg on the same model, downloads the whole
 //! model and uploads a full-size update (zero outside `R_i`) so the two can be compared.
+//!
+//! FedSubAvg is Ding et al., "Federated Submodel Optimization for Hot and Cold Data Features"
+//! (NeurIPS 2022). The server needs `R_i` before any round (heat `h_m` counts the whole registered
+//! population, not this round's devices), hence [`SubmodelDevice::enrol`] is separate from training.
 
 use std::{collections::BTreeMap, sync::Arc};
 

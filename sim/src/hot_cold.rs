@@ -25,7 +25,10 @@
 //! K devices uniformly at random (the same devices in the same round for every rule, as the paper's
 //! uniform sampling assumes); they check in, download (their submodel for FedSubAvg, the whole
 //! model for FedAvg), train locally with burn and upload over loopback HTTP. After the last round
-//! the training loss of the committed model is measured on every device's samples.
+//! the training loss of the committed model is measured on every device's samples. A run whose
+//! device update blows up (non-finite, or refused as out of range) stops there and reports its
+//! last committed model with `diverged_in_round`, so a too-large FedAvg server step is a result,
+//! not a failed scenario.
 
 use std::{
     collections::{BTreeMap, HashMap},
