@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedhive_shared::blocks::BlockStatus;
+use fedhive_shared::sparse::{Enrolment, FeatureSet, HeatReport, RowsRequest};
 use fedhive_shared::wire::{
     CheckinResponse, DeviceCredentials, DeviceInfo, ErrorBody, MetricsReport, RoundInfo, TaskConfig,
     TaskCreated, TaskStatus, UploadReceipt,
@@ -41,6 +42,7 @@ impl ClientError {
                 status.is_server_error()
                     || *status == StatusCode::TOO_MANY_REQUESTS
                     || body.error == "upload_in_flight"
+                    || body.error == "round_closing"
             }
             ClientError::Unexpected { status, .. } => status.is_server_error(),
         }
@@ -231,6 +233,51 @@ impl FedhiveClient {
         })
         .await?;
         Ok(())
+    }
+
+    /// FedSubAvg: enrols (or re-enrols) this device's feature set `R_i` and sample count.
+    pub async fn enrol_features(
+        &self,
+        task_id: &str,
+        device_id: &str,
+        features: &FeatureSet,
+    ) -> Result<Enrolment, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/devices/{device_id}/features");
+        Ok(self
+            .send(|| self.request(Method::PUT, &path).json(features))
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// FedSubAvg: downloads the dense tensors and the rows `request.rows` of the model version
+    /// `request.version` (sparse safetensors, see [`fedhive_shared::sparse`]).
+    pub async fn download_submodel(
+        &self,
+        task_id: &str,
+        request: &RowsRequest,
+    ) -> Result<(i64, Bytes), ClientError> {
+        let path = format!("/v1/tasks/{task_id}/submodel");
+        let resp = self
+            .send(|| self.request(Method::POST, &path).json(request))
+            .await?;
+        let version = resp
+            .headers()
+            .get("fedhive-model-version")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or_default();
+        Ok((version, resp.bytes().await?))
+    }
+
+    /// Operator: population and per-row heat of a FedSubAvg task.
+    pub async fn heat(&self, task_id: &str, request: &RowsRequest) -> Result<HeatReport, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/heat");
+        Ok(self
+            .send(|| self.admin(Method::POST, &path).json(request))
+            .await?
+            .json()
+            .await?)
     }
 
     /// Operator: creates a task from its config and initial weights (safetensors).

@@ -5,13 +5,17 @@
 //! - [`model`]: the burn models and their exchange with the wire format ([`fedhive_shared::NamedTensors`]).
 //! - [`training`]: FedAvg's local SGD step ([`training::train_local`]) and evaluation.
 //! - [`block_cyclic`]: MC-PSGD's device step (train `x` and the block's chain `y_m`).
+//! - [`ctr`] and [`submodel_device`]: a CTR model with a sparse table trained on a device's submodel
+//!   (FedSubAvg).
 //! - [`backend`]: run-time choice of the compute device (`flex` CPU or `wgpu`).
 
 pub mod backend;
 pub mod block_cyclic;
 pub mod client;
+pub mod ctr;
 pub mod data;
 pub mod device;
 pub mod model;
 pub mod partition;
+pub mod submodel_device;
 pub mod training;

@@ -6,6 +6,7 @@ pub mod availability_scenario;
 pub mod bench_training;
 pub mod block_cyclic;
 pub mod demo;
+pub mod hot_cold;
 
 /// The values clap gives a command's options when none is passed, so a scenario's `Default` and its
 /// command line cannot disagree.

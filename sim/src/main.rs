@@ -8,6 +8,7 @@ use fedhive_sim::{
     bench_training::{BenchTrainingOptions, OnceOptions},
     block_cyclic::{BlockCyclicOptions, run_block_cyclic},
     demo::{DemoOptions, run_demo},
+    hot_cold::{HotColdOptions, run_hot_cold},
 };
 
 #[derive(Parser)]
@@ -34,6 +35,9 @@ enum Command {
     /// MM-PSGD and MC-PSGD on block-cyclic Fashion-MNIST (day/night concepts) against the last global
     /// model, plus a control where both blocks are the same; prints one JSON line at the end.
     BlockCyclic(BlockCyclicOptions),
+    /// FedSubAvg vs FedAvg (server steps 1, 3, 10, 30) on Zipf-distributed sparse features with a CTR
+    /// model; prints one JSON summary (training loss overall, on hot and on cold samples).
+    HotCold(HotColdOptions),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,11 @@ fn main() -> ExitCode {
             }
             Command::BlockCyclic(options) => {
                 let report = run_block_cyclic(&options, true).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                anyhow::Ok(())
+            }
+            Command::HotCold(options) => {
+                let report = run_hot_cold(&options, true).await?;
                 println!("{}", serde_json::to_string(&report)?);
                 anyhow::Ok(())
             }
