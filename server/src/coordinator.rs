@@ -397,7 +397,11 @@ impl Coordinator {
         let round = self.db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
         let task = self.task(&round.task_id).await?;
         let body = read_body(&task.config).await?;
-        let sha256 = sha256_hex(&body);
+        // Hashing a model-sized body takes milliseconds: off the async workers, like the decode.
+        let hashed = body.clone();
+        let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&hashed))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
 
         if let Some(prev) = self.db.update_for_token(&token_hash).await? {
             if prev.sha256 == sha256 && prev.num_samples as u64 == num_samples {
