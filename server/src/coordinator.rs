@@ -436,7 +436,11 @@ impl Coordinator {
             accepted_seq: 0,
         };
         let Some(stored) = self.db.accept_update(round_id, k, &row, now_ms()).await? else {
-            // Nothing references the blob; the round's folder is removed when it ends.
+            // Nothing references the blob. The round may have ended (and its folder been removed)
+            // while this upload was being written, so remove the blob itself or it is left behind.
+            if let Err(e) = self.blobs.delete(&row.blob_key).await {
+                warn!(round = round_id, error = %e, "could not remove a refused update's blob");
+            }
             return Err(self.why_refused(round_id, num_samples).await?);
         };
         if !fedlaavg::is_fedlaavg(&task) {
