@@ -445,18 +445,33 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         eprintln!("fedhive-load: {unfinished} devices were still busy after the grace period");
     }
 
-    // Uploads whose outcome the devices never learnt: ask once more with the same token and bytes.
-    let mut rng = SmallRng::seed_from_u64(args.seed);
+    // Uploads whose outcome the devices never learnt: ask again with the same token and bytes,
+    // several at once. While the server still holds the original in its upload queue it answers
+    // `409 upload_in_flight`; keep asking until the request timeout has passed once more.
+    let deadline = Instant::now() + Duration::from_secs(args.request_timeout_secs);
+    let mut asking = tokio::task::JoinSet::new();
     let mut unresolved = 0;
-    for pending in stats.take_pending() {
-        match fleet.reconcile(&pending, &mut rng).await {
-            Ok(true) => stats::Counters::bump(&stats.counters.reconciled),
-            Ok(false) => {}
-            Err(e) => {
-                eprintln!("fedhive-load: upload outcome still unknown: {e}");
-                unresolved += 1;
-            }
+    for (k, pending) in stats.take_pending().into_iter().enumerate() {
+        if asking.len() >= RECONCILE_CONCURRENCY
+            && let Some(done) = asking.join_next().await
+        {
+            unresolved += reconciled(&stats, done?);
         }
+        let (fleet, seed) = (fleet.clone(), args.seed ^ k as u64);
+        asking.spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            loop {
+                match fleet.reconcile(&pending, &mut rng).await {
+                    Err(e) if e.contains("upload_in_flight") && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    answer => return answer,
+                }
+            }
+        });
+    }
+    while let Some(done) = asking.join_next().await {
+        unresolved += reconciled(&stats, done?);
     }
     let seconds = started.elapsed().as_secs_f64();
 
@@ -550,4 +565,22 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         pg.drop_database().await?;
     }
     Ok(report.exactly_once.ok && report.events.duplicates_different == 0)
+}
+
+/// Unknown upload outcomes re-asked at once at the end of a run.
+const RECONCILE_CONCURRENCY: usize = 16;
+
+/// Counts one re-asked upload's answer; returns 1 if its outcome is still unknown.
+fn reconciled(stats: &stats::Stats, answer: Result<bool, String>) -> usize {
+    match answer {
+        Ok(true) => {
+            stats::Counters::bump(&stats.counters.reconciled);
+            0
+        }
+        Ok(false) => 0,
+        Err(e) => {
+            eprintln!("fedhive-load: upload outcome still unknown: {e}");
+            1
+        }
+    }
 }
