@@ -31,7 +31,6 @@ use fedhive_client::{
     partition,
     training::evaluate,
 };
-use fedhive_server::{ServerConfig, start};
 use fedhive_shared::{
     NamedTensors,
     wire::{CheckinResponse, RoundState, StrategyConfig, TaskConfig, TrainingParams},
@@ -299,14 +298,9 @@ async fn run_one(
     };
     let fedlaavg = matches!(strategy, StrategyConfig::FedLaAvg { .. });
 
-    let state_dir = tempfile::tempdir()?;
-    let mut config = ServerConfig::new("127.0.0.1:0".parse()?, state_dir.path().to_path_buf());
-    config.database_url = options.database_url.clone();
-    config.insecure_dev = true;
-    config.coordinator.checkin_retry_ms = 50;
-    config.tick = Duration::from_millis(20);
-    let server = start(config).await?;
-    let client = FedhiveClient::new(&format!("http://{}", server.addr))?;
+    let local =
+        crate::LocalServer::start(options.database_url.clone(), 50, Duration::from_millis(20)).await?;
+    let client = local.client.clone();
 
     let task = TaskConfig {
         model: world.kind.name().to_string(),
@@ -406,7 +400,7 @@ async fn run_one(
         accuracy.push(evaluation.await??.accuracy);
     }
     bar.finish_and_clear();
-    server.shutdown().await;
+    local.server.shutdown().await;
 
     let last = &accuracy[accuracy.len().saturating_sub(availability.cycle() as usize)..];
     Ok(MethodReport {

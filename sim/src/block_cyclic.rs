@@ -25,14 +25,12 @@ use std::{
 use anyhow::Context;
 use fedhive_client::{
     backend::Backend,
-    client::FedhiveClient,
     data::{Dataset, Split, default_data_dir, load_fashion_mnist},
     device::Device,
     model::{ModelKind, initial_weights, tensor_specs},
     partition,
     training::evaluate,
 };
-use fedhive_server::{ServerConfig, start};
 use fedhive_shared::{
     NamedTensors,
     blocks::{BlockSchedule, ChainChoice, RoundBlock},
@@ -308,14 +306,9 @@ async fn run_federation(
     let backend: Backend = options.backend.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let device = backend.device().context("opening the training backend")?;
 
-    let state_dir = tempfile::tempdir()?;
-    let mut config = ServerConfig::new("127.0.0.1:0".parse()?, state_dir.path().to_path_buf());
-    config.database_url = options.database_url.clone();
-    config.insecure_dev = true;
-    config.coordinator.checkin_retry_ms = 100;
-    config.tick = Duration::from_millis(50);
-    let server = start(config).await?;
-    let client = FedhiveClient::new(&format!("http://{}", server.addr))?;
+    let local =
+        crate::LocalServer::start(options.database_url.clone(), 100, Duration::from_millis(50)).await?;
+    let client = local.client.clone();
 
     let schedule = BlockSchedule::Rounds {
         blocks: ["day", "night"]
@@ -413,7 +406,7 @@ async fn run_federation(
     };
     let chain_chosen = PerBlock::new(chain_share("day"), chain_share("night"));
     let committed = client.task_status(&task_id).await?.committed_rounds;
-    server.shutdown().await;
+    local.server.shutdown().await;
     let label = if mc { "MC-PSGD" } else { "MM-PSGD" };
     if show_progress {
         eprintln!(

@@ -13,14 +13,12 @@ use std::{
 use anyhow::Context;
 use fedhive_client::{
     backend::Backend,
-    client::FedhiveClient,
     data::{Split, default_data_dir, load_fashion_mnist},
     device::{Device, DeviceReport},
     model::{ModelKind, initial_weights, tensor_specs},
     partition,
     training::evaluate,
 };
-use fedhive_server::{ServerConfig, start};
 use fedhive_shared::{
     NamedTensors,
     wire::{StrategyConfig, TaskConfig, TaskState, TrainingParams},
@@ -103,21 +101,9 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
     }
     let test = Arc::new(load_fashion_mnist(&data_dir, Split::Test)?);
 
-    let state_dir = tempfile::tempdir()?;
-    let mut config = ServerConfig::new("127.0.0.1:0".parse()?, state_dir.path().to_path_buf());
-    config.database_url = options.database_url.clone();
-    config.insecure_dev = true;
-    config.coordinator.checkin_retry_ms = 100;
-    config.tick = Duration::from_millis(50);
-    let database = config
-        .database_url()
-        .split(':')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let server = start(config).await?;
-    let base_url = format!("http://{}", server.addr);
-    let client = FedhiveClient::new(&base_url)?;
+    let local =
+        crate::LocalServer::start(options.database_url.clone(), 100, Duration::from_millis(50)).await?;
+    let client = local.client.clone();
 
     let task = TaskConfig {
         model: kind.name().to_string(),
@@ -193,7 +179,7 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         totals.updates_accepted += r.updates_accepted;
         totals.updates_late += r.updates_late;
     }
-    server.shutdown().await;
+    local.server.shutdown().await;
     Ok(DemoReport {
         final_accuracy: accuracy_per_round.last().copied().unwrap_or(0.0),
         rounds: evaluated,
@@ -204,7 +190,7 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         alpha: options.alpha,
         model: kind.name().to_string(),
         backend: options.backend.clone(),
-        database,
+        database: local.database.clone(),
         updates_accepted: totals.updates_accepted,
         updates_late: totals.updates_late,
     })

@@ -45,7 +45,6 @@ use fedhive_client::{
     submodel_device::{ComputeDevice, Exchange, SubmodelDevice},
     training::TrainError,
 };
-use fedhive_server::{ServerConfig, start};
 use fedhive_shared::{
     NamedTensors,
     fedsubavg::SubAvgForm,
@@ -502,20 +501,9 @@ pub async fn run_hot_cold(options: &HotColdOptions, show_progress: bool) -> anyh
     let pop = Arc::new(generate(options));
     let initial = pop.spec.initial_weights(options.seed);
 
-    let state_dir = tempfile::tempdir()?;
-    let mut config = ServerConfig::new("127.0.0.1:0".parse()?, state_dir.path().to_path_buf());
-    config.database_url = options.database_url.clone();
-    config.insecure_dev = true;
-    config.coordinator.checkin_retry_ms = 20;
-    config.tick = Duration::from_millis(50);
-    let database = config
-        .database_url()
-        .split(':')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let server = start(config).await?;
-    let client = FedhiveClient::new(&format!("http://{}", server.addr))?;
+    let local =
+        crate::LocalServer::start(options.database_url.clone(), 20, Duration::from_millis(50)).await?;
+    let client = local.client.clone();
 
     let mut rules = vec![StrategyConfig::FedSubAvg {
         server_lr: 1.0,
@@ -590,7 +578,7 @@ pub async fn run_hot_cold(options: &HotColdOptions, show_progress: bool) -> anyh
         });
     }
     bar.finish_and_clear();
-    server.shutdown().await;
+    local.server.shutdown().await;
 
     let sub = runs
         .iter()
@@ -622,7 +610,7 @@ pub async fn run_hot_cold(options: &HotColdOptions, show_progress: bool) -> anyh
         fedsubavg_lowest_loss,
         fedsubavg_largest_cold_gain,
         fedsubavg_lowest_hot_loss,
-        database,
+        database: local.database.clone(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
