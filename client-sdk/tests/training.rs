@@ -26,16 +26,6 @@ fn split(split: Split) -> &'static Dataset {
     })
 }
 
-fn add(x: &NamedTensors, delta: &NamedTensors) -> NamedTensors {
-    let mut out = x.clone();
-    for (name, t) in &mut out.0 {
-        for (v, d) in t.data.iter_mut().zip(&delta.0[name].data) {
-            *v += d;
-        }
-    }
-    out
-}
-
 fn assert_finite_and_nonzero(delta: &NamedTensors) {
     for (name, t) in &delta.0 {
         assert!(
@@ -110,7 +100,7 @@ fn mlp_learns_in_one_local_epoch() {
     let eval = evaluate(
         ModelKind::Mlp,
         &device,
-        &add(&global, &update.delta),
+        &global.add(&update.delta),
         split(Split::Test),
     )
     .unwrap();
@@ -142,7 +132,7 @@ fn cnn_loss_decreases_in_a_few_steps() {
     };
     let before = evaluate(ModelKind::Cnn, &device, &global, &local).unwrap();
     let update = train_local(ModelKind::Cnn, &device, &global, &local, &params, 3).unwrap();
-    let after = evaluate(ModelKind::Cnn, &device, &add(&global, &update.delta), &local).unwrap();
+    let after = evaluate(ModelKind::Cnn, &device, &global.add(&update.delta), &local).unwrap();
     assert_finite_and_nonzero(&update.delta);
     assert!(
         after.loss < before.loss - 0.1,
@@ -254,8 +244,8 @@ fn mc_reports_the_losses_of_the_trained_models() {
     let loss_x = body.0.remove(LOSS_X).unwrap().data[0];
     let loss_chain = body.0.remove(LOSS_CHAIN).unwrap().data[0];
     let chain_delta = take_prefixed(&mut body, CHAIN_PREFIX);
-    let trained_x = evaluate(ModelKind::Mlp, &device, &add(&x, &body), &local).unwrap();
-    let trained_chain = evaluate(ModelKind::Mlp, &device, &add(&chain, &chain_delta), &local).unwrap();
+    let trained_x = evaluate(ModelKind::Mlp, &device, &x.add(&body), &local).unwrap();
+    let trained_chain = evaluate(ModelKind::Mlp, &device, &chain.add(&chain_delta), &local).unwrap();
     assert_eq!((loss_x, mc.loss_x), (trained_x.loss, trained_x.loss));
     assert_eq!(
         (loss_chain, mc.loss_chain),

@@ -9,18 +9,7 @@ use fedhive_client::backend::Backend;
 use fedhive_client::data::{Split, default_data_dir, load_fashion_mnist};
 use fedhive_client::model::{ModelKind, initial_weights};
 use fedhive_client::training::{evaluate, train_local};
-use fedhive_shared::NamedTensors;
 use fedhive_shared::wire::TrainingParams;
-
-fn add(x: &NamedTensors, delta: &NamedTensors) -> NamedTensors {
-    let mut out = x.clone();
-    for (name, t) in &mut out.0 {
-        for (v, d) in t.data.iter_mut().zip(&delta.0[name].data) {
-            *v += d;
-        }
-    }
-    out
-}
 
 #[test]
 fn mlp_trains_on_wgpu() {
@@ -86,7 +75,7 @@ fn mlp_trains_on_wgpu() {
         update.delta.0.values().flat_map(|t| &t.data).any(|v| *v != 0.0),
         "delta is zero"
     );
-    let after = evaluate(ModelKind::Mlp, &device, &add(&global, &update.delta), &local).unwrap();
+    let after = evaluate(ModelKind::Mlp, &device, &global.add(&update.delta), &local).unwrap();
     assert!(
         after.loss < before.loss - 0.3,
         "loss on the training data: {} -> {}",
