@@ -141,7 +141,12 @@ impl FedhiveClient {
                 return Err(err);
             }
             tracing::debug!(attempt, error = %err, "retrying request");
-            tokio::time::sleep(self.retry.backoff(attempt)).await;
+            // A busy server says when to come back (it spreads the devices it refuses).
+            let asked = match &err {
+                ClientError::Api { body, .. } => body.retry_after_ms.map(Duration::from_millis),
+                _ => None,
+            };
+            tokio::time::sleep(asked.unwrap_or_else(|| self.retry.backoff(attempt))).await;
         }
     }
 

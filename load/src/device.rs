@@ -74,6 +74,21 @@ fn retryable(answer: &Answer) -> bool {
     }
 }
 
+/// How often one request may be told `503 server_busy` before it counts as failed.
+const MAX_BUSY_WAITS: u32 = 1000;
+
+/// The wait a `503 server_busy` answer asks for.
+fn busy_retry(answer: &Answer) -> Option<Duration> {
+    match answer {
+        Answer::Http(StatusCode::SERVICE_UNAVAILABLE, body) => serde_json::from_slice::<ErrorBody>(body)
+            .ok()
+            .filter(|e| e.error == "server_busy")
+            .and_then(|e| e.retry_after_ms)
+            .map(Duration::from_millis),
+        _ => None,
+    }
+}
+
 impl Fleet {
     /// Sends `build()`'s request, reads the whole answer, and records it; retries as configured.
     async fn call(
@@ -84,6 +99,7 @@ impl Fleet {
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Answer {
         let mut attempt = 0;
+        let mut busy_waits = 0;
         loop {
             let started = Instant::now();
             let mut received = 0;
@@ -106,6 +122,16 @@ impl Fleet {
             };
             self.stats
                 .record(endpoint, started.elapsed(), &outcome, sent, received);
+            // `503 server_busy` is the server pacing its uploads, not a failure: come back when it
+            // says, without using up a retry.
+            if let Some(wait) = busy_retry(&answer)
+                && busy_waits < MAX_BUSY_WAITS
+            {
+                busy_waits += 1;
+                Counters::bump(&self.stats.counters.busy_waits);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             if attempt >= self.options.retries || !retryable(&answer) {
                 return answer;
             }

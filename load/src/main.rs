@@ -135,6 +135,9 @@ struct RunArgs {
     /// The started server's --max-concurrent-uploads.
     #[arg(long, default_value_t = 8)]
     max_concurrent_uploads: usize,
+    /// The started server's --max-queued-uploads.
+    #[arg(long, default_value_t = 64)]
+    max_queued_uploads: usize,
     /// The started server's --checkin-retry-ms.
     #[arg(long, default_value_t = 1000)]
     checkin_retry_ms: u64,
@@ -252,6 +255,7 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         database_url: postgres.as_ref().map(|p| p.url.clone()),
         admin_token: admin_token.clone(),
         max_concurrent_uploads: args.max_concurrent_uploads,
+        max_queued_uploads: args.max_queued_uploads,
         checkin_retry_ms: args.checkin_retry_ms,
         tick_ms: 200,
         log_filter: args.server_log.clone(),
@@ -526,6 +530,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             retries: args.retries,
             duplicate_rate: args.duplicate_rate,
             max_concurrent_uploads: args.max_concurrent_uploads,
+            max_queued_uploads: args.max_queued_uploads,
             duration_secs: args.duration_secs as f64,
         },
         seconds,
@@ -548,6 +553,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             late: get(&c.late),
             rejected: get(&c.rejected),
             retries: get(&c.retries),
+            busy_waits: get(&c.busy_waits),
             duplicates_sent: get(&c.duplicates_sent),
             duplicates_identical: get(&c.duplicates_identical),
             duplicates_different: get(&c.duplicates_different),

@@ -19,6 +19,7 @@ pub struct Setup {
     pub retries: u32,
     pub duplicate_rate: f64,
     pub max_concurrent_uploads: usize,
+    pub max_queued_uploads: usize,
     pub duration_secs: f64,
 }
 
@@ -100,6 +101,8 @@ pub struct Events {
     /// Uploads refused for another reason (must stay 0 with valid synthetic updates).
     pub rejected: u64,
     pub retries: u64,
+    /// Requests answered `503 server_busy` and sent again when the server said.
+    pub busy_waits: u64,
     pub duplicates_sent: u64,
     pub duplicates_identical: u64,
     pub duplicates_different: u64,
@@ -204,13 +207,14 @@ impl Report {
         let _ = writeln!(
             out,
             "events: {} assignments, {} retry-after, {} late (409 round_closed), {} dropped after check-in, \
-             {} dropped mid-upload, {} retries, {} duplicates ({} identical receipts), {} rejected",
+             {} dropped mid-upload, {} retries, {} server-busy waits, {} duplicates ({} identical receipts), {} rejected",
             ev.assignments,
             ev.retry_after,
             ev.late,
             ev.dropped_after_checkin,
             ev.dropped_mid_upload,
             ev.retries,
+            ev.busy_waits,
             ev.duplicates_sent,
             ev.duplicates_identical,
             ev.rejected

@@ -94,6 +94,7 @@ pub struct SpawnOptions {
     pub database_url: Option<String>,
     pub admin_token: String,
     pub max_concurrent_uploads: usize,
+    pub max_queued_uploads: usize,
     pub checkin_retry_ms: u64,
     pub tick_ms: u64,
     /// `RUST_LOG` of the server; its stderr goes to `log_path`.
@@ -125,12 +126,19 @@ impl ServerProcess {
             .arg(&options.data_dir)
             .arg("--max-concurrent-uploads")
             .arg(options.max_concurrent_uploads.to_string())
+            .arg("--max-queued-uploads")
+            .arg(options.max_queued_uploads.to_string())
             .arg("--checkin-retry-ms")
             .arg(options.checkin_retry_ms.to_string())
             .arg("--tick-ms")
             .arg(options.tick_ms.to_string())
             .env("FEDHIVE_ADMIN_TOKEN", &options.admin_token)
             .env("RUST_LOG", &options.log_filter)
+            // As deploy/Dockerfile sets it (see there), unless the caller's environment says otherwise.
+            .env(
+                "MALLOC_MMAP_THRESHOLD_",
+                std::env::var("MALLOC_MMAP_THRESHOLD_").unwrap_or_else(|_| "1048576".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&options.log_path).context("creating the server log")?);

@@ -67,6 +67,7 @@ pub struct Counters {
     pub late: AtomicU64,
     pub rejected: AtomicU64,
     pub retries: AtomicU64,
+    pub busy_waits: AtomicU64,
     pub duplicates_sent: AtomicU64,
     pub duplicates_identical: AtomicU64,
     pub duplicates_different: AtomicU64,

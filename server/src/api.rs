@@ -244,18 +244,7 @@ async fn upload(
         if let Some(size) = declared.filter(|&s| s > limit) {
             return Err(ApiError::BodyTooLarge { size, limit });
         }
-        axum::body::to_bytes(body, limit).await.map_err(|e| {
-            let too_large =
-                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::BodyTooLarge {
-                    size: limit + 1,
-                    limit,
-                }
-            } else {
-                ApiError::BadBody(e.to_string())
-            }
-        })
+        read_limited(body, declared.unwrap_or(0), limit).await
     };
     let (receipt, full) = coordinator
         .upload(&token, query.num_samples, |config| {
@@ -272,6 +261,27 @@ async fn upload(
         });
     }
     Ok(Json(receipt))
+}
+
+/// Reads a body of at most `limit` bytes into one buffer sized from its declared length, so a
+/// model-sized upload is held once (collecting the frames and then joining them would hold it twice).
+async fn read_limited(mut body: Body, declared: usize, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::BadBody(e.to_string()))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::BodyTooLarge {
+                size: buf.len() + chunk.len(),
+                limit,
+            });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 async fn metrics(

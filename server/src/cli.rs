@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Uploads read and validated at once (bounds memory to this many model-sized buffers).
     #[arg(long, default_value_t = 8)]
     pub max_concurrent_uploads: usize,
+    /// Uploads that may wait for a processing slot; beyond them devices get `503 server_busy` with a
+    /// retry time (keeps thousands of unread model-sized bodies out of the kernel's socket buffers).
+    #[arg(long, default_value_t = 64)]
+    pub max_queued_uploads: usize,
     /// Milliseconds between checks for round deadlines.
     #[arg(long, default_value_t = 200)]
     pub tick_ms: u64,
@@ -60,6 +64,7 @@ impl ServeArgs {
         config.coordinator = CoordinatorOptions {
             checkin_retry_ms: self.checkin_retry_ms,
             max_concurrent_uploads: self.max_concurrent_uploads,
+            max_queued_uploads: self.max_queued_uploads,
         };
         config.tick = Duration::from_millis(self.tick_ms);
         config

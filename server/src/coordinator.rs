@@ -34,10 +34,10 @@ use fedhive_shared::{
     },
 };
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::{
+    admission::UploadAdmission,
     blobs::BlobStore,
     db::{Db, DbError, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
     error::ApiError,
@@ -53,6 +53,9 @@ pub struct CoordinatorOptions {
     /// Uploads whose bodies are read and validated at the same time; bounds memory to this many
     /// model-sized buffers however many devices upload at once.
     pub max_concurrent_uploads: usize,
+    /// Uploads that may wait for one of those slots; more get `503 server_busy` with a retry time
+    /// (see [`crate::admission`]).
+    pub max_queued_uploads: usize,
 }
 
 impl Default for CoordinatorOptions {
@@ -60,6 +63,7 @@ impl Default for CoordinatorOptions {
         CoordinatorOptions {
             checkin_retry_ms: 1000,
             max_concurrent_uploads: 8,
+            max_queued_uploads: 64,
         }
     }
 }
@@ -81,7 +85,7 @@ pub struct Coordinator {
     models: Mutex<HashMap<String, (i64, Bytes)>>,
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
-    upload_permits: Semaphore,
+    uploads: UploadAdmission,
     pub(crate) finalize_lock: tokio::sync::Mutex<()>,
 }
 
@@ -221,8 +225,8 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
 
 impl Coordinator {
     pub fn new(db: Db, blobs: BlobStore, options: CoordinatorOptions) -> Self {
-        let permits = options.max_concurrent_uploads.max(1);
         let tables = TableStore::new(blobs.root().join("tables"));
+        let uploads = UploadAdmission::new(options.max_concurrent_uploads, options.max_queued_uploads);
         Coordinator {
             db,
             blobs,
@@ -231,7 +235,7 @@ impl Coordinator {
             accumulators: Arc::default(),
             models: Mutex::default(),
             in_flight: Mutex::default(),
-            upload_permits: Semaphore::new(permits),
+            uploads,
             finalize_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -314,15 +318,23 @@ impl Coordinator {
         if round.state != "open" || now >= round.deadline_ms {
             return Ok(retry("round_closing", base_retry));
         }
-        // Before taking a slot, so a failure here does not use one up.
-        let block = self.block_assignment(&task, &round).await?;
         let config = &task.config;
         let cap = (config.devices_per_round as f64 * config.over_selection as f64).ceil() as i64;
+        let round_full = || {
+            let until_deadline = (round.deadline_ms - now).max(0) as u64;
+            retry("round_full", base_retry.min(until_deadline).max(100))
+        };
+        // Devices waiting for the next round poll here: answer them from the row already read,
+        // without a write transaction (thousands of them would otherwise crowd out the uploads).
+        if round.assigned >= cap {
+            return Ok(round_full());
+        }
+        // Before taking a slot, so a failure here does not use one up.
+        let block = self.block_assignment(&task, &round).await?;
         let token = hex::encode(rand::random::<[u8; 32]>());
         let token_hash = sha256_hex(token.as_bytes());
         if self.db.assign(round.id, cap, &token_hash, now).await?.is_none() {
-            let until_deadline = (round.deadline_ms - now).max(0) as u64;
-            return Ok(retry("round_full", base_retry.min(until_deadline).max(100)));
+            return Ok(round_full());
         }
         Ok(CheckinResponse::Assigned(Assignment {
             task_id: task.id,
@@ -374,8 +386,8 @@ impl Coordinator {
     }
 
     /// Accepts one device update. `read_body` (given the task's config, for its size limit) is only
-    /// awaited once an upload permit is held, so at
-    /// most `max_concurrent_uploads` bodies are in memory at once. The flag says the round is now
+    /// awaited once an upload slot is held, so at most `max_concurrent_uploads` bodies are in
+    /// memory at once; past the queue limit the device is told to come back later. The flag says the round is now
     /// full and should be finalised.
     pub async fn upload<R, F>(
         &self,
@@ -389,11 +401,11 @@ impl Coordinator {
     {
         let (token_hash, round_id) = self.token_round(token).await?;
         let _flight = InFlight::enter(&self.in_flight, &token_hash).ok_or(ApiError::UploadInFlight)?;
-        let _permit = self
-            .upload_permits
-            .acquire()
+        let _slot = self
+            .uploads
+            .enter()
             .await
-            .expect("semaphore never closed");
+            .map_err(|retry_after_ms| ApiError::ServerBusy { retry_after_ms })?;
         let round = self.db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
         let task = self.task(&round.task_id).await?;
         let body = read_body(&task.config).await?;

@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use fedhive_shared::{TensorError, fedavg::AggregateError, sparse::SparseError, wire::ErrorBody};
@@ -54,6 +54,8 @@ pub enum ApiError {
     InvalidConfig(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("the server is processing as many uploads as it can queue; retry in {retry_after_ms} ms")]
+    ServerBusy { retry_after_ms: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,6 +76,7 @@ impl ApiError {
             ConflictingRetry { .. } | Tensor(_) | Sparse(_) | Aggregate(_) | InvalidConfig(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
+            ServerBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,6 +108,7 @@ impl ApiError {
             UnknownChainVersion { .. } => "unknown_chain_version",
             InvalidConfig(_) => "invalid_config",
             InvalidRequest(_) => "invalid_request",
+            ServerBusy { .. } => "server_busy",
             Internal(_) => "internal",
         }
     }
@@ -125,7 +129,11 @@ impl From<std::io::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        let retry_after_ms = match self {
+            ApiError::ServerBusy { retry_after_ms } => Some(retry_after_ms),
+            _ => None,
+        };
+        if matches!(self, ApiError::Internal(_)) {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::debug!(code = self.code(), error = %self, "request refused");
@@ -133,7 +141,14 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.code().to_string(),
             message: self.to_string(),
+            retry_after_ms,
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(ms) = retry_after_ms {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+        }
+        response
     }
 }

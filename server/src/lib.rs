@@ -8,6 +8,7 @@
 //! that a restart rebuilds. burn is not a dependency: aggregation runs on plain slices from
 //! `fedhive-shared`.
 
+pub mod admission;
 pub mod api;
 pub mod api_sparse;
 pub mod blobs;

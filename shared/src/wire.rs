@@ -203,6 +203,9 @@ pub struct ErrorBody {
     pub error: String,
     /// Human-readable message naming the offending field and value.
     pub message: String,
+    /// When to try again (`503 server_busy`), also sent as the `Retry-After` header in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -137,13 +137,19 @@ fn free_port() -> u16 {
 impl ServerProcess {
     /// Starts the server on `data_dir` (and `db`'s URL) and waits until it answers.
     pub async fn start(data_dir: &Path, db: &TestDb) -> anyhow::Result<ServerProcess> {
-        Self::start_on(data_dir, db.url.clone(), free_port()).await
+        Self::start_on(data_dir, db.url.clone(), free_port(), &[]).await
+    }
+
+    /// Like [`ServerProcess::start`], with extra `fedhive serve` flags.
+    pub async fn start_with(data_dir: &Path, db: &TestDb, flags: &[&str]) -> anyhow::Result<ServerProcess> {
+        Self::start_on(data_dir, db.url.clone(), free_port(), flags).await
     }
 
     async fn start_on(
         data_dir: &Path,
         database_url: Option<String>,
         port: u16,
+        flags: &[&str],
     ) -> anyhow::Result<ServerProcess> {
         let mut cmd = Command::new(server_binary());
         cmd.arg("serve")
@@ -154,6 +160,7 @@ impl ServerProcess {
             .arg("--admin-token")
             .arg(ADMIN_TOKEN)
             .args(["--tick-ms", "50", "--checkin-retry-ms", "100"])
+            .args(flags)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -199,7 +206,7 @@ impl ServerProcess {
 
     /// Starts a new process on the same data dir, database and port.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let fresh = Self::start_on(&self.data_dir, self.database_url.clone(), self.port).await?;
+        let fresh = Self::start_on(&self.data_dir, self.database_url.clone(), self.port, &[]).await?;
         *self = fresh;
         Ok(())
     }

@@ -1,0 +1,92 @@
+//! Upload admission: past the processing slots and the queue, an upload is refused at once with
+//! `503 server_busy` and a time to retry, changes nothing, and succeeds when sent again.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fedhive_e2e::{Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors};
+use fedhive_shared::wire::{ErrorBody, UploadReceipt};
+use reqwest::{StatusCode, header};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+on_both_databases!(a_busy_server_refuses_uploads_with_a_retry_time);
+
+async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    // One upload at a time and none waiting.
+    let flags = ["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"];
+    let server = ServerProcess::start_with(dir.path(), &db, &flags).await.unwrap();
+    let client = server.raw_client();
+    let task = client
+        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
+        .await
+        .unwrap()
+        .task_id;
+    let slow = assign(&client, &task).await;
+    let refused = assign(&client, &task).await;
+    let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
+
+    // `slow` sends its headers and half its body, and so holds the only slot while the server
+    // waits for the rest.
+    let addr = server.base_url.trim_start_matches("http://").to_string();
+    let mut slow_conn = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\n\r\n",
+        slow.upload_token,
+        update.len()
+    );
+    let half = update.len() / 2;
+    slow_conn.write_all(head.as_bytes()).await.unwrap();
+    slow_conn.write_all(&update[..half]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let http = reqwest::Client::new();
+    let send_refused = || {
+        http.put(format!("{}/v1/updates?num_samples=7", server.base_url))
+            .bearer_auth(&refused.upload_token)
+            .body(update.clone())
+            .send()
+    };
+    let resp = send_refused().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry_header: u64 = resp.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After in seconds");
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert_eq!(body.error, "server_busy", "{}", body.message);
+    let retry_ms = body.retry_after_ms.expect("retry_after_ms in the body");
+    assert!((100..=60_000).contains(&retry_ms), "retry after {retry_ms} ms");
+    assert_eq!(retry_header, retry_ms.div_ceil(1000));
+    let rounds = client.rounds(&task).await.unwrap();
+    assert_eq!((rounds[0].accepted, rounds[0].total_samples), (0, 0), "a refusal changes nothing");
+
+    // The slow upload completes and is accepted.
+    slow_conn.write_all(&update[half..]).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\"sha256\"") {
+        let n = tokio::time::timeout(Duration::from_secs(30), slow_conn.read(&mut buf))
+            .await
+            .expect("the slow upload is answered")
+            .unwrap();
+        assert!(n > 0, "connection closed early: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The refused device sends the same update again and is counted once.
+    let resp = send_refused().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let receipt: UploadReceipt = resp.json().await.unwrap();
+    assert_eq!(receipt.accepted_updates, 2);
+    let rounds = client.rounds(&task).await.unwrap();
+    assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
+}
