@@ -163,7 +163,11 @@ mod tests {
             assert!(futures_poll_pending(queued.as_mut()).await);
             assert_eq!(admission.waiting(), 1);
         }
-        assert_eq!(admission.waiting(), 0, "a cancelled wait (client gone) frees its place");
+        assert_eq!(
+            admission.waiting(),
+            0,
+            "a cancelled wait (client gone) frees its place"
+        );
         let queued_again = admission.enter();
         tokio::pin!(queued_again);
         assert!(futures_poll_pending(queued_again.as_mut()).await);

@@ -65,7 +65,11 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
     assert!((100..=60_000).contains(&retry_ms), "retry after {retry_ms} ms");
     assert_eq!(retry_header, retry_ms.div_ceil(1000));
     let rounds = client.rounds(&task).await.unwrap();
-    assert_eq!((rounds[0].accepted, rounds[0].total_samples), (0, 0), "a refusal changes nothing");
+    assert_eq!(
+        (rounds[0].accepted, rounds[0].total_samples),
+        (0, 0),
+        "a refusal changes nothing"
+    );
 
     // The slow upload completes and is accepted.
     slow_conn.write_all(&update[half..]).await.unwrap();
@@ -76,7 +80,11 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
             .await
             .expect("the slow upload is answered")
             .unwrap();
-        assert!(n > 0, "connection closed early: {}", String::from_utf8_lossy(&answer));
+        assert!(
+            n > 0,
+            "connection closed early: {}",
+            String::from_utf8_lossy(&answer)
+        );
         answer.extend_from_slice(&buf[..n]);
     }
     let answer = String::from_utf8_lossy(&answer);
