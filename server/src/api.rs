@@ -12,11 +12,11 @@
 //! | GET | /v1/tasks/{id}/model[?version=N] | device | model safetensors; ETag = version |
 //! | PUT | /v1/updates?num_samples=N | device (upload token) | the update (safetensors of Delta) |
 //! | POST | /v1/metrics | device (upload token) | loss, sample count, accuracy |
-//!
-//! FedSubAvg's submodel routes are in [`crate::api_sparse`].
 //! | GET | /v1/tasks/{id}/predictor[?block=NAME] | anyone | MM/MC-PSGD: predictor of the current (or named) block |
 //! | GET | /v1/tasks/{id}/blocks/{name}/chain?version=N | device | MC-PSGD: the block's chain `y_m` |
 //! | GET | /v1/tasks/{id}/blocks | admin | MM/MC-PSGD: schedule position, `r_m` per block, round history |
+//!
+//! FedSubAvg's submodel routes are in [`crate::api_sparse`].
 
 use std::sync::Arc;
 
@@ -35,7 +35,7 @@ use fedhive_shared::wire::{
     TaskStatus, UploadReceipt,
 };
 use serde::Deserialize;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::{
     coordinator::{Coordinator, upload_limit},
@@ -69,7 +69,9 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         .route("/v1/tasks/{task_id}/blocks/{block}/chain", get(chain))
         .route("/v1/tasks/{task_id}/blocks", get(block_status))
         .layer(DefaultBodyLimit::max(max_model_bytes))
-        .layer(TraceLayer::new_for_http())
+        // 5xx answers are logged where they arise (internal errors at `error`); `503 server_busy`
+        // is routine pacing under load, not a failure to log thousands of times.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         .with_state(state)
 }
 
