@@ -83,6 +83,8 @@ pub struct Coordinator {
     accumulators: Arc<Mutex<HashMap<i64, RoundAccumulator>>>,
     /// Latest model bytes per task, so downloads do not hit the blob store.
     models: Mutex<HashMap<String, (i64, Bytes)>>,
+    /// Held while a current model is read into that cache.
+    model_loads: tokio::sync::Mutex<()>,
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
     uploads: UploadAdmission,
@@ -251,6 +253,7 @@ impl Coordinator {
             options,
             accumulators: Arc::default(),
             models: Mutex::default(),
+            model_loads: tokio::sync::Mutex::new(()),
             in_flight: Mutex::default(),
             uploads,
             finalize_lock: tokio::sync::Mutex::new(()),
@@ -376,18 +379,30 @@ impl Coordinator {
                 version,
             });
         }
-        if let Some((v, bytes)) = self.models.lock().expect("model cache").get(task_id)
-            && *v == version
-        {
-            return Ok((version, bytes.clone()));
+        let cached = || {
+            let models = self.models.lock().expect("model cache");
+            models
+                .get(task_id)
+                .filter(|(v, _)| *v == version)
+                .map(|(_, bytes)| bytes.clone())
+        };
+        if let Some(bytes) = cached() {
+            return Ok((version, bytes));
+        }
+        if version != task.model_version {
+            return Ok((version, self.blobs.get(&model_key(task_id, version)).await?));
+        }
+        // When a round opens, thousands of devices ask for the new model at once: one of them reads
+        // it and the others wait for the cached copy, instead of each holding its own.
+        let _one_reader = self.model_loads.lock().await;
+        if let Some(bytes) = cached() {
+            return Ok((version, bytes));
         }
         let bytes = self.blobs.get(&model_key(task_id, version)).await?;
-        if version == task.model_version {
-            self.models
-                .lock()
-                .expect("model cache")
-                .insert(task_id.to_string(), (version, bytes.clone()));
-        }
+        self.models
+            .lock()
+            .expect("model cache")
+            .insert(task_id.to_string(), (version, bytes.clone()));
         Ok((version, bytes))
     }
 
