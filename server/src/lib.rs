@@ -17,6 +17,7 @@ pub mod coordinator;
 pub mod db;
 pub mod error;
 pub mod fedsubavg;
+pub mod memory;
 pub mod tables;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -102,7 +103,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let blobs = blobs::BlobStore::open(config.data_dir.join("blobs")).context("opening blob store")?;
     let coordinator = Arc::new(Coordinator::new(db, blobs, config.coordinator.clone()));
     coordinator.tick().await.context("recovering rounds")?;
-    let ticker = tokio::spawn(coordinator.clone().run_ticker(config.tick));
+    // The ticker task also returns freed memory to the system every few seconds (see `memory`).
+    let ticker = tokio::spawn({
+        let rounds = coordinator.clone().run_ticker(config.tick);
+        async move {
+            tokio::join!(rounds, memory::trim_every(Duration::from_secs(5)));
+        }
+    });
 
     let state = api::AppState {
         coordinator: coordinator.clone(),
