@@ -16,7 +16,7 @@ use std::sync::{
     Mutex,
     atomic::{AtomicUsize, Ordering},
 };
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -111,14 +111,14 @@ impl UploadAdmission {
         wait.clamp(MIN_RETRY_MS, MAX_RETRY_MS) as u64
     }
 
-    fn record_service(&self, held: std::time::Duration) {
+    fn record_service(&self, held: Duration) {
         let mut pace = self.pace.lock().expect("admission pace");
         pace.service_ms = 0.9 * pace.service_ms + 0.1 * held.as_secs_f64() * 1000.0;
     }
 }
 
-fn ms(v: f64) -> std::time::Duration {
-    std::time::Duration::from_secs_f64(v.max(0.0) / 1000.0)
+fn ms(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0) / 1000.0)
 }
 
 impl Drop for UploadSlot<'_> {

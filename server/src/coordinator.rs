@@ -419,8 +419,8 @@ impl Coordinator {
 
     /// Accepts one device update. `read_body` (given the task's config, for its size limit) is only
     /// awaited once an upload slot is held, so at most `max_concurrent_uploads` bodies are in
-    /// memory at once; past the queue limit the device is told to come back later. The flag says the round is now
-    /// full and should be finalised.
+    /// memory at once; past the queue limit the device is told to come back later. The flag says
+    /// the round is now full and should be finalised.
     pub async fn upload<R, F>(
         &self,
         token: &str,
