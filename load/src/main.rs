@@ -24,6 +24,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use fedhive_server::coordinator::default_upload_slots;
 use fedhive_shared::{
     NamedTensors,
     wire::{RoundInfo, RoundState, TaskCreated, TaskState, TaskStatus},
@@ -132,9 +133,9 @@ struct RunArgs {
     /// (dropped afterwards); default: SQLite in a temporary directory.
     #[arg(long)]
     postgres: Option<String>,
-    /// The started server's --max-concurrent-uploads.
-    #[arg(long, default_value_t = 8)]
-    max_concurrent_uploads: usize,
+    /// The started server's --max-concurrent-uploads (default: the server's, one per CPU core).
+    #[arg(long)]
+    max_concurrent_uploads: Option<usize>,
     /// The started server's --max-queued-uploads.
     #[arg(long, default_value_t = 64)]
     max_queued_uploads: usize,
@@ -254,7 +255,7 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         data_dir: data_dir.join("server"),
         database_url: postgres.as_ref().map(|p| p.url.clone()),
         admin_token: admin_token.clone(),
-        max_concurrent_uploads: args.max_concurrent_uploads,
+        max_concurrent_uploads: args.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
         max_queued_uploads: args.max_queued_uploads,
         checkin_retry_ms: args.checkin_retry_ms,
         tick_ms: 200,
@@ -529,7 +530,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             dropout: args.dropout,
             retries: args.retries,
             duplicate_rate: args.duplicate_rate,
-            max_concurrent_uploads: args.max_concurrent_uploads,
+            max_concurrent_uploads: args.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
             max_queued_uploads: args.max_queued_uploads,
             duration_secs: args.duration_secs as f64,
         },

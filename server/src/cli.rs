@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::{CoordinatorOptions, ServerConfig};
+use crate::{CoordinatorOptions, ServerConfig, coordinator::default_upload_slots};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,9 +43,10 @@ pub struct ServeArgs {
     /// Milliseconds a device is told to wait when the round is full or between rounds.
     #[arg(long, default_value_t = 1000)]
     pub checkin_retry_ms: u64,
-    /// Uploads read and validated at once (bounds memory to this many model-sized buffers).
-    #[arg(long, default_value_t = 8)]
-    pub max_concurrent_uploads: usize,
+    /// Uploads read and validated at once (bounds memory to twice this many model-sized buffers);
+    /// default: one per CPU core, at least 2.
+    #[arg(long)]
+    pub max_concurrent_uploads: Option<usize>,
     /// Uploads that may wait for a processing slot; beyond them devices get `503 server_busy` with a
     /// retry time (keeps thousands of unread model-sized bodies out of the kernel's socket buffers).
     #[arg(long, default_value_t = 64)]
@@ -63,7 +64,7 @@ impl ServeArgs {
         config.insecure_dev = self.insecure_dev;
         config.coordinator = CoordinatorOptions {
             checkin_retry_ms: self.checkin_retry_ms,
-            max_concurrent_uploads: self.max_concurrent_uploads,
+            max_concurrent_uploads: self.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
             max_queued_uploads: self.max_queued_uploads,
         };
         config.tick = Duration::from_millis(self.tick_ms);

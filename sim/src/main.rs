@@ -23,8 +23,8 @@ enum Command {
     /// A FedAvg federation on non-IID Fashion-MNIST: server on a temporary SQLite (or --database-url),
     /// simulated devices training with burn; prints one JSON line at the end.
     Demo(DemoOptions),
-    /// Device training throughput (samples/s) per model and backend, cold and warm, with and
-    /// without wgpu's kernel cache; each measurement in a fresh child process.
+    /// Device training throughput (samples/s) per model and backend, cold and warm; each
+    /// measurement in a fresh child process.
     BenchTraining(BenchTrainingOptions),
     /// One measurement of bench-training in this process (what bench-training runs as a child).
     #[command(hide = true)]
