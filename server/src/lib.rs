@@ -17,6 +17,7 @@ pub mod coordinator;
 pub mod db;
 pub mod error;
 pub mod fedsubavg;
+pub mod http;
 pub mod memory;
 pub mod tables;
 
@@ -121,7 +122,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %redact(&url), "fedhive server listening");
-    let handle = tokio::spawn(async move { axum::serve(listener, app).await });
+    let handle = tokio::spawn(http::serve(listener, app));
     Ok(RunningServer {
         addr,
         coordinator,
