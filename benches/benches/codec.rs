@@ -1,7 +1,7 @@
-//! Update codec throughput: safetensors encode, and the server's checked decode (parse, copy,
-//! names/shapes, finite and range check) of dense updates and of sparse ones (FedSubAvg: ids + rows
-//! of an embedding table beside a small dense part; the decode also checks ids are in range and
-//! unique).
+//! Update codec throughput: safetensors encode, the checked decode (parse, copy, names/shapes,
+//! finite and range check) of dense updates and of sparse ones (FedSubAvg: ids + rows of an
+//! embedding table beside a small dense part; the decode also checks ids are in range and unique),
+//! and the server's dense upload gate, which checks the same without the copy.
 //!
 //! `cargo bench --manifest-path benches/Cargo.toml --bench codec`; throughput is in bytes of f32 data.
 
@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, hint::black_box};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fedhive_shared::{
-    NamedTensors, Tensor,
+    NamedTensors, Tensor, TensorLayout,
     fedavg::DELTA_LIMIT,
     sparse::{SparseRows, SparseTensors, TableShape},
 };
@@ -45,6 +45,10 @@ fn codec(c: &mut Criterion) {
         group.bench_function("encode", |b| b.iter(|| black_box(tensors.encode())));
         group.bench_function("decode_checked", |b| {
             b.iter(|| NamedTensors::decode_checked(black_box(&encoded), &specs, DELTA_LIMIT).expect("valid"))
+        });
+        // The server's upload gate: the same checks, values read in place (no decoded copy).
+        group.bench_function("check_in_place", |b| {
+            b.iter(|| TensorLayout::check(black_box(&encoded), &specs, DELTA_LIMIT).expect("valid"))
         });
         group.finish();
     }

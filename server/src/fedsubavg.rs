@@ -26,7 +26,7 @@ use std::{
 
 use bytes::Bytes;
 use fedhive_shared::{
-    FedAvgAccumulator, NamedTensors,
+    FedAvgAccumulator, NamedTensors, TensorLayout,
     fedavg::{AggregateError, DELTA_LIMIT, MAX_UPDATE_SAMPLES},
     fedsubavg::{Heat, SubAvgAccumulator, SubAvgForm},
     sparse::{
@@ -141,9 +141,10 @@ pub fn upload_limit(model: &SparseModel) -> usize {
     dense * 4 + rows + 64 * 1024 + (model.dense.len() + 2 * model.tables.len()) * 256
 }
 
-/// One accepted update, decoded for its task's strategy.
+/// One accepted update, checked for its task's strategy. A dense update keeps its body and is
+/// read in place (see [`TensorLayout`]); a sparse one is decoded (it is a few rows).
 pub enum RoundUpdate {
-    Dense(NamedTensors),
+    Dense { body: Bytes, layout: TensorLayout },
     Sparse(SparseTensors),
 }
 
@@ -164,15 +165,21 @@ impl RoundSums {
 
     pub fn add(&mut self, num_samples: u64, update: &RoundUpdate) -> Result<(), AggregateError> {
         match (self, update) {
-            (RoundSums::Dense(acc), RoundUpdate::Dense(d)) => acc.add(num_samples, d),
+            (RoundSums::Dense(acc), RoundUpdate::Dense { body, layout }) => {
+                acc.add_with(num_samples, |name| {
+                    layout
+                        .values(body, name)
+                        .expect("the layout was checked against the accumulator's specs")
+                })
+            }
             (RoundSums::Sparse(acc), RoundUpdate::Sparse(s)) => acc.add(num_samples, s),
             _ => unreachable!("sums and updates are built from the same task config"),
         }
     }
 }
 
-/// Decodes and checks an update body for the task's strategy (blocking: run off the async threads).
-pub fn decode_update(config: &TaskConfig, body: &[u8]) -> Result<RoundUpdate, ApiError> {
+/// Checks an update body for the task's strategy (blocking: run off the async threads).
+pub fn decode_update(config: &TaskConfig, body: &Bytes) -> Result<RoundUpdate, ApiError> {
     match sparse_model(config) {
         Some(m) => Ok(RoundUpdate::Sparse(SparseTensors::decode_checked(
             body,
@@ -180,11 +187,10 @@ pub fn decode_update(config: &TaskConfig, body: &[u8]) -> Result<RoundUpdate, Ap
             &m.tables,
             DELTA_LIMIT,
         )?)),
-        None => Ok(RoundUpdate::Dense(NamedTensors::decode_checked(
-            body,
-            &upload_specs(config),
-            DELTA_LIMIT,
-        )?)),
+        None => Ok(RoundUpdate::Dense {
+            layout: TensorLayout::check(body, &upload_specs(config), DELTA_LIMIT)?,
+            body: body.clone(),
+        }),
     }
 }
 

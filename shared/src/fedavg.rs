@@ -13,7 +13,7 @@
 //! The same modular sums are what secure aggregation needs later.
 //! Memory is O(model size): one `i64` per parameter, whatever the number of devices.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use crate::tensors::{NamedTensors, TensorSpec};
 
@@ -112,6 +112,17 @@ impl FedAvgAccumulator {
     /// Folds one update in. `delta` must already have passed [`NamedTensors::check`] against the
     /// accumulator's specs with `DELTA_LIMIT` (the server's upload gate does this).
     pub fn add(&mut self, num_samples: u64, delta: &NamedTensors) -> Result<(), AggregateError> {
+        self.add_with(num_samples, |name| Cow::Borrowed(&delta.0[name].data))
+    }
+
+    /// [`FedAvgAccumulator::add`] with the update's values given per tensor name (e.g. read in
+    /// place from a checked upload body, see [`crate::TensorLayout`]); every accumulator tensor
+    /// must have its values, of its length.
+    pub fn add_with<'a>(
+        &mut self,
+        num_samples: u64,
+        values_of: impl Fn(&str) -> Cow<'a, [f32]>,
+    ) -> Result<(), AggregateError> {
         if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
             return Err(AggregateError::BadSampleCount(num_samples));
         }
@@ -120,12 +131,16 @@ impl FedAvgAccumulator {
         }
         let scale = num_samples as f64 * f64::from(FRACTION_BITS).exp2();
         for (name, sum) in &mut self.sums {
-            let values = &delta.0[name].data;
-            debug_assert_eq!(values.len(), sum.len());
+            let values = values_of(name);
+            assert_eq!(
+                values.len(),
+                sum.len(),
+                "tensor `{name}` has the accumulator's length"
+            );
             if num_samples <= FAST_FOLD_MAX_SAMPLES {
-                fold::fast(sum, values, scale);
+                fold::fast(sum, &values, scale);
             } else {
-                fold::exact(sum, values, scale);
+                fold::exact(sum, &values, scale);
             }
         }
         self.total_samples += num_samples;
@@ -188,6 +203,21 @@ mod tests {
             },
         );
         NamedTensors(m)
+    }
+
+    #[test]
+    fn values_in_place_fold_like_decoded_ones() {
+        let a = one("w", vec![0.5, -1.0, 3.25]);
+        let bytes = a.encode();
+        let layout = crate::TensorLayout::check(&bytes, &a.specs(), DELTA_LIMIT).unwrap();
+        let mut decoded = FedAvgAccumulator::new(&a.specs());
+        decoded.add(3, &a).unwrap();
+        let mut in_place = FedAvgAccumulator::new(&a.specs());
+        in_place
+            .add_with(3, |name| layout.values(&bytes, name).unwrap())
+            .unwrap();
+        assert_eq!(in_place, decoded);
+        assert_eq!(in_place.total_samples(), 3);
     }
 
     #[test]

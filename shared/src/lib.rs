@@ -15,4 +15,4 @@ pub mod wire;
 
 pub use fedavg::FedAvgAccumulator;
 pub use fedlaavg::LatestAverage;
-pub use tensors::{NamedTensors, Tensor, TensorError, TensorSpec};
+pub use tensors::{NamedTensors, Tensor, TensorError, TensorLayout, TensorSpec};

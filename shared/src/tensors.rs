@@ -6,7 +6,7 @@
 //! malformed bodies, missing or unexpected names, wrong dtypes or shapes and non-finite values, so
 //! nothing invalid ever reaches an accumulator.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap, ops::Range};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -159,39 +159,13 @@ impl NamedTensors {
 
     /// Checks names, shapes and values against `specs` and `±limit`.
     pub fn check(&self, specs: &[TensorSpec], limit: f32) -> Result<(), TensorError> {
-        for spec in specs {
-            let t = self
-                .0
-                .get(&spec.name)
-                .ok_or_else(|| TensorError::MissingTensor(spec.name.clone()))?;
-            if t.shape != spec.shape {
-                return Err(TensorError::ShapeMismatch {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                    found: t.shape.clone(),
-                });
-            }
-        }
-        if let Some(extra) = self.0.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
-            return Err(TensorError::UnexpectedTensor(extra.clone()));
-        }
+        check_names_and_shapes(
+            specs,
+            |name| self.0.get(name).map(|t| t.shape.as_slice()),
+            self.0.keys(),
+        )?;
         for (name, t) in &self.0 {
-            for (index, &value) in t.data.iter().enumerate() {
-                if !value.is_finite() {
-                    return Err(TensorError::NonFinite {
-                        name: name.clone(),
-                        index,
-                    });
-                }
-                if value.abs() > limit {
-                    return Err(TensorError::OutOfRange {
-                        name: name.clone(),
-                        index,
-                        value,
-                        limit,
-                    });
-                }
-            }
+            check_values(name, &t.data, limit)?;
         }
         Ok(())
     }
@@ -226,6 +200,100 @@ impl NamedTensors {
     }
 }
 
+/// Exactly the names of `specs`, each with its shape: the first missing or misshapen tensor (in
+/// `specs` order), else the first unexpected one.
+fn check_names_and_shapes<'a>(
+    specs: &[TensorSpec],
+    shape_of: impl Fn(&str) -> Option<&'a [usize]>,
+    mut names: impl Iterator<Item = &'a String>,
+) -> Result<(), TensorError> {
+    for spec in specs {
+        let shape = shape_of(&spec.name).ok_or_else(|| TensorError::MissingTensor(spec.name.clone()))?;
+        if shape != spec.shape.as_slice() {
+            return Err(TensorError::ShapeMismatch {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                found: shape.to_vec(),
+            });
+        }
+    }
+    if let Some(extra) = names.find(|k| !specs.iter().any(|s| &s.name == *k)) {
+        return Err(TensorError::UnexpectedTensor(extra.clone()));
+    }
+    Ok(())
+}
+
+/// Every value finite and within `±limit`; the first one that is not.
+fn check_values(name: &str, values: &[f32], limit: f32) -> Result<(), TensorError> {
+    for (index, &value) in values.iter().enumerate() {
+        if !value.is_finite() {
+            return Err(TensorError::NonFinite {
+                name: name.to_string(),
+                index,
+            });
+        }
+        if value.abs() > limit {
+            return Err(TensorError::OutOfRange {
+                name: name.to_string(),
+                index,
+                value,
+                limit,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Little-endian f32 bytes as values: borrowed in place when they are 4-byte aligned (safetensors
+/// pads its header so they are, in any buffer from the allocator), copied otherwise.
+fn f32_values(bytes: &[u8]) -> Cow<'_, [f32]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) => Cow::Borrowed(values),
+        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
+
+/// Where each tensor's values lie in a safetensors body that passed the upload gate.
+///
+/// The server's upload path keeps the body (it is stored as the update's blob anyway) and reads the
+/// values from it in place, instead of holding a decoded copy beside it: one model-sized buffer per
+/// upload in flight instead of two. The checks are [`NamedTensors::decode_checked`]'s, in its order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorLayout(BTreeMap<String, Range<usize>>);
+
+impl TensorLayout {
+    /// Parses `bytes` and checks them against `specs` and `±limit` as
+    /// [`NamedTensors::decode_checked`] does, returning where each tensor's values are.
+    pub fn check(bytes: &[u8], specs: &[TensorSpec], limit: f32) -> Result<Self, TensorError> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
+        let mut views = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(TensorError::DtypeMismatch {
+                    name,
+                    found: format!("{:?}", view.dtype()),
+                });
+            }
+            views.insert(name, view);
+        }
+        check_names_and_shapes(specs, |name| views.get(name).map(|v| v.shape()), views.keys())?;
+        let mut ranges = BTreeMap::new();
+        for (name, view) in &views {
+            check_values(name, &f32_values(view.data()), limit)?;
+            // The view's data is a slice of `bytes`: its offset there is the pointer difference.
+            let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            ranges.insert(name.clone(), start..start + view.data().len());
+        }
+        Ok(TensorLayout(ranges))
+    }
+
+    /// The values of tensor `name` in `bytes` (the body this layout was checked on).
+    pub fn values<'a>(&self, bytes: &'a [u8], name: &str) -> Option<Cow<'a, [f32]>> {
+        let range = self.0.get(name)?;
+        Some(f32_values(&bytes[range.clone()]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +323,59 @@ mod tests {
         let bytes = t.encode();
         assert_eq!(NamedTensors::decode(&bytes).unwrap(), t);
         assert_eq!(NamedTensors::decode_checked(&bytes, &t.specs(), 10.0).unwrap(), t);
+    }
+
+    /// The in-place gate gives the decoded values, and refuses exactly what the decoding gate
+    /// refuses, with the same error.
+    #[test]
+    fn layout_reads_in_place_and_refuses_what_decode_checked_refuses() {
+        let t = sample();
+        let specs = t.specs();
+        let bytes = t.encode();
+        let layout = TensorLayout::check(&bytes, &specs, 10.0).unwrap();
+        for (name, tensor) in &t.0 {
+            let values = layout.values(&bytes, name).unwrap();
+            assert!(
+                matches!(values, Cow::Borrowed(_)),
+                "aligned values are not copied"
+            );
+            assert_eq!(&*values, tensor.data.as_slice());
+        }
+        assert_eq!(layout.values(&bytes, "nope"), None);
+
+        // One byte into a buffer, the values are no longer 4-byte aligned: still read, by copy.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        let body = &shifted[1..];
+        let layout = TensorLayout::check(body, &specs, 10.0).unwrap();
+        assert_eq!(
+            &*layout.values(body, "fc.weight").unwrap(),
+            t.0["fc.weight"].data.as_slice()
+        );
+
+        let mut nan = t.clone();
+        nan.0.get_mut("fc.bias").unwrap().data[1] = f32::NAN;
+        let mut big = t.clone();
+        big.0.get_mut("fc.weight").unwrap().data[4] = 11.0;
+        let mut wrong_shape = specs.clone();
+        wrong_shape[1].shape = vec![3, 2];
+        let mut missing = specs.clone();
+        missing.push(TensorSpec {
+            name: "y".into(),
+            shape: vec![1],
+        });
+        let cases: Vec<(Vec<u8>, Vec<TensorSpec>)> = vec![
+            (bytes[..bytes.len() - 3].to_vec(), specs.clone()),
+            (bytes.clone(), wrong_shape),
+            (bytes.clone(), specs[..1].to_vec()),
+            (bytes.clone(), missing),
+            (nan.encode(), specs.clone()),
+            (big.encode(), specs.clone()),
+        ];
+        for (body, specs) in cases {
+            let decoded = NamedTensors::decode_checked(&body, &specs, 10.0).unwrap_err();
+            assert_eq!(TensorLayout::check(&body, &specs, 10.0).unwrap_err(), decoded);
+        }
     }
 
     #[test]
