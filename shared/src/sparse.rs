@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     fedsubavg::Heat,
-    tensors::{NamedTensors, Tensor, TensorError, TensorSpec},
+    tensors::{NamedTensors, Tensor, TensorError, TensorSpec, check_values},
 };
 
 /// Separator between a table's name and its `ids`/`rows` part (never in burn's dotted paths).
@@ -333,26 +333,6 @@ impl SparseTensors {
             tables: table_out,
         })
     }
-}
-
-fn check_values(name: &str, values: &[f32], limit: f32) -> Result<(), TensorError> {
-    for (index, &value) in values.iter().enumerate() {
-        if !value.is_finite() {
-            return Err(TensorError::NonFinite {
-                name: name.to_string(),
-                index,
-            });
-        }
-        if value.abs() > limit {
-            return Err(TensorError::OutOfRange {
-                name: name.to_string(),
-                index,
-                value,
-                limit,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// A device's feature set: the rows of each table its local data touches (its submodel `R_i`), and

@@ -224,7 +224,7 @@ fn check_names_and_shapes<'a>(
 }
 
 /// Every value finite and within `±limit`; the first one that is not.
-fn check_values(name: &str, values: &[f32], limit: f32) -> Result<(), TensorError> {
+pub(crate) fn check_values(name: &str, values: &[f32], limit: f32) -> Result<(), TensorError> {
     for (index, &value) in values.iter().enumerate() {
         if !value.is_finite() {
             return Err(TensorError::NonFinite {
