@@ -43,7 +43,7 @@ pub struct ServeArgs {
     /// Milliseconds a device is told to wait when the round is full or between rounds.
     #[arg(long, default_value_t = 1000)]
     pub checkin_retry_ms: u64,
-    /// Uploads read and validated at once (bounds memory to twice this many model-sized buffers);
+    /// Uploads read and validated at once (bounds memory to this many model-sized buffers);
     /// default: one per CPU core, at least 2.
     #[arg(long)]
     pub max_concurrent_uploads: Option<usize>,

@@ -68,9 +68,9 @@ impl Default for CoordinatorOptions {
     }
 }
 
-/// One upload slot per CPU core, at least 2. A slot holds a body and its decoded copy (two
-/// model-sized buffers) while it hashes, decodes and folds, mostly CPU work, so more slots buy
-/// little throughput for their memory (1,000 per round, 1M parameters, 2 cores: 8 slots peaked at
+/// One upload slot per CPU core, at least 2. A slot holds a model-sized body while it hashes,
+/// checks and folds it, mostly CPU work, so more slots buy little throughput for their memory
+/// (1,000 per round, 1M parameters, 2 cores, when a slot also held a decoded copy: 8 slots peaked at
 /// 225 MB for 76 updates/s, 2 slots at 136 MB for 64 updates/s).
 pub fn default_upload_slots() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)
