@@ -128,25 +128,17 @@ impl NamedTensors {
 
     /// Parses safetensors bytes without checking them against a model (all tensors must be F32).
     pub fn decode(bytes: &[u8]) -> Result<Self, TensorError> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
-        let mut out = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(TensorError::DtypeMismatch {
-                    name,
-                    found: format!("{:?}", view.dtype()),
-                });
-            }
-            let data: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
-            out.insert(
-                name,
-                Tensor {
+        let tensors = f32_views(bytes)?
+            .into_iter()
+            .map(|(name, view)| {
+                let tensor = Tensor {
                     shape: view.shape().to_vec(),
-                    data,
-                },
-            );
-        }
-        Ok(NamedTensors(out))
+                    data: bytemuck::pod_collect_to_vec(view.data()),
+                };
+                (name, tensor)
+            })
+            .collect();
+        Ok(NamedTensors(tensors))
     }
 
     /// Parses safetensors bytes and checks them against `specs`: exactly these names, these shapes,
@@ -198,6 +190,22 @@ impl NamedTensors {
                 .collect(),
         )
     }
+}
+
+/// Parses safetensors bytes into views of their tensors, refusing the first that is not F32.
+fn f32_views(bytes: &[u8]) -> Result<BTreeMap<String, TensorView<'_>>, TensorError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
+    let mut views = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(TensorError::DtypeMismatch {
+                name,
+                found: format!("{:?}", view.dtype()),
+            });
+        }
+        views.insert(name, view);
+    }
+    Ok(views)
 }
 
 /// Exactly the names of `specs`, each with its shape: the first missing or misshapen tensor (in
@@ -265,17 +273,7 @@ impl TensorLayout {
     /// Parses `bytes` and checks them against `specs` and `±limit` as
     /// [`NamedTensors::decode_checked`] does, returning where each tensor's values are.
     pub fn check(bytes: &[u8], specs: &[TensorSpec], limit: f32) -> Result<Self, TensorError> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
-        let mut views = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(TensorError::DtypeMismatch {
-                    name,
-                    found: format!("{:?}", view.dtype()),
-                });
-            }
-            views.insert(name, view);
-        }
+        let views = f32_views(bytes)?;
         check_names_and_shapes(specs, |name| views.get(name).map(|v| v.shape()), views.keys())?;
         let mut ranges = BTreeMap::new();
         for (name, view) in &views {
