@@ -12,37 +12,33 @@
 //! otherwise (after a restart, or on another replica) rebuilds it from the stored updates. The
 //! fixed-point sums make the result identical either way.
 //!
-//! FedLaAvg's enrolment, selection window and round step live in [`fedlaavg`].
-
-mod fedlaavg;
-
-pub(crate) mod blocks;
+//! What differs between algorithms (who gets a token, what an update looks like, how the sums
+//! become the next model) is the task's [`Strategy`], found in the [`Registry`]; this module never
+//! names one.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use fedhive_shared::{
-    NamedTensors,
     fedavg::{AggregateError, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
-    wire::{
-        Assignment, CheckinResponse, RoundInfo, StrategyConfig, TaskConfig, TaskCreated, TaskState,
-        TaskStatus, UploadKind, UploadReceipt,
-    },
+    wire::{CheckinResponse, RoundInfo, TaskConfig, TaskCreated, TaskState, TaskStatus, UploadReceipt},
 };
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::{
     admission::UploadAdmission,
     blobs::BlobStore,
-    db::{Db, DbError, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
+    db::{Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
     error::ApiError,
-    fedsubavg::{self, RoundSums, RoundUpdate, SparseState},
-    tables::TableStore,
+    store::{Store, now_ms, sha256_hex},
+    strategy::{
+        Registry, Strategy,
+        interface::{CheckinClock, Sums, Update},
+    },
 };
 
 /// Tunables of the coordinator (the rest lives in each task's config).
@@ -78,25 +74,18 @@ pub fn default_upload_slots() -> usize {
 
 /// Sums of one open round (for its task's strategy) and the tokens folded into them.
 struct RoundAccumulator {
-    acc: RoundSums,
+    acc: Sums,
     folded: BTreeSet<String>,
 }
 
 pub struct Coordinator {
-    db: Db,
-    pub(crate) blobs: BlobStore,
-    /// FedSubAvg's row-addressable tables.
-    pub(crate) sparse: SparseState,
+    store: Store,
+    strategies: Registry,
     options: CoordinatorOptions,
     accumulators: Arc<Mutex<HashMap<i64, RoundAccumulator>>>,
-    /// Latest model bytes per task, so downloads do not hit the blob store.
-    models: Mutex<HashMap<String, (i64, Bytes)>>,
-    /// Held while a current model is read into that cache.
-    model_loads: tokio::sync::Mutex<()>,
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
     uploads: UploadAdmission,
-    pub(crate) finalize_lock: tokio::sync::Mutex<()>,
 }
 
 /// Milliseconds between successive calls, for per-stage timings in logs.
@@ -116,21 +105,6 @@ impl Lap {
     }
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-pub(crate) fn model_key(task_id: &str, version: i64) -> String {
-    format!("models/{task_id}/{version}.safetensors")
-}
-
 fn receipt(u: &UpdateRow) -> UploadReceipt {
     UploadReceipt {
         round_id: u.round_id,
@@ -140,25 +114,9 @@ fn receipt(u: &UpdateRow) -> UploadReceipt {
     }
 }
 
-/// Largest upload body a task accepts: its f32 data plus room for the safetensors header.
-pub fn upload_limit(config: &TaskConfig) -> usize {
-    if let Some(model) = fedsubavg::sparse_model(config) {
-        return fedsubavg::upload_limit(&model);
-    }
-    let specs = blocks::upload_specs(config);
-    let params: usize = specs.iter().map(|t| t.numel()).sum();
-    params * 4 + 64 * 1024 + specs.len() * 256
-}
-
-fn server_lr(config: &TaskConfig) -> f32 {
-    match config.strategy {
-        StrategyConfig::FedAvg { server_lr }
-        | StrategyConfig::MmPsgd { server_lr, .. }
-        | StrategyConfig::McPsgd { server_lr, .. } => server_lr,
-        StrategyConfig::FedSubAvg { server_lr, .. } => server_lr,
-        // FedLaAvg steps with `training.learning_rate` (the devices' gamma).
-        StrategyConfig::FedLaAvg { .. } => 1.0,
-    }
+/// Largest upload body a task of fedhive's own strategies accepts.
+pub fn upload_limit(config: &TaskConfig) -> Result<usize, ApiError> {
+    Ok(Registry::default().for_config(config)?.upload_limit(config))
 }
 
 /// Removes a token from the in-flight set when its upload finishes, however it finishes.
@@ -183,14 +141,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
-impl From<DbError> for ApiError {
-    fn from(e: DbError) -> Self {
-        ApiError::Internal(e.to_string())
-    }
-}
-
-/// Checks a task config for values no round could run with.
-pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
+/// Checks a task config for values no round could run with: the common fields here, the rest by
+/// the task's strategy.
+fn validate_config(strategy: &dyn Strategy, c: &TaskConfig) -> Result<(), ApiError> {
     let bad = |msg: String| Err(ApiError::InvalidConfig(msg));
     if c.tensors.is_empty() {
         return bad("`tensors` is empty".into());
@@ -207,14 +160,6 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
             ));
         }
     }
-    fedsubavg::validate(c)?;
-    let lr = server_lr(c);
-    if !(lr.is_finite() && lr > 0.0) {
-        return bad(format!(
-            "`strategy.server_lr` must be a positive number, got {lr}"
-        ));
-    }
-    blocks::validate(c)?;
     if c.devices_per_round == 0 {
         return bad("`devices_per_round` must be >= 1".into());
     }
@@ -230,16 +175,7 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
     if c.round_deadline_secs == 0 || c.rounds == 0 {
         return bad("`round_deadline_secs` and `rounds` must be >= 1".into());
     }
-    if let StrategyConfig::FedLaAvg {
-        selection_window_ms, ..
-    } = c.strategy
-        && selection_window_ms >= c.round_deadline_secs * 1000
-    {
-        return bad(format!(
-            "`strategy.selection_window_ms` ({selection_window_ms}) must be shorter than the round deadline ({} s)",
-            c.round_deadline_secs
-        ));
-    }
+    strategy.validate(c)?;
     let t = &c.training;
     if t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
         return bad("`training.batch_size` must be >= 1 and `training.learning_rate` positive".into());
@@ -252,46 +188,60 @@ pub fn validate_config(c: &TaskConfig) -> Result<(), ApiError> {
 
 impl Coordinator {
     pub fn new(db: Db, blobs: BlobStore, options: CoordinatorOptions) -> Self {
-        let tables = TableStore::new(blobs.root().join("tables"));
+        Coordinator::with_strategies(db, blobs, options, Registry::default())
+    }
+
+    /// A coordinator that runs the given strategies (fedhive's own are [`Registry::default`]).
+    pub fn with_strategies(
+        db: Db,
+        blobs: BlobStore,
+        options: CoordinatorOptions,
+        strategies: Registry,
+    ) -> Self {
         let uploads = UploadAdmission::new(options.max_concurrent_uploads, options.max_queued_uploads);
         Coordinator {
-            db,
-            blobs,
-            sparse: SparseState::new(tables),
+            store: Store::new(db, blobs),
+            strategies,
             options,
             accumulators: Arc::default(),
-            models: Mutex::default(),
-            model_loads: tokio::sync::Mutex::new(()),
             in_flight: Mutex::default(),
             uploads,
-            finalize_lock: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn db(&self) -> &Db {
-        &self.db
+        &self.store.db
+    }
+
+    /// The database, blobs and caches that strategies' own routes read and write.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn strategies(&self) -> &Registry {
+        &self.strategies
+    }
+
+    /// Largest upload body a task accepts.
+    pub fn upload_limit(&self, config: &TaskConfig) -> Result<usize, ApiError> {
+        Ok(self.strategies.for_config(config)?.upload_limit(config))
     }
 
     async fn task(&self, task_id: &str) -> Result<TaskRow, ApiError> {
-        self.db
-            .task(task_id)
-            .await?
-            .ok_or_else(|| ApiError::UnknownTask(task_id.to_string()))
+        self.store.task(task_id).await
     }
 
     /// Creates a task from its config and initial weights (safetensors), and opens round 1.
     pub async fn create_task(&self, config: TaskConfig, model: Bytes) -> Result<TaskCreated, ApiError> {
-        validate_config(&config)?;
-        let (checked, for_check) = (model.clone(), config.clone());
-        tokio::task::spawn_blocking(move || fedsubavg::check_initial_model(&for_check, &checked))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let strategy = self.strategies.for_config(&config)?;
+        validate_config(strategy.as_ref(), &config)?;
+        let (checker, checked, for_check) = (strategy.clone(), model.clone(), config.clone());
+        tokio::task::spawn_blocking(move || checker.check_initial_model(&for_check, &checked)).await??;
         let task_id = format!("t-{:012x}", rand::random::<u64>() >> 16);
-        match fedsubavg::sparse_model(&config) {
-            Some(sparse) => self.store_sparse_model(&task_id, &sparse, model).await?,
-            None => self.blobs.put(&model_key(&task_id, 0), model).await?,
-        }
-        self.db.create_task(&task_id, &config, now_ms()).await?;
+        strategy
+            .store_initial_model(&self.store, &task_id, &config, model)
+            .await?;
+        self.store.db.create_task(&task_id, &config, now_ms()).await?;
         info!(task = %task_id, model = %config.model, rounds = config.rounds, k = config.devices_per_round, "task created");
         Ok(TaskCreated {
             task_id,
@@ -301,7 +251,7 @@ impl Coordinator {
 
     pub async fn status(&self, task_id: &str) -> Result<TaskStatus, ApiError> {
         let task = self.task(task_id).await?;
-        let current_round = self.db.active_round(task_id).await?.map(|r| r.info());
+        let current_round = self.store.db.active_round(task_id).await?.map(|r| r.info());
         Ok(TaskStatus {
             task_id: task.id,
             state: task.state,
@@ -315,6 +265,7 @@ impl Coordinator {
     pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundInfo>, ApiError> {
         self.task(task_id).await?;
         Ok(self
+            .store
             .db
             .rounds(task_id)
             .await?
@@ -323,101 +274,43 @@ impl Coordinator {
             .collect())
     }
 
-    /// A device asks for work: an assignment in the open round, or when to come back.
-    pub async fn checkin(&self, task_id: &str) -> Result<CheckinResponse, ApiError> {
+    /// A device asks for work, with its bearer credentials if it has any: an assignment in the
+    /// open round, or when to come back. Who gets a token is the task's strategy's choice.
+    pub async fn checkin(&self, task_id: &str, bearer: Option<&str>) -> Result<CheckinResponse, ApiError> {
         let task = self.task(task_id).await?;
-        if fedlaavg::is_fedlaavg(&task) {
-            return Err(fedlaavg::credentials_required(task_id));
-        }
+        let strategy = self.strategies.for_config(&task.config)?;
+        let device = strategy.authenticate(&self.store, &task, bearer).await?;
         if task.state == TaskState::Finished {
             return Ok(CheckinResponse::Finished {
                 model_version: task.model_version,
             });
         }
-        let retry = |reason: &str, ms: u64| CheckinResponse::RetryAfter {
-            retry_after_ms: ms,
-            reason: reason.to_string(),
+        let clock = CheckinClock {
+            now_ms: now_ms(),
+            retry_ms: self.options.checkin_retry_ms,
         };
-        let base_retry = self.options.checkin_retry_ms;
-        let now = now_ms();
-        let Some(round) = self.db.active_round(task_id).await? else {
-            return Ok(retry("between_rounds", base_retry));
+        let base_retry = self.options.checkin_retry_ms as i64;
+        let Some(round) = self.store.db.active_round(task_id).await? else {
+            return Ok(clock.retry("between_rounds", base_retry));
         };
-        if round.state != "open" || now >= round.deadline_ms {
-            return Ok(retry("round_closing", base_retry));
+        if round.state != "open" || clock.now_ms >= round.deadline_ms {
+            return Ok(clock.retry("round_closing", base_retry));
         }
-        let config = &task.config;
-        let cap = (config.devices_per_round as f64 * config.over_selection as f64).ceil() as i64;
-        let round_full = || {
-            let until_deadline = (round.deadline_ms - now).max(0) as u64;
-            retry("round_full", base_retry.min(until_deadline).max(100))
-        };
-        // Devices waiting for the next round poll here: answer them from the row already read,
-        // without a write transaction (thousands of them would otherwise crowd out the uploads).
-        if round.assigned >= cap {
-            return Ok(round_full());
-        }
-        // Before taking a slot, so a failure here does not use one up.
-        let block = self.block_assignment(&task, &round).await?;
-        let token = hex::encode(rand::random::<[u8; 32]>());
-        let token_hash = sha256_hex(token.as_bytes());
-        if self.db.assign(round.id, cap, &token_hash, now).await?.is_none() {
-            return Ok(round_full());
-        }
-        Ok(CheckinResponse::Assigned(Assignment {
-            task_id: task.id,
-            round_id: round.id,
-            model_version: round.base_version,
-            model: config.model.clone(),
-            training: config.training.clone(),
-            upload_token: token,
-            deadline_unix: round.deadline_ms / 1000,
-            upload: UploadKind::Delta,
-            block,
-        }))
+        strategy
+            .checkin(&self.store, &task, &round, device.as_deref(), clock)
+            .await
     }
 
     /// Model bytes of `version` (the current one when `None`).
     pub async fn model(&self, task_id: &str, version: Option<i64>) -> Result<(i64, Bytes), ApiError> {
-        let task = self.task(task_id).await?;
-        let version = version.unwrap_or(task.model_version);
-        if version < 0 || version > task.model_version {
-            return Err(ApiError::UnknownModelVersion {
-                task: task_id.to_string(),
-                version,
-            });
-        }
-        let cached = || {
-            let models = self.models.lock().expect("model cache");
-            models
-                .get(task_id)
-                .filter(|(v, _)| *v == version)
-                .map(|(_, bytes)| bytes.clone())
-        };
-        if let Some(bytes) = cached() {
-            return Ok((version, bytes));
-        }
-        if version != task.model_version {
-            return Ok((version, self.blobs.get(&model_key(task_id, version)).await?));
-        }
-        // When a round opens, thousands of devices ask for the new model at once: one of them reads
-        // it and the others wait for the cached copy, instead of each holding its own.
-        let _one_reader = self.model_loads.lock().await;
-        if let Some(bytes) = cached() {
-            return Ok((version, bytes));
-        }
-        let bytes = self.blobs.get(&model_key(task_id, version)).await?;
-        self.models
-            .lock()
-            .expect("model cache")
-            .insert(task_id.to_string(), (version, bytes.clone()));
-        Ok((version, bytes))
+        self.store.model(task_id, version).await
     }
 
     /// The round an upload token was issued for.
     async fn token_round(&self, token: &str) -> Result<(String, i64), ApiError> {
         let token_hash = sha256_hex(token.as_bytes());
         let round_id = self
+            .store
             .db
             .assignment_round(&token_hash)
             .await?
@@ -425,10 +318,10 @@ impl Coordinator {
         Ok((token_hash, round_id))
     }
 
-    /// Accepts one device update. `read_body` (given the task's config, for its size limit) is only
-    /// awaited once an upload slot is held, so at most `max_concurrent_uploads` bodies are in
-    /// memory at once; past the queue limit the device is told to come back later. The flag says
-    /// the round is now full and should be finalised.
+    /// Accepts one device update. `read_body` (given the task's upload limit) is only awaited once
+    /// an upload slot is held, so at most `max_concurrent_uploads` bodies are in memory at once;
+    /// past the queue limit the device is told to come back later. The flag says the round is now
+    /// full and should be finalised.
     pub async fn upload<R, F>(
         &self,
         token: &str,
@@ -436,7 +329,7 @@ impl Coordinator {
         read_body: R,
     ) -> Result<(UploadReceipt, bool), ApiError>
     where
-        R: FnOnce(&TaskConfig) -> F,
+        R: FnOnce(usize) -> F,
         F: Future<Output = Result<Bytes, ApiError>>,
     {
         let (token_hash, round_id) = self.token_round(token).await?;
@@ -449,18 +342,18 @@ impl Coordinator {
             .await
             .map_err(|retry_after_ms| ApiError::ServerBusy { retry_after_ms })?;
         let queue_ms = lap.ms();
-        let round = self.db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
+        let db = &self.store.db;
+        let round = db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
         let task = self.task(&round.task_id).await?;
-        let body = read_body(&task.config).await?;
+        let strategy = self.strategies.for_config(&task.config)?;
+        let body = read_body(strategy.upload_limit(&task.config)).await?;
         let read_ms = lap.ms();
         // Hashing a model-sized body takes milliseconds: off the async workers, like the decode.
         let hashed = body.clone();
-        let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&hashed))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&hashed)).await?;
         let hash_ms = lap.ms();
 
-        if let Some(prev) = self.db.update_for_token(&token_hash).await? {
+        if let Some(prev) = db.update_for_token(&token_hash).await? {
             if prev.sha256 == sha256 && prev.num_samples as u64 == num_samples {
                 return Ok((receipt(&prev), false));
             }
@@ -473,18 +366,13 @@ impl Coordinator {
         if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
             return Err(AggregateError::BadSampleCount(num_samples).into());
         }
-        let config = task.config.clone();
-        let checked = body.clone();
-        let delta = tokio::task::spawn_blocking(move || fedsubavg::decode_update(&config, &checked))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-        if let RoundUpdate::Sparse(update) = &delta {
-            self.check_rows_held(&task.id, update).await?;
-        }
+        let (decoder, config, checked) = (strategy.clone(), task.config.clone(), body.clone());
+        let update = tokio::task::spawn_blocking(move || decoder.decode_update(&config, &checked)).await??;
+        strategy.check_update(&self.store, &task, &update).await?;
         let decode_ms = lap.ms();
 
         let blob_key = format!("updates/{round_id}/{token_hash}.safetensors");
-        self.blobs.put(&blob_key, body).await?;
+        self.store.blobs.put(&blob_key, body).await?;
         let store_ms = lap.ms();
         let row = UpdateRow {
             token_hash: token_hash.clone(),
@@ -494,18 +382,17 @@ impl Coordinator {
             blob_key,
             accepted_seq: 0,
         };
-        let Some(stored) = self.db.accept_update(round_id, k, &row, now_ms()).await? else {
+        let Some(stored) = db.accept_update(round_id, k, &row, now_ms()).await? else {
             // Nothing references the blob. The round may have ended (and its folder been removed)
             // while this upload was being written, so remove the blob itself or it is left behind.
-            if let Err(e) = self.blobs.delete(&row.blob_key).await {
+            if let Err(e) = self.store.blobs.delete(&row.blob_key).await {
                 warn!(round = round_id, error = %e, "could not remove a refused update's blob");
             }
             return Err(self.why_refused(round_id, num_samples).await?);
         };
         let accept_ms = lap.ms();
-        if !fedlaavg::is_fedlaavg(&task) {
-            self.fold(round_id, &task.config, stored.clone(), delta).await?;
-        }
+        self.fold(round_id, strategy, &task.config, stored.clone(), update)
+            .await?;
         info!(
             round = round_id,
             accepted = stored.accepted_seq,
@@ -523,36 +410,50 @@ impl Coordinator {
     }
 
     async fn why_refused(&self, round_id: i64, num_samples: u64) -> Result<ApiError, ApiError> {
-        let round = self.db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
+        let round = self
+            .store
+            .db
+            .round(round_id)
+            .await?
+            .ok_or(ApiError::UnknownToken)?;
         if round.state == "open" && round.total_samples as u64 + num_samples > MAX_ROUND_SAMPLES {
             return Ok(AggregateError::RoundSampleLimit(round.total_samples as u64, num_samples).into());
         }
         Ok(ApiError::RoundClosed(round_id))
     }
 
-    /// Adds an accepted update to the round's in-memory sums (at most once per token).
+    /// Adds an accepted update to the round's in-memory sums (at most once per token), for
+    /// strategies that keep running sums.
     async fn fold(
         &self,
         round_id: i64,
+        strategy: Arc<dyn Strategy>,
         config: &TaskConfig,
         update: UpdateRow,
-        delta: RoundUpdate,
+        delta: Update,
     ) -> Result<(), ApiError> {
         let accumulators = self.accumulators.clone();
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             let mut all = accumulators.lock().expect("accumulator lock");
-            let entry = all.entry(round_id).or_insert_with(|| RoundAccumulator {
-                acc: RoundSums::new(&config),
-                folded: BTreeSet::new(),
-            });
+            let entry = match all.entry(round_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let Some(acc) = strategy.new_sums(&config) else {
+                        return Ok(());
+                    };
+                    e.insert(RoundAccumulator {
+                        acc,
+                        folded: BTreeSet::new(),
+                    })
+                }
+            };
             if entry.folded.insert(update.token_hash) {
                 entry.acc.add(update.num_samples as u64, &delta)?;
             }
             Ok::<_, ApiError>(())
         })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .await?
     }
 
     /// Stores a device's training metrics for its round.
@@ -569,7 +470,8 @@ impl Coordinator {
             )));
         }
         let (token_hash, round_id) = self.token_round(token).await?;
-        self.db
+        self.store
+            .db
             .insert_metrics(
                 &token_hash,
                 round_id,
@@ -584,8 +486,8 @@ impl Coordinator {
 
     /// Finalises every round that is due: full, past its deadline, or left closing by a crash.
     pub async fn tick(&self) -> Result<(), ApiError> {
-        for task_id in self.db.running_task_ids().await? {
-            if let Some(round) = self.db.active_round(&task_id).await? {
+        for task_id in self.store.db.running_task_ids().await? {
+            if let Some(round) = self.store.db.active_round(&task_id).await? {
                 self.finalize_if_due(round.id).await?;
             }
         }
@@ -596,61 +498,39 @@ impl Coordinator {
     /// repeat after a crash at any point: the closing flag freezes the accepted set, the new model
     /// is a deterministic function of that set, and `finish_round` applies once.
     pub async fn finalize_if_due(&self, round_id: i64) -> Result<(), ApiError> {
-        let _one_at_a_time = self.finalize_lock.lock().await;
-        let Some(round) = self.db.round(round_id).await? else {
+        let _one_at_a_time = self.store.finalize_lock.lock().await;
+        let db = &self.store.db;
+        let Some(round) = db.round(round_id).await? else {
             return Ok(());
         };
         let task = self.task(&round.task_id).await?;
+        let strategy = self.strategies.for_config(&task.config)?;
         let config = &task.config;
         if round.state == "open" {
-            let full = round.accepted >= i64::from(config.devices_per_round)
-                || (fedlaavg::is_fedlaavg(&task) && self.fedlaavg_all_uploaded(&round).await?);
+            let full = strategy.round_full(&self.store, &task, &round).await?;
             if !full && now_ms() < round.deadline_ms {
                 return Ok(());
             }
-            self.db.close_round(round_id).await?;
+            db.close_round(round_id).await?;
         } else if round.state != "closing" {
             return Ok(());
         }
-        let round = self.db.round(round_id).await?.expect("round exists");
-        let updates = self.db.updates_of_round(round_id).await?;
+        let round = db.round(round_id).await?.expect("round exists");
+        let updates = db.updates_of_round(round_id).await?;
         let now = now_ms();
         let deadline = now + config.round_deadline_secs as i64 * 1000;
-        // FedSubAvg: held from before the table journal is written until it has been applied.
-        let mut table_guard = None;
+        // What the strategy's commit holds until its after-commit step (e.g. a table lock).
+        let mut hold = None;
         let (outcome, next) = if updates.len() as u64 >= u64::from(config.min_devices_per_round) {
             let new_version = round.base_version + 1;
-            if fedlaavg::is_fedlaavg(&task) {
-                let new_model = self.fedlaavg_model(&task, &round).await?;
-                self.blobs
-                    .put(&model_key(&task.id, new_version), new_model)
-                    .await?;
-            } else {
-                match self.round_sums(&round, config, &updates).await? {
-                    RoundSums::Dense(acc) => {
-                        let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
-                        let lr = server_lr(config);
-                        let new_model = if config.strategy.block_schedule().is_some() {
-                            self.commit_block_round(&task, &round, acc, base, lr).await?
-                        } else {
-                            tokio::task::spawn_blocking(move || {
-                                let mut model = NamedTensors::decode(&base)?;
-                                acc.apply(&mut model, lr);
-                                Ok::<_, ApiError>(Bytes::from(model.encode()))
-                            })
-                            .await
-                            .map_err(|e| ApiError::Internal(e.to_string()))??
-                        };
-                        self.blobs
-                            .put(&model_key(&task.id, new_version), new_model)
-                            .await?;
-                    }
-                    RoundSums::Sparse(acc) => {
-                        table_guard = Some(self.table_write_lock(&task.id).await);
-                        self.write_sparse_version(&task, &round, acc, new_version).await?;
-                    }
-                }
-            }
+            let sums = self
+                .round_sums(strategy.clone(), &round, config, &updates)
+                .await?;
+            hold = Some(
+                strategy
+                    .commit(&self.store, &task, &round, sums, new_version)
+                    .await?,
+            );
             let more = task.committed_rounds + 1 < i64::from(config.rounds);
             let next = more.then_some(NextRound {
                 seq: round.seq + 1,
@@ -668,7 +548,8 @@ impl Coordinator {
             };
             (RoundOutcome::Abandoned, Some(next))
         };
-        if self.db.finish_round(&round, outcome, next, now).await? {
+        let first = db.finish_round(&round, outcome, next, now).await?;
+        if first {
             match outcome {
                 RoundOutcome::Committed { new_version } => info!(
                     task = %task.id, round = round.id, seq = round.seq, accepted = updates.len(),
@@ -679,31 +560,40 @@ impl Coordinator {
                     min = config.min_devices_per_round, "round abandoned: too few updates by the deadline"
                 ),
             }
-            if matches!(outcome, RoundOutcome::Committed { .. }) && fedlaavg::is_fedlaavg(&task) {
-                self.fedlaavg_after_commit(&task, &round).await;
-            }
         }
-        if let Some(_writing) = table_guard {
-            self.apply_committed_journals(&task.id).await?;
+        if let Some(hold) = hold {
+            strategy
+                .after_commit(&self.store, &task, &round, hold, first)
+                .await?;
         }
         self.accumulators
             .lock()
             .expect("accumulator lock")
             .remove(&round_id);
-        if let Err(e) = self.blobs.delete_prefix(&format!("updates/{round_id}")).await {
+        if let Err(e) = self
+            .store
+            .blobs
+            .delete_prefix(&format!("updates/{round_id}"))
+            .await
+        {
             warn!(round = round_id, error = %e, "could not remove the round's update blobs");
         }
         Ok(())
     }
 
-    /// The round's FedAvg sums: the in-memory ones if they hold exactly the accepted set, otherwise
-    /// rebuilt from the stored update blobs one at a time (O(model size) memory).
+    /// The round's sums for the strategy's commit: the in-memory ones if they hold exactly the
+    /// accepted set, otherwise rebuilt from the stored update blobs one at a time (O(model size)
+    /// memory). `None` for strategies that keep no running sums.
     async fn round_sums(
         &self,
+        strategy: Arc<dyn Strategy>,
         round: &RoundRow,
         config: &TaskConfig,
         updates: &[UpdateRow],
-    ) -> Result<RoundSums, ApiError> {
+    ) -> Result<Option<Sums>, ApiError> {
+        let Some(mut acc) = strategy.new_sums(config) else {
+            return Ok(None);
+        };
         let accepted: BTreeSet<&str> = updates.iter().map(|u| u.token_hash.as_str()).collect();
         if let Some(cached) = self
             .accumulators
@@ -713,7 +603,7 @@ impl Coordinator {
         {
             let folded: BTreeSet<&str> = cached.folded.iter().map(String::as_str).collect();
             if folded == accepted {
-                return Ok(cached.acc);
+                return Ok(Some(cached.acc));
             }
         }
         info!(
@@ -721,20 +611,18 @@ impl Coordinator {
             updates = updates.len(),
             "rebuilding round sums from stored updates"
         );
-        let mut acc = RoundSums::new(config);
         for u in updates {
-            let body = self.blobs.get(&u.blob_key).await?;
-            let config = config.clone();
+            let body = self.store.blobs.get(&u.blob_key).await?;
+            let (decoder, config) = (strategy.clone(), config.clone());
             let n = u.num_samples as u64;
             acc = tokio::task::spawn_blocking(move || {
-                let delta = fedsubavg::decode_update(&config, &body)?;
-                acc.add(n, &delta)?;
+                let update = decoder.decode_update(&config, &body)?;
+                acc.add(n, &update)?;
                 Ok::<_, ApiError>(acc)
             })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            .await??;
         }
-        Ok(acc)
+        Ok(Some(acc))
     }
 
     /// Runs [`Coordinator::tick`] forever at `every`.

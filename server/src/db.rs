@@ -6,8 +6,6 @@
 //! once, whatever the number of concurrent requests or server replicas. Queries use `$n` placeholders,
 //! which both databases accept, through sqlx's `Any` driver.
 
-pub mod fedlaavg;
-
 use fedhive_shared::wire::{RoundInfo, RoundState, TaskConfig, TaskState};
 use sqlx::{
     AnyPool, Row,
@@ -184,7 +182,7 @@ impl Db {
         Ok(Db { pool })
     }
 
-    /// The pool, for strategy modules that keep their own tables (`fedsubavg`, `coordinator::blocks`).
+    /// The pool, for strategy modules that keep their own tables (see [`crate::strategy`]).
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

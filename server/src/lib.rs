@@ -2,6 +2,7 @@
 //!
 //! Principal types: [`ServerConfig`] (what the `fedhive` binary parses), [`start`] (binds and runs
 //! the server, returning its address), [`coordinator::Coordinator`] (the round lifecycle),
+//! [`strategy::Strategy`] (what an algorithm adds to it, one module per algorithm),
 //! [`db::Db`] (round state in SQLite or PostgreSQL) and [`blobs::BlobStore`] (tensor blobs).
 //!
 //! Architecture invariant: the database and the blob store hold all state; memory holds only caches
@@ -10,15 +11,15 @@
 
 pub mod admission;
 pub mod api;
-pub mod api_sparse;
 pub mod blobs;
 pub mod cli;
 pub mod coordinator;
 pub mod db;
 pub mod error;
-pub mod fedsubavg;
 pub mod http;
 pub mod memory;
+pub mod store;
+pub mod strategy;
 pub mod tables;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};

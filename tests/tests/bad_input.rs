@@ -88,7 +88,7 @@ async fn bad_uploads_change_nothing(backend: Backend) {
         Bytes::from(safetensors::serialize(vec![("b", view), ("w", wview)], None).unwrap())
     };
     let good = with(|_| ());
-    let limit = fedhive_server::coordinator::upload_limit(&small_task(1, 1, 3, 60));
+    let limit = fedhive_server::coordinator::upload_limit(&small_task(1, 1, 3, 60)).unwrap();
     let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode, &str)> = vec![
         (
             "unknown tensor name",

@@ -22,21 +22,26 @@
 //! accepted the device's update, and `T` is keyed by the task's model version. Memory stays
 //! O(model size): one device's `G_i_new` and `G_i_old` are read at a time, never all N.
 
+mod db;
+
 use bytes::Bytes;
 use fedhive_shared::{
     LatestAverage, NamedTensors,
     fedlaavg::GRADIENT_LIMIT,
-    wire::{
-        Assignment, CheckinResponse, DeviceCredentials, DeviceInfo, StrategyConfig, TaskState, UploadKind,
-    },
+    wire::{CheckinResponse, DeviceCredentials, DeviceInfo, StrategyConfig, TaskConfig, UploadKind},
 };
 use tracing::{info, warn};
 
-use super::{Coordinator, now_ms, sha256_hex};
+use super::interface::{
+    AssignmentParts, CheckinClock, CommitHold, Strategy, Sums, assignment, async_trait, new_token, token_cap,
+};
 use crate::{
     db::{RoundRow, TaskRow},
     error::ApiError,
+    store::{Store, model_key, now_ms, sha256_hex},
 };
+
+pub struct FedLaAvg;
 
 /// How long after the window's end a device is told to come back (so it arrives after it).
 const WINDOW_MARGIN_MS: i64 = 20;
@@ -49,37 +54,34 @@ fn sum_key(task_id: &str, version: i64) -> String {
     format!("fedlaavg/{task_id}/sums/{version}.i64")
 }
 
-fn blocking_err(e: tokio::task::JoinError) -> ApiError {
-    ApiError::Internal(e.to_string())
-}
-
 fn corrupt(key: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(format!("stored FedLaAvg blob `{key}` is unreadable: {e}"))
 }
 
-pub(super) fn is_fedlaavg(task: &TaskRow) -> bool {
-    matches!(task.config.strategy, StrategyConfig::FedLaAvg { .. })
-}
-
-pub(super) fn credentials_required(task_id: &str) -> ApiError {
+fn credentials_required(task_id: &str) -> ApiError {
     ApiError::DeviceUnauthorized(format!(
         "task `{task_id}` uses FedLaAvg, which selects devices by identity: enrol with POST \
          /v1/tasks/{task_id}/devices and check in with `Authorization: Bearer <device_id>:<device_secret>`"
     ))
 }
 
-impl Coordinator {
+fn unknown_device(task_id: &str) -> ApiError {
+    ApiError::DeviceUnauthorized(format!("unknown device or wrong secret for task `{task_id}`"))
+}
+
+impl FedLaAvg {
     /// Enrols a new device in a FedLaAvg task: a pseudonymous id and a secret shown only now.
-    pub async fn enrol_device(&self, task_id: &str) -> Result<DeviceCredentials, ApiError> {
-        let task = self.task(task_id).await?;
-        if !is_fedlaavg(&task) {
+    pub async fn enrol_device(&self, store: &Store, task_id: &str) -> Result<DeviceCredentials, ApiError> {
+        let task = store.task(task_id).await?;
+        if !self.handles(&task.config.strategy) {
             return Err(ApiError::InvalidRequest(format!(
                 "task `{task_id}` does not use FedLaAvg; its devices check in without enrolling"
             )));
         }
         let device_id = format!("d-{}", hex::encode(rand::random::<[u8; 12]>()));
         let device_secret = hex::encode(rand::random::<[u8; 32]>());
-        self.db
+        store
+            .db
             .fedlaavg_enrol(
                 &device_id,
                 task_id,
@@ -95,9 +97,9 @@ impl Coordinator {
     }
 
     /// The task's enrolled devices with their last participation (operators, tests).
-    pub async fn devices(&self, task_id: &str) -> Result<Vec<DeviceInfo>, ApiError> {
-        self.task(task_id).await?;
-        Ok(self
+    pub async fn devices(&self, store: &Store, task_id: &str) -> Result<Vec<DeviceInfo>, ApiError> {
+        store.task(task_id).await?;
+        Ok(store
             .db
             .fedlaavg_devices(task_id)
             .await?
@@ -109,102 +111,9 @@ impl Coordinator {
             .collect())
     }
 
-    /// The device id behind `device_id:device_secret`, if it is enrolled in this task.
-    async fn authenticate(&self, task_id: &str, bearer: &str) -> Result<String, ApiError> {
-        let refused =
-            || ApiError::DeviceUnauthorized(format!("unknown device or wrong secret for task `{task_id}`"));
-        let (device_id, secret) = bearer.split_once(':').ok_or_else(refused)?;
-        let device = self.db.fedlaavg_device(device_id).await?.ok_or_else(refused)?;
-        let presented = sha256_hex(secret.as_bytes());
-        let same = presented.len() == device.secret_hash.len()
-            && presented
-                .bytes()
-                .zip(device.secret_hash.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if device.task_id != task_id || !same {
-            return Err(refused());
-        }
-        Ok(device.device_id)
-    }
-
-    /// A check-in that presents device credentials. Tasks of other strategies ignore them.
-    pub async fn checkin_device(&self, task_id: &str, bearer: &str) -> Result<CheckinResponse, ApiError> {
-        let task = self.task(task_id).await?;
-        let StrategyConfig::FedLaAvg {
-            selection_window_ms, ..
-        } = task.config.strategy
-        else {
-            return self.checkin(task_id).await;
-        };
-        let device_id = self.authenticate(task_id, bearer).await?;
-        if task.state == TaskState::Finished {
-            return Ok(CheckinResponse::Finished {
-                model_version: task.model_version,
-            });
-        }
-        let retry = |reason: &str, ms: i64| CheckinResponse::RetryAfter {
-            retry_after_ms: ms.max(0) as u64,
-            reason: reason.to_string(),
-        };
-        let base_retry = self.options.checkin_retry_ms as i64;
-        let now = now_ms();
-        let Some(round) = self.db.active_round(task_id).await? else {
-            return Ok(retry("between_rounds", base_retry));
-        };
-        if round.state != "open" || now >= round.deadline_ms {
-            return Ok(retry("round_closing", base_retry));
-        }
-        let window_end = round.opened_ms + selection_window_ms as i64;
-        if now < window_end {
-            self.db.fedlaavg_check_in(round.id, &device_id, now).await?;
-            return Ok(retry("selection_window", window_end - now + WINDOW_MARGIN_MS));
-        }
-        let later = retry("not_selected", base_retry.min(round.deadline_ms - now).max(100));
-        if self.db.fedlaavg_selection(round.id).await?.is_none() {
-            self.db.fedlaavg_check_in(round.id, &device_id, now).await?;
-            let cap =
-                (f64::from(task.config.devices_per_round) * f64::from(task.config.over_selection)).ceil();
-            let selected = self
-                .db
-                .fedlaavg_select(round.id, round.seq, task_id, cap as i64, now)
-                .await?;
-            if !selected.is_empty() {
-                info!(task = %task_id, round = round.id, selected = selected.len(), "fedlaavg selection made");
-            }
-        }
-        if self.db.fedlaavg_is_selected(round.id, &device_id).await? != Some(true) {
-            return Ok(later);
-        }
-        let token = hex::encode(rand::random::<[u8; 32]>());
-        if !self
-            .db
-            .fedlaavg_assign(round.id, &device_id, &sha256_hex(token.as_bytes()), now)
-            .await?
-        {
-            // Its one token of this round was already issued (or the round just stopped taking
-            // check-ins): it takes part again in a later round.
-            return Ok(retry(
-                "already_assigned",
-                base_retry.min(round.deadline_ms - now).max(100),
-            ));
-        }
-        Ok(CheckinResponse::Assigned(Assignment {
-            task_id: task.id,
-            round_id: round.id,
-            model_version: round.base_version,
-            model: task.config.model.clone(),
-            training: task.config.training.clone(),
-            upload_token: token,
-            deadline_unix: round.deadline_ms / 1000,
-            upload: UploadKind::GradientSum,
-            block: None,
-        }))
-    }
-
     /// Whether every device selected for this round has uploaded (it need not wait for K then).
-    pub(super) async fn fedlaavg_all_uploaded(&self, round: &RoundRow) -> Result<bool, ApiError> {
-        Ok(self
+    async fn all_uploaded(&self, store: &Store, round: &RoundRow) -> Result<bool, ApiError> {
+        Ok(store
             .db
             .fedlaavg_selection(round.id)
             .await?
@@ -214,29 +123,29 @@ impl Coordinator {
     /// The round's new model: folds each accepted device's `G_i_new` into `T` in place of its
     /// `G_i_old`, stores `G_i_new` and the new `T` under idempotent keys, and steps
     /// `x -= gamma * T / N` unless the task is still warming up. Deterministic given the accepted set.
-    pub(super) async fn fedlaavg_model(&self, task: &TaskRow, round: &RoundRow) -> Result<Bytes, ApiError> {
+    async fn step(&self, store: &Store, task: &TaskRow, round: &RoundRow) -> Result<Bytes, ApiError> {
         let StrategyConfig::FedLaAvg { warmup_rounds, .. } = task.config.strategy else {
-            unreachable!("called for fedlaavg tasks only");
+            unreachable!("the registry hands FedLaAvg its own tasks");
         };
         let specs = task.config.tensors.clone();
         let gamma = task.config.training.learning_rate;
-        let population = match self.db.fedlaavg_selection(round.id).await? {
+        let population = match store.db.fedlaavg_selection(round.id).await? {
             Some(s) => s.population,
-            None => self.db.fedlaavg_population(&task.id).await?,
+            None => store.db.fedlaavg_population(&task.id).await?,
         };
         let mut sum = if round.base_version == 0 {
             LatestAverage::zeros(&specs)
         } else {
             let key = sum_key(&task.id, round.base_version);
-            let bytes = self.blobs.get(&key).await?;
+            let bytes = store.blobs.get(&key).await?;
             LatestAverage::decode(&specs, &bytes).map_err(|e| corrupt(&key, e))?
         };
-        for device in self.db.fedlaavg_round_devices(round.id, round.seq).await? {
-            let new_bytes = self.blobs.get(&device.blob_key).await?;
+        for device in store.db.fedlaavg_round_devices(round.id, round.seq).await? {
+            let new_bytes = store.blobs.get(&device.blob_key).await?;
             let old = match device.previous_seq {
                 Some(seq) => {
                     let key = grad_key(&task.id, &device.device_id, seq);
-                    Some((key.clone(), self.blobs.get(&key).await?))
+                    Some((key.clone(), store.blobs.get(&key).await?))
                 }
                 None => None,
             };
@@ -252,13 +161,13 @@ impl Coordinator {
                 sum.replace(old.as_ref(), &new);
                 Ok::<_, ApiError>(sum)
             })
-            .await
-            .map_err(blocking_err)??;
-            self.blobs
+            .await??;
+            store
+                .blobs
                 .put(&grad_key(&task.id, &device.device_id, round.seq), new_bytes)
                 .await?;
         }
-        let (_, base) = self.model(&task.id, Some(round.base_version)).await?;
+        let (_, base) = store.model(&task.id, Some(round.base_version)).await?;
         let warming_up = task.committed_rounds < i64::from(warmup_rounds);
         let (sum_bytes, model) = tokio::task::spawn_blocking(move || {
             let mut model = NamedTensors::decode(&base)?;
@@ -268,9 +177,9 @@ impl Coordinator {
             }
             Ok::<_, ApiError>((Bytes::from(sum.encode()), Bytes::from(model.encode())))
         })
-        .await
-        .map_err(blocking_err)??;
-        self.blobs
+        .await??;
+        store
+            .blobs
             .put(&sum_key(&task.id, round.base_version + 1), sum_bytes)
             .await?;
         info!(task = %task.id, round = round.id, population, warming_up, "fedlaavg step computed");
@@ -279,9 +188,9 @@ impl Coordinator {
 
     /// After a commit: removes the blobs the round superseded (each accepted device's previous
     /// `G_i` and the previous `T`). Best effort; a crash here only leaves files behind.
-    pub(super) async fn fedlaavg_after_commit(&self, task: &TaskRow, round: &RoundRow) {
+    async fn remove_superseded(&self, store: &Store, task: &TaskRow, round: &RoundRow) {
         let mut stale = vec![sum_key(&task.id, round.base_version)];
-        match self.db.fedlaavg_round_devices(round.id, round.seq).await {
+        match store.db.fedlaavg_round_devices(round.id, round.seq).await {
             Ok(devices) => stale.extend(
                 devices
                     .iter()
@@ -290,9 +199,150 @@ impl Coordinator {
             Err(e) => warn!(round = round.id, error = %e, "could not list superseded gradient sums"),
         }
         for key in stale {
-            if let Err(e) = self.blobs.delete(&key).await {
+            if let Err(e) = store.blobs.delete(&key).await {
                 warn!(key = %key, error = %e, "could not remove a superseded FedLaAvg blob");
             }
         }
+    }
+}
+
+#[async_trait]
+impl Strategy for FedLaAvg {
+    fn handles(&self, config: &StrategyConfig) -> bool {
+        matches!(config, StrategyConfig::FedLaAvg { .. })
+    }
+
+    fn validate(&self, c: &TaskConfig) -> Result<(), ApiError> {
+        let StrategyConfig::FedLaAvg {
+            selection_window_ms, ..
+        } = c.strategy
+        else {
+            unreachable!("the registry hands FedLaAvg its own tasks");
+        };
+        if selection_window_ms >= c.round_deadline_secs * 1000 {
+            return Err(ApiError::InvalidConfig(format!(
+                "`strategy.selection_window_ms` ({selection_window_ms}) must be shorter than the round deadline ({} s)",
+                c.round_deadline_secs
+            )));
+        }
+        Ok(())
+    }
+
+    /// The device id behind `device_id:device_secret`, if it is enrolled in this task.
+    async fn authenticate(
+        &self,
+        store: &Store,
+        task: &TaskRow,
+        bearer: Option<&str>,
+    ) -> Result<Option<String>, ApiError> {
+        let bearer = bearer.ok_or_else(|| credentials_required(&task.id))?;
+        let (device_id, secret) = bearer.split_once(':').ok_or_else(|| unknown_device(&task.id))?;
+        let device = store
+            .db
+            .fedlaavg_device(device_id)
+            .await?
+            .ok_or_else(|| unknown_device(&task.id))?;
+        let presented = sha256_hex(secret.as_bytes());
+        let same = presented.len() == device.secret_hash.len()
+            && presented
+                .bytes()
+                .zip(device.secret_hash.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if device.task_id != task.id || !same {
+            return Err(unknown_device(&task.id));
+        }
+        Ok(Some(device.device_id))
+    }
+
+    /// The selection window, the round's one least-recently-participated selection, then one token
+    /// per selected device.
+    async fn checkin(
+        &self,
+        store: &Store,
+        task: &TaskRow,
+        round: &RoundRow,
+        device: Option<&str>,
+        clock: CheckinClock,
+    ) -> Result<CheckinResponse, ApiError> {
+        let StrategyConfig::FedLaAvg {
+            selection_window_ms, ..
+        } = task.config.strategy
+        else {
+            unreachable!("the registry hands FedLaAvg its own tasks");
+        };
+        let device_id = device.expect("authenticate names every FedLaAvg device");
+        let now = clock.now_ms;
+        let window_end = round.opened_ms + selection_window_ms as i64;
+        if now < window_end {
+            store.db.fedlaavg_check_in(round.id, device_id, now).await?;
+            return Ok(clock.retry("selection_window", window_end - now + WINDOW_MARGIN_MS));
+        }
+        if store.db.fedlaavg_selection(round.id).await?.is_none() {
+            store.db.fedlaavg_check_in(round.id, device_id, now).await?;
+            let selected = store
+                .db
+                .fedlaavg_select(round.id, round.seq, &task.id, token_cap(&task.config), now)
+                .await?;
+            if !selected.is_empty() {
+                info!(task = %task.id, round = round.id, selected = selected.len(), "fedlaavg selection made");
+            }
+        }
+        if store.db.fedlaavg_is_selected(round.id, device_id).await? != Some(true) {
+            return Ok(clock.retry_in_round("not_selected", round));
+        }
+        let (token, token_hash) = new_token();
+        if !store
+            .db
+            .fedlaavg_assign(round.id, device_id, &token_hash, now)
+            .await?
+        {
+            // Its one token of this round was already issued (or the round just stopped taking
+            // check-ins): it takes part again in a later round.
+            return Ok(clock.retry_in_round("already_assigned", round));
+        }
+        let parts = AssignmentParts {
+            upload: UploadKind::GradientSum,
+            block: None,
+        };
+        Ok(assignment(task, round, token, parts))
+    }
+
+    /// FedLaAvg reads each accepted `G_i` from the blob store when the round commits.
+    fn new_sums(&self, _config: &TaskConfig) -> Option<Sums> {
+        None
+    }
+
+    /// K updates arrived, or every selected device uploaded.
+    async fn round_full(&self, store: &Store, task: &TaskRow, round: &RoundRow) -> Result<bool, ApiError> {
+        Ok(round.accepted >= i64::from(task.config.devices_per_round)
+            || self.all_uploaded(store, round).await?)
+    }
+
+    async fn commit(
+        &self,
+        store: &Store,
+        task: &TaskRow,
+        round: &RoundRow,
+        _sums: Option<Sums>,
+        new_version: i64,
+    ) -> Result<CommitHold, ApiError> {
+        let model = self.step(store, task, round).await?;
+        store.blobs.put(&model_key(&task.id, new_version), model).await?;
+        Ok(None)
+    }
+
+    async fn after_commit(
+        &self,
+        store: &Store,
+        task: &TaskRow,
+        round: &RoundRow,
+        _hold: CommitHold,
+        first: bool,
+    ) -> Result<(), ApiError> {
+        if first {
+            self.remove_superseded(store, task, round).await;
+        }
+        Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! HTTP routes of FedSubAvg's submodels (merged into [`crate::api::router`]).
+//! FedSubAvg's routes: feature-set enrolment, submodels and heat (merged into [`super::router`]).
 //!
 //! | method | path | who | what |
 //! |---|---|---|---|
@@ -17,21 +17,14 @@ use axum::{
 };
 use fedhive_shared::sparse::{Enrolment, FeatureSet, HeatReport, RowsRequest};
 
-use crate::{
-    api::{AppState, require_admin},
-    error::ApiError,
-};
+use super::common::{AppState, json, require_admin};
+use crate::{error::ApiError, strategy::fedsubavg::FedSubAvg};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/tasks/{task_id}/devices/{device_id}/features", put(enrol))
         .route("/v1/tasks/{task_id}/submodel", post(submodel))
         .route("/v1/tasks/{task_id}/heat", post(heat))
-}
-
-fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(t)| t)
-        .map_err(|e| ApiError::InvalidRequest(e.body_text()))
 }
 
 async fn enrol(
@@ -41,7 +34,10 @@ async fn enrol(
 ) -> Result<Json<Enrolment>, ApiError> {
     let features = json(body)?;
     Ok(Json(
-        state.coordinator.enrol(&task_id, &device_id, features).await?,
+        state
+            .strategy::<FedSubAvg>()?
+            .enrol(state.coordinator.store(), &task_id, &device_id, features)
+            .await?,
     ))
 }
 
@@ -51,7 +47,10 @@ async fn submodel(
     body: Result<Json<RowsRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json(body)?;
-    let (version, bytes) = state.coordinator.submodel(&task_id, request).await?;
+    let (version, bytes) = state
+        .strategy::<FedSubAvg>()?
+        .submodel(state.coordinator.store(), &task_id, request)
+        .await?;
     let version = HeaderValue::from_str(&format!("\"{version}\"")).expect("digits and quotes");
     let headers = [
         (header::HeaderName::from_static("fedhive-model-version"), version),
@@ -71,5 +70,10 @@ async fn heat(
 ) -> Result<Json<HeatReport>, ApiError> {
     require_admin(&state, &headers)?;
     let request = json(body)?;
-    Ok(Json(state.coordinator.heat(&task_id, request).await?))
+    Ok(Json(
+        state
+            .strategy::<FedSubAvg>()?
+            .heat(state.coordinator.store(), &task_id, request)
+            .await?,
+    ))
 }

@@ -29,18 +29,25 @@ use fedhive_shared::{
         ChainChoice, LOSS_CHAIN, LOSS_X, choose, mc_upload_specs, put_prefixed, running_mean_update,
         take_prefixed,
     },
-    wire::{StrategyConfig, TaskConfig},
+    wire::{StrategyConfig, TaskConfig, UploadKind},
 };
 use sqlx::{Row, any::AnyRow};
 
-use super::{Coordinator, model_key, now_ms};
+use super::{
+    fedavg::check_server_lr,
+    interface::{AssignmentParts, CommitHold, Strategy, Sums, async_trait},
+};
 use crate::{
     db::{RoundRow, TaskRow},
     error::ApiError,
+    store::{Store, model_key, now_ms},
 };
 
+/// MM-PSGD and MC-PSGD (one strategy: MC-PSGD is MM-PSGD plus its chains).
+pub struct BlockCyclic;
+
 /// Tensors of one upload: the model's, plus the chain update and losses in MC-PSGD.
-pub(crate) fn upload_specs(config: &TaskConfig) -> Vec<TensorSpec> {
+fn upload_specs(config: &TaskConfig) -> Vec<TensorSpec> {
     match config.strategy {
         StrategyConfig::McPsgd { .. } => mc_upload_specs(&config.tensors),
         _ => config.tensors.clone(),
@@ -48,10 +55,9 @@ pub(crate) fn upload_specs(config: &TaskConfig) -> Vec<TensorSpec> {
 }
 
 /// Block-cyclic parts of a task config.
-pub(crate) fn validate(c: &TaskConfig) -> Result<(), ApiError> {
-    let Some(schedule) = c.strategy.block_schedule() else {
-        return Ok(());
-    };
+fn validate(c: &TaskConfig) -> Result<(), ApiError> {
+    check_server_lr(server_lr(c))?;
+    let schedule = c.strategy.block_schedule().expect("a block-cyclic task");
     let bad = |msg: String| Err(ApiError::InvalidConfig(msg));
     if let Err(msg) = schedule.validate() {
         return bad(msg);
@@ -77,6 +83,13 @@ pub(crate) fn validate(c: &TaskConfig) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+fn server_lr(config: &TaskConfig) -> f32 {
+    match config.strategy {
+        StrategyConfig::MmPsgd { server_lr, .. } | StrategyConfig::McPsgd { server_lr, .. } => server_lr,
+        _ => unreachable!("the registry hands BlockCyclic its own tasks"),
+    }
 }
 
 /// One `block_rounds` row.
@@ -159,14 +172,11 @@ fn chain_key(task_id: &str, block: usize, round_id: i64) -> String {
     format!("blocks/{task_id}/{block}/chain-{round_id}.safetensors")
 }
 
-fn spawn_err(e: tokio::task::JoinError) -> ApiError {
-    ApiError::Internal(e.to_string())
-}
-
-impl Coordinator {
+impl BlockCyclic {
     /// The latest committed round of the task (of one block, if given) before round `before`.
     async fn last_block_row(
         &self,
+        store: &Store,
         task_id: &str,
         block: Option<usize>,
         before: i64,
@@ -185,26 +195,31 @@ impl Coordinator {
         if let Some(b) = block {
             q = q.bind(b as i64);
         }
-        let row = q.fetch_optional(self.db.pool()).await?;
+        let row = q.fetch_optional(store.db.pool()).await?;
         Ok(row.as_ref().map(block_row).transpose()?)
     }
 
-    async fn block_history(&self, task_id: &str) -> Result<Vec<BlockRow>, ApiError> {
+    async fn block_history(&self, store: &Store, task_id: &str) -> Result<Vec<BlockRow>, ApiError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {BLOCK_COLUMNS} FROM block_rounds b JOIN rounds r ON r.id = b.round_id \
              WHERE b.task_id = $1 AND r.state = 'committed' ORDER BY b.round_id"
         )))
         .bind(task_id)
-        .fetch_all(self.db.pool())
+        .fetch_all(store.db.pool())
         .await?;
         Ok(rows.iter().map(block_row).collect::<Result<_, _>>()?)
     }
 
     /// Absolute wall-clock cycle in which the task's first round opened (cycle 0 of the task).
-    async fn first_cycle(&self, task_id: &str, schedule: &BlockSchedule) -> Result<i64, ApiError> {
+    async fn first_cycle(
+        &self,
+        store: &Store,
+        task_id: &str,
+        schedule: &BlockSchedule,
+    ) -> Result<i64, ApiError> {
         let row = sqlx::query("SELECT opened_ms FROM rounds WHERE task_id = $1 AND seq = 1")
             .bind(task_id)
-            .fetch_one(self.db.pool())
+            .fetch_one(store.db.pool())
             .await?;
         Ok(schedule.clock_slot(row.try_get("opened_ms")?).0)
     }
@@ -212,20 +227,21 @@ impl Coordinator {
     /// Schedule position of a round opening at `opened_ms` after the committed rounds before `before`.
     async fn position_at(
         &self,
+        store: &Store,
         task_id: &str,
         schedule: &BlockSchedule,
         opened_ms: i64,
         before: i64,
     ) -> Result<BlockPosition, ApiError> {
         let last = self
-            .last_block_row(task_id, None, before)
+            .last_block_row(store, task_id, None, before)
             .await?
             .map(|r| r.position);
         Ok(match schedule {
             BlockSchedule::Rounds { .. } => schedule.next_by_rounds(last),
             BlockSchedule::WallClock { .. } => {
                 let (absolute, block) = schedule.clock_slot(opened_ms);
-                let cycle = absolute - self.first_cycle(task_id, schedule).await?;
+                let cycle = absolute - self.first_cycle(store, task_id, schedule).await?;
                 let round_in_block = match last {
                     Some(l) if l.cycle == cycle && l.block == block => l.round_in_block + 1,
                     _ => 1,
@@ -239,24 +255,23 @@ impl Coordinator {
         })
     }
 
-    /// The block part of an assignment in `round` (None for strategies without blocks).
-    pub(super) async fn block_assignment(
+    /// The block part of an assignment in `round`.
+    async fn block_assignment(
         &self,
+        store: &Store,
         task: &TaskRow,
         round: &RoundRow,
-    ) -> Result<Option<BlockAssignment>, ApiError> {
-        let Some(schedule) = task.config.strategy.block_schedule() else {
-            return Ok(None);
-        };
+    ) -> Result<BlockAssignment, ApiError> {
+        let schedule = schedule_of(task)?;
         let position = self
-            .position_at(&task.id, schedule, round.opened_ms, round.id)
+            .position_at(store, &task.id, schedule, round.opened_ms, round.id)
             .await?;
         let (chain_version, chain_learning_rate) = match task.config.strategy {
             StrategyConfig::McPsgd {
                 chain_learning_rate, ..
             } => {
                 let last = self
-                    .last_block_row(&task.id, Some(position.block), round.id)
+                    .last_block_row(store, &task.id, Some(position.block), round.id)
                     .await?;
                 (
                     Some(last.map_or(0, |r| r.round_id)),
@@ -265,21 +280,22 @@ impl Coordinator {
             }
             _ => (None, None),
         };
-        Ok(Some(BlockAssignment {
+        Ok(BlockAssignment {
             name: schedule.names()[position.block].to_string(),
             index: position.block as u32,
             cycle: position.cycle,
             round_in_block: position.round_in_block,
             chain_version,
             chain_learning_rate,
-        }))
+        })
     }
 
     /// Commits a block-cyclic round: `x`'s FedAvg step, MC's chain step and choice, the running
     /// mean into `p_m`, and the `block_rounds` row. Returns the new `x` for the caller to store as
     /// the next model version. Idempotent: a repeat after a crash computes and stores the same bytes.
-    pub(super) async fn commit_block_round(
+    async fn commit_block_round(
         &self,
+        store: &Store,
         task: &TaskRow,
         round: &RoundRow,
         acc: FedAvgAccumulator,
@@ -288,21 +304,21 @@ impl Coordinator {
     ) -> Result<Bytes, ApiError> {
         let schedule = schedule_of(task)?;
         let position = self
-            .position_at(&task.id, schedule, round.opened_ms, round.id)
+            .position_at(store, &task.id, schedule, round.opened_ms, round.id)
             .await?;
         let previous = self
-            .last_block_row(&task.id, Some(position.block), round.id)
+            .last_block_row(store, &task.id, Some(position.block), round.id)
             .await?;
         let r_m = previous.as_ref().map_or(0, |p| p.block_rounds) + 1;
         let previous_p = match &previous {
-            Some(p) => Some(self.blobs.get(&p.predictor_key).await?),
+            Some(p) => Some(store.blobs.get(&p.predictor_key).await?),
             None => None,
         };
         let mc = matches!(task.config.strategy, StrategyConfig::McPsgd { .. });
         let chain_base = if mc {
             Some(match previous.as_ref().and_then(|p| p.chain_key.clone()) {
-                Some(key) => self.blobs.get(&key).await?,
-                None => self.blobs.get(&model_key(&task.id, 0)).await?,
+                Some(key) => store.blobs.get(&key).await?,
+                None => store.blobs.get(&model_key(&task.id, 0)).await?,
             })
         } else {
             None
@@ -353,16 +369,15 @@ impl Coordinator {
                 loss_chain,
             ))
         })
-        .await
-        .map_err(spawn_err)??;
+        .await??;
         let (x, p, chain, choice, loss_x, loss_chain) = computed;
 
         let p_key = predictor_key(&task.id, position.block, round.id);
-        self.blobs.put(&p_key, p).await?;
+        store.blobs.put(&p_key, p).await?;
         let y_key = match chain {
             Some(y) => {
                 let key = chain_key(&task.id, position.block, round.id);
-                self.blobs.put(&key, y).await?;
+                store.blobs.put(&key, y).await?;
                 Some(key)
             }
             None => None,
@@ -388,7 +403,7 @@ impl Coordinator {
         .bind(&p_key)
         .bind(y_key.as_deref())
         .bind(now_ms())
-        .execute(self.db.pool())
+        .execute(store.db.pool())
         .await?;
         tracing::info!(
             task = %task.id, round = round.id, block = schedule.names()[position.block],
@@ -399,18 +414,25 @@ impl Coordinator {
 
     /// The block meant for now: by the clock for wall-clock schedules; else the open round's block,
     /// or between rounds and after the last round, the block the next round would be in.
-    async fn current_block(&self, task: &TaskRow) -> Result<(usize, Option<BlockPosition>), ApiError> {
+    async fn current_block(
+        &self,
+        store: &Store,
+        task: &TaskRow,
+    ) -> Result<(usize, Option<BlockPosition>), ApiError> {
         let schedule = schedule_of(task)?;
-        let active = self.db.active_round(&task.id).await?;
+        let active = store.db.active_round(&task.id).await?;
         let round_position = match &active {
-            Some(r) => Some(self.position_at(&task.id, schedule, r.opened_ms, r.id).await?),
+            Some(r) => Some(
+                self.position_at(store, &task.id, schedule, r.opened_ms, r.id)
+                    .await?,
+            ),
             None => None,
         };
         let block = match (schedule, round_position) {
             (BlockSchedule::WallClock { .. }, _) => schedule.clock_slot(now_ms()).1,
             (_, Some(p)) => p.block,
             (_, None) => {
-                self.position_at(&task.id, schedule, now_ms(), i64::MAX)
+                self.position_at(store, &task.id, schedule, now_ms(), i64::MAX)
                     .await?
                     .block
             }
@@ -420,26 +442,31 @@ impl Coordinator {
 
     /// The predictor `p_m` of `block` (the current block when `None`) as safetensors. A block with
     /// no committed round yet has no predictor: the current global model stands in (`rounds == 0`).
-    pub async fn predictor(&self, task_id: &str, block: Option<&str>) -> Result<ServedPredictor, ApiError> {
-        let task = self.task(task_id).await?;
+    pub async fn predictor(
+        &self,
+        store: &Store,
+        task_id: &str,
+        block: Option<&str>,
+    ) -> Result<ServedPredictor, ApiError> {
+        let task = store.task(task_id).await?;
         let schedule = schedule_of(&task)?;
         let index = match block {
             Some(name) => schedule.index_of(name).ok_or_else(|| ApiError::UnknownBlock {
                 task: task_id.to_string(),
                 block: name.to_string(),
             })?,
-            None => self.current_block(&task).await?.0,
+            None => self.current_block(store, &task).await?.0,
         };
         let name = schedule.names()[index].to_string();
-        match self.last_block_row(task_id, Some(index), i64::MAX).await? {
+        match self.last_block_row(store, task_id, Some(index), i64::MAX).await? {
             Some(row) => Ok(ServedPredictor {
                 block: name,
                 rounds: row.block_rounds,
                 etag: format!("p{}", row.round_id),
-                bytes: self.blobs.get(&row.predictor_key).await?,
+                bytes: store.blobs.get(&row.predictor_key).await?,
             }),
             None => {
-                let (version, bytes) = self.model(task_id, None).await?;
+                let (version, bytes) = store.model(task_id, None).await?;
                 Ok(ServedPredictor {
                     block: name,
                     rounds: 0,
@@ -451,8 +478,14 @@ impl Coordinator {
     }
 
     /// MC-PSGD: version `version` of block `block`'s chain `y_m` (0 = the initial model).
-    pub async fn chain(&self, task_id: &str, block: &str, version: i64) -> Result<Bytes, ApiError> {
-        let task = self.task(task_id).await?;
+    pub async fn chain(
+        &self,
+        store: &Store,
+        task_id: &str,
+        block: &str,
+        version: i64,
+    ) -> Result<Bytes, ApiError> {
+        let task = store.task(task_id).await?;
         let schedule = schedule_of(&task)?;
         let index = schedule.index_of(block).ok_or_else(|| ApiError::UnknownBlock {
             task: task_id.to_string(),
@@ -466,23 +499,23 @@ impl Coordinator {
             return Err(unknown());
         }
         if version == 0 {
-            return Ok(self.blobs.get(&model_key(task_id, 0)).await?);
+            return Ok(store.blobs.get(&model_key(task_id, 0)).await?);
         }
         let row = self
-            .last_block_row(task_id, Some(index), version + 1)
+            .last_block_row(store, task_id, Some(index), version + 1)
             .await?
             .filter(|r| r.round_id == version)
             .ok_or_else(unknown)?;
         let key = row.chain_key.ok_or_else(unknown)?;
-        Ok(self.blobs.get(&key).await?)
+        Ok(store.blobs.get(&key).await?)
     }
 
     /// Schedule position, every block's `r_m` and chain version, and every committed round.
-    pub async fn block_status(&self, task_id: &str) -> Result<BlockStatus, ApiError> {
-        let task = self.task(task_id).await?;
+    pub async fn block_status(&self, store: &Store, task_id: &str) -> Result<BlockStatus, ApiError> {
+        let task = store.task(task_id).await?;
         let schedule = schedule_of(&task)?;
-        let (current, round_position) = self.current_block(&task).await?;
-        let history = self.block_history(task_id).await?;
+        let (current, round_position) = self.current_block(store, &task).await?;
+        let history = self.block_history(store, task_id).await?;
         let mc = matches!(task.config.strategy, StrategyConfig::McPsgd { .. });
         let blocks = schedule
             .names()
@@ -504,5 +537,51 @@ impl Coordinator {
             blocks,
             history: history.iter().map(BlockRow::info).collect(),
         })
+    }
+}
+
+#[async_trait]
+impl Strategy for BlockCyclic {
+    fn handles(&self, config: &StrategyConfig) -> bool {
+        config.block_schedule().is_some()
+    }
+
+    fn validate(&self, config: &TaskConfig) -> Result<(), ApiError> {
+        validate(config)
+    }
+
+    async fn assignment_parts(
+        &self,
+        store: &Store,
+        task: &TaskRow,
+        round: &RoundRow,
+    ) -> Result<AssignmentParts, ApiError> {
+        Ok(AssignmentParts {
+            upload: UploadKind::Delta,
+            block: Some(self.block_assignment(store, task, round).await?),
+        })
+    }
+
+    fn upload_specs(&self, config: &TaskConfig) -> Vec<TensorSpec> {
+        upload_specs(config)
+    }
+
+    async fn commit(
+        &self,
+        store: &Store,
+        task: &TaskRow,
+        round: &RoundRow,
+        sums: Option<Sums>,
+        new_version: i64,
+    ) -> Result<CommitHold, ApiError> {
+        let Some(Sums::Dense(sums)) = sums else {
+            unreachable!("block-cyclic rounds fold dense sums");
+        };
+        let (_, base) = store.model(&task.id, Some(round.base_version)).await?;
+        let x = self
+            .commit_block_round(store, task, round, sums, base, server_lr(&task.config))
+            .await?;
+        store.blobs.put(&model_key(&task.id, new_version), x).await?;
+        Ok(None)
     }
 }

@@ -8,39 +8,39 @@
 
 use sqlx::Row;
 
-use super::{Db, DbError};
+use crate::db::{Db, DbError};
 
 /// An enrolled device as stored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DeviceRow {
-    pub device_id: String,
-    pub task_id: String,
-    pub secret_hash: String,
+pub(super) struct DeviceRow {
+    pub(super) device_id: String,
+    pub(super) task_id: String,
+    pub(super) secret_hash: String,
 }
 
 /// A round's frozen selection.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SelectionRow {
+pub(super) struct SelectionRow {
     /// N when the selection was made: the round's `S = T / N` divides by it.
-    pub population: i64,
+    pub(super) population: i64,
     /// How many devices were picked.
-    pub selected: i64,
+    pub(super) selected: i64,
 }
 
 /// A device with its last committed participation before some round (`None`: never).
 #[derive(Debug, Clone, PartialEq)]
-pub struct DeviceParticipation {
-    pub device_id: String,
-    pub last_seq: Option<i64>,
+pub(super) struct DeviceParticipation {
+    pub(super) device_id: String,
+    pub(super) last_seq: Option<i64>,
 }
 
 /// An update a round accepted, with its device and that device's previous participation.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RoundDevice {
-    pub device_id: String,
-    pub blob_key: String,
+pub(super) struct RoundDevice {
+    pub(super) device_id: String,
+    pub(super) blob_key: String,
     /// `seq` of the device's latest committed round before this one (where its `G_i_old` is).
-    pub previous_seq: Option<i64>,
+    pub(super) previous_seq: Option<i64>,
 }
 
 /// `MAX(seq)` of the committed rounds, before `$2`, that accepted an update of device `{dev}`.
@@ -55,7 +55,7 @@ fn last_seq_sql(template: &'static str, dev: &'static str) -> sqlx::AssertSqlSaf
 }
 
 impl Db {
-    pub async fn fedlaavg_enrol(
+    pub(super) async fn fedlaavg_enrol(
         &self,
         device_id: &str,
         task_id: &str,
@@ -69,16 +69,16 @@ impl Db {
         .bind(task_id)
         .bind(secret_hash)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await?;
         Ok(())
     }
 
-    pub async fn fedlaavg_device(&self, device_id: &str) -> Result<Option<DeviceRow>, DbError> {
+    pub(super) async fn fedlaavg_device(&self, device_id: &str) -> Result<Option<DeviceRow>, DbError> {
         let row =
             sqlx::query("SELECT device_id, task_id, secret_hash FROM fedlaavg_devices WHERE device_id = $1")
                 .bind(device_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.pool())
                 .await?;
         Ok(row
             .map(|r| {
@@ -92,16 +92,16 @@ impl Db {
     }
 
     /// N: the devices enrolled in the task.
-    pub async fn fedlaavg_population(&self, task_id: &str) -> Result<i64, DbError> {
+    pub(super) async fn fedlaavg_population(&self, task_id: &str) -> Result<i64, DbError> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM fedlaavg_devices WHERE task_id = $1")
             .bind(task_id)
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool())
             .await?;
         Ok(row.try_get("n")?)
     }
 
     /// Every enrolled device of the task with its last committed participation, by device id.
-    pub async fn fedlaavg_devices(&self, task_id: &str) -> Result<Vec<DeviceParticipation>, DbError> {
+    pub(super) async fn fedlaavg_devices(&self, task_id: &str) -> Result<Vec<DeviceParticipation>, DbError> {
         let rows = sqlx::query(last_seq_sql(
             "SELECT d.device_id, {last_seq} AS last_seq FROM fedlaavg_devices d \
              WHERE d.task_id = $1 ORDER BY d.device_id",
@@ -109,7 +109,7 @@ impl Db {
         ))
         .bind(task_id)
         .bind(i64::MAX)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         Ok(rows
             .iter()
@@ -123,7 +123,7 @@ impl Db {
     }
 
     /// Records that the device is available for the round (a repeat is a no-op).
-    pub async fn fedlaavg_check_in(
+    pub(super) async fn fedlaavg_check_in(
         &self,
         round_id: i64,
         device_id: &str,
@@ -136,15 +136,15 @@ impl Db {
         .bind(round_id)
         .bind(device_id)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await?;
         Ok(())
     }
 
-    pub async fn fedlaavg_selection(&self, round_id: i64) -> Result<Option<SelectionRow>, DbError> {
+    pub(super) async fn fedlaavg_selection(&self, round_id: i64) -> Result<Option<SelectionRow>, DbError> {
         let row = sqlx::query("SELECT population, selected FROM fedlaavg_selections WHERE round_id = $1")
             .bind(round_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await?;
         Ok(row
             .map(|r| {
@@ -157,7 +157,7 @@ impl Db {
     }
 
     /// Whether the device was picked for the round (`None`: it did not check in).
-    pub async fn fedlaavg_is_selected(
+    pub(super) async fn fedlaavg_is_selected(
         &self,
         round_id: i64,
         device_id: &str,
@@ -166,7 +166,7 @@ impl Db {
             sqlx::query("SELECT selected FROM fedlaavg_checkins WHERE round_id = $1 AND device_id = $2")
                 .bind(round_id)
                 .bind(device_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.pool())
                 .await?;
         Ok(row
             .map(|r| r.try_get::<i64, _>("selected").map(|s| s == 1))
@@ -177,7 +177,7 @@ impl Db {
     /// smallest `R_i` (never participated first), ties broken by device id ascending. A no-op if
     /// the round already has its selection. Returns the selected device ids in selection order
     /// (empty if another caller made the selection).
-    pub async fn fedlaavg_select(
+    pub(super) async fn fedlaavg_select(
         &self,
         round_id: i64,
         round_seq: i64,
@@ -185,7 +185,7 @@ impl Db {
         cap: i64,
         now_ms: i64,
     ) -> Result<Vec<String>, DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         let claimed = sqlx::query(
             "INSERT INTO fedlaavg_selections (round_id, population, selected, selected_ms) \
              VALUES ($1, (SELECT COUNT(*) FROM fedlaavg_devices WHERE task_id = $2), 0, $3) \
@@ -238,14 +238,14 @@ impl Db {
     /// Issues the selected device its one upload token of the round, atomically with the round's
     /// assignment count. `false` if the device already holds one, or the round stopped taking
     /// check-ins.
-    pub async fn fedlaavg_assign(
+    pub(super) async fn fedlaavg_assign(
         &self,
         round_id: i64,
         device_id: &str,
         token_hash: &str,
         now_ms: i64,
     ) -> Result<bool, DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         let open = sqlx::query(
             "UPDATE rounds SET assigned = assigned + 1 WHERE id = $1 AND state = 'open' AND deadline_ms > $2",
         )
@@ -280,7 +280,7 @@ impl Db {
 
     /// The round's accepted updates with their devices (by device id), and each device's latest
     /// committed participation before the round.
-    pub async fn fedlaavg_round_devices(
+    pub(super) async fn fedlaavg_round_devices(
         &self,
         round_id: i64,
         round_seq: i64,
@@ -293,7 +293,7 @@ impl Db {
         ))
         .bind(round_id)
         .bind(round_seq)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         Ok(rows
             .iter()

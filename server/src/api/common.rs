@@ -1,0 +1,62 @@
+//! What every handler shares: the app state, credentials, and request extraction errors.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::rejection::JsonRejection,
+    http::{HeaderMap, header},
+};
+
+use crate::{coordinator::Coordinator, error::ApiError, strategy::Strategy};
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub coordinator: Arc<Coordinator>,
+    /// `None` only when started with `--insecure-dev`.
+    pub admin_token: Option<String>,
+}
+
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+pub(crate) fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &state.admin_token {
+        None => Ok(()),
+        Some(expected)
+            if bearer(headers).is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes())) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(ApiError::Unauthorized),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A JSON body, or `400 invalid_request` naming what is wrong with it.
+pub(crate) fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(t)| t)
+        .map_err(|e| ApiError::InvalidRequest(e.body_text()))
+}
+
+impl AppState {
+    /// The server's instance of strategy `S`, for the routes that only `S` serves.
+    pub(crate) fn strategy<S: Strategy>(&self) -> Result<&S, ApiError> {
+        self.coordinator.strategies().get::<S>().ok_or_else(|| {
+            ApiError::Internal(format!(
+                "strategy {} is not registered",
+                std::any::type_name::<S>()
+            ))
+        })
+    }
+}

@@ -1,0 +1,48 @@
+//! The HTTP API (axum). Handlers parse and authenticate; the [`Coordinator`] decides.
+//!
+//! | method | path | who | what |
+//! |---|---|---|---|
+//! | GET | /healthz | anyone | liveness |
+//! | POST | /v1/tasks | admin | create a task: multipart `config` (JSON) + `model` (safetensors) |
+//! | GET | /v1/tasks/{id} | admin | task status |
+//! | GET | /v1/tasks/{id}/rounds | admin | every round with its counts |
+//! | POST | /v1/tasks/{id}/checkin | device (FedLaAvg: `Bearer device_id:secret`) | an assignment, or retry-after, or finished |
+//! | POST | /v1/tasks/{id}/devices | device | FedLaAvg enrolment: a pseudonymous device id and its secret |
+//! | GET | /v1/tasks/{id}/devices | admin | FedLaAvg devices with their last participation |
+//! | GET | /v1/tasks/{id}/model[?version=N] | device | model safetensors; ETag = version |
+//! | PUT | /v1/updates?num_samples=N | device (upload token) | the update (safetensors of Delta) |
+//! | POST | /v1/metrics | device (upload token) | loss, sample count, accuracy |
+//! | GET | /v1/tasks/{id}/predictor[?block=NAME] | anyone | MM/MC-PSGD: predictor of the current (or named) block |
+//! | GET | /v1/tasks/{id}/blocks/{name}/chain?version=N | device | MC-PSGD: the block's chain `y_m` |
+//! | GET | /v1/tasks/{id}/blocks | admin | MM/MC-PSGD: schedule position, `r_m` per block, round history |
+//!
+//! | PUT | /v1/tasks/{id}/devices/{device_id}/features | device | FedSubAvg: enrol or re-enrol a feature set (JSON `FeatureSet`) |
+//! | POST | /v1/tasks/{id}/submodel | device | FedSubAvg: dense tensors + the requested rows (JSON `RowsRequest` -> sparse safetensors) |
+//! | POST | /v1/tasks/{id}/heat | admin | FedSubAvg: population and per-row heat (JSON `RowsRequest` -> `HeatReport`) |
+//!
+//! One module per group of routes: [`tasks`] (every task), and one per strategy that has routes of
+//! its own ([`fedlaavg`], [`fedsubavg`], [`block_cyclic`]), which call that strategy directly.
+
+mod block_cyclic;
+mod common;
+mod fedlaavg;
+mod fedsubavg;
+mod tasks;
+
+use axum::{Router, extract::DefaultBodyLimit};
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+
+pub use common::AppState;
+
+pub fn router(state: AppState, max_model_bytes: usize) -> Router {
+    Router::new()
+        .merge(tasks::routes())
+        .merge(fedlaavg::routes())
+        .merge(fedsubavg::routes())
+        .merge(block_cyclic::routes())
+        .layer(DefaultBodyLimit::max(max_model_bytes))
+        // 5xx answers are logged where they arise (internal errors at `error`); `503 server_busy`
+        // is routine pacing under load, not a failure to log thousands of times.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
+        .with_state(state)
+}
