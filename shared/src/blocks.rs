@@ -313,6 +313,73 @@ pub fn choose(mean_loss_x: f64, mean_loss_chain: f64) -> ChainChoice {
     }
 }
 
+/// Which of a block's rounds its predictor `p_m` averages. The paper's rule is [`All`]; the others
+/// are fedhive's options for a model that is still improving, where the all-round mean keeps the
+/// early weak models and lags the last iterate.
+///
+/// [`All`]: PredictorAverage::All
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PredictorAverage {
+    /// Running mean over every round of the block, across cycles (the paper's rule).
+    #[default]
+    All,
+    /// Running mean over the block's rounds from cycle `after_cycles` on (cycles count from 0):
+    /// `r_m` and `p_m` restart at the block's first round of that cycle.
+    Tail { after_cycles: u32 },
+    /// Exponential average `p_m = decay * p_m + (1 - decay) * u`; the block's first round sets `p_m = u`.
+    Ema { decay: f32 },
+}
+
+impl PredictorAverage {
+    /// A message naming the bad value, for the task config's validation.
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            PredictorAverage::All => Ok(()),
+            PredictorAverage::Tail { after_cycles } if after_cycles >= 1 => Ok(()),
+            PredictorAverage::Tail { .. } => {
+                Err("`strategy.predictor_average.after_cycles` must be >= 1 (0 is `all`)".into())
+            }
+            PredictorAverage::Ema { decay } if decay > 0.0 && decay < 1.0 => Ok(()),
+            PredictorAverage::Ema { decay } => Err(format!(
+                "`strategy.predictor_average.decay` must lie strictly between 0 and 1, got {decay}"
+            )),
+        }
+    }
+
+    /// Whether a round in `cycle` starts its block's average anew, the block's previous committed
+    /// round having been in `previous_cycle`.
+    pub fn restarts(&self, previous_cycle: i64, cycle: i64) -> bool {
+        match *self {
+            PredictorAverage::Tail { after_cycles } => {
+                let k = i64::from(after_cycles);
+                previous_cycle < k && cycle >= k
+            }
+            PredictorAverage::All | PredictorAverage::Ema { .. } => false,
+        }
+    }
+
+    /// Step 4 under this window: folds `u` into `p_m`, `r_m` counting this round (from 2: the
+    /// block's first round, or the first after a restart, sets `p_m = u` without calling this).
+    pub fn update(&self, p: &mut NamedTensors, u: &NamedTensors, r_m: u64) {
+        match *self {
+            PredictorAverage::All | PredictorAverage::Tail { .. } => running_mean_update(p, u, r_m),
+            PredictorAverage::Ema { decay } => exponential_update(p, u, decay),
+        }
+    }
+}
+
+/// `p_m = decay * p_m + (1 - decay) * u`, per value in f64 and rounded once (deterministic).
+pub fn exponential_update(p: &mut NamedTensors, u: &NamedTensors, decay: f32) {
+    let b = f64::from(decay);
+    for (name, t) in &mut p.0 {
+        let u = &u.0[name].data;
+        for (pv, &uv) in t.data.iter_mut().zip(u) {
+            *pv = (b * f64::from(*pv) + (1.0 - b) * f64::from(uv)) as f32;
+        }
+    }
+}
+
 /// Step 4: `p_m += (u - p_m) / r_m` with `r_m` the count after this round (`r_m = 1` makes `p_m = u`).
 /// Computed per value in f64 and rounded once, so it is deterministic given `p_m`, `u` and `r_m`.
 pub fn running_mean_update(p: &mut NamedTensors, u: &NamedTensors, r_m: u64) {
@@ -552,5 +619,73 @@ mod tests {
         put_prefixed(&mut all, CHAIN_PREFIX, w(vec![3.0, 4.0]));
         let chain = take_prefixed(&mut all, CHAIN_PREFIX);
         assert_eq!((all, chain), (w(vec![1.0, 2.0]), w(vec![3.0, 4.0])));
+    }
+
+    /// Feeds `us` (one value per round, all in cycle `cycles[i]`) through a window as the server
+    /// does: a first round or a restart sets `p = u`, later rounds call `update`.
+    fn predictor_after(window: PredictorAverage, us: &[f32], cycles: &[i64]) -> (f32, u64) {
+        let mut p: Option<(NamedTensors, u64, i64)> = None;
+        for (&u, &cycle) in us.iter().zip(cycles) {
+            p = Some(match p {
+                Some((mut p, r, previous)) if !window.restarts(previous, cycle) => {
+                    window.update(&mut p, &w(vec![u]), r + 1);
+                    (p, r + 1, cycle)
+                }
+                _ => (w(vec![u]), 1, cycle),
+            });
+        }
+        let (p, r, _) = p.expect("at least one round");
+        (p.0["w"].data[0], r)
+    }
+
+    #[test]
+    fn all_averages_every_round_of_the_block() {
+        let (p, r) = predictor_after(PredictorAverage::All, &[1.0, 2.0, 3.0, 6.0], &[0, 1, 2, 3]);
+        assert_eq!((p, r), (3.0, 4));
+    }
+
+    #[test]
+    fn tail_restarts_once_at_the_first_round_of_cycle_k() {
+        let tail = PredictorAverage::Tail { after_cycles: 2 };
+        assert!(!tail.restarts(0, 1));
+        assert!(tail.restarts(1, 2), "the block's first round in cycle 2 restarts");
+        assert!(tail.restarts(0, 3), "also when the block had no round in cycle 2");
+        assert!(!tail.restarts(2, 2) && !tail.restarts(2, 3), "once only");
+        // Rounds of cycles 0 and 1 (values 100, 100) are dropped; cycles 2, 2, 3 average to 2.
+        let (p, r) = predictor_after(tail, &[100.0, 100.0, 1.0, 2.0, 3.0], &[0, 1, 2, 2, 3]);
+        assert_eq!((p, r), (2.0, 3));
+    }
+
+    #[test]
+    fn ema_weights_recent_rounds_by_decay() {
+        let ema = PredictorAverage::Ema { decay: 0.5 };
+        assert!(!ema.restarts(0, 10));
+        // p = 4; then 0.5 * 4 + 0.5 * 2 = 3; then 0.5 * 3 + 0.5 * 1 = 2.
+        let (p, r) = predictor_after(ema, &[4.0, 2.0, 1.0], &[0, 1, 2]);
+        assert_eq!((p, r), (2.0, 3));
+    }
+
+    #[test]
+    fn windows_refuse_values_that_average_nothing() {
+        assert!(PredictorAverage::Tail { after_cycles: 0 }.validate().is_err());
+        assert!(PredictorAverage::Ema { decay: 1.0 }.validate().is_err());
+        assert!(PredictorAverage::Ema { decay: 0.0 }.validate().is_err());
+        assert!(PredictorAverage::Ema { decay: f32::NAN }.validate().is_err());
+        assert!(PredictorAverage::Ema { decay: 0.9 }.validate().is_ok());
+        assert!(PredictorAverage::Tail { after_cycles: 1 }.validate().is_ok());
+    }
+
+    #[test]
+    fn predictor_average_reads_from_task_config_json() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<PredictorAverage>(v).unwrap();
+        assert_eq!(parse(serde_json::json!({"kind": "all"})), PredictorAverage::All);
+        assert_eq!(
+            parse(serde_json::json!({"kind": "tail", "after_cycles": 3})),
+            PredictorAverage::Tail { after_cycles: 3 }
+        );
+        assert_eq!(
+            parse(serde_json::json!({"kind": "ema", "decay": 0.8})),
+            PredictorAverage::Ema { decay: 0.8 }
+        );
     }
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    blocks::{BlockAssignment, BlockSchedule},
+    blocks::{BlockAssignment, BlockSchedule, PredictorAverage},
     tensors::TensorSpec,
 };
 
@@ -46,6 +46,9 @@ pub enum StrategyConfig {
         #[serde(default = "one")]
         server_lr: f32,
         schedule: BlockSchedule,
+        /// Which rounds of a block its predictor averages (default: all, the paper's rule).
+        #[serde(default)]
+        predictor_average: PredictorAverage,
     },
     /// MC-PSGD: MM-PSGD plus a block-separate chain `y_m` per block; devices train both and report
     /// the loss of each, and the lower mean loss picks which one feeds the predictor.
@@ -56,6 +59,8 @@ pub enum StrategyConfig {
         /// Device step size `eta` on the chains `y_m` (default: `training.learning_rate`).
         #[serde(default)]
         chain_learning_rate: Option<f32>,
+        #[serde(default)]
+        predictor_average: PredictorAverage,
     },
 }
 
@@ -66,6 +71,19 @@ impl StrategyConfig {
             StrategyConfig::MmPsgd { schedule, .. } | StrategyConfig::McPsgd { schedule, .. } => {
                 Some(schedule)
             }
+            _ => None,
+        }
+    }
+
+    /// The predictor averaging window of a block-cyclic strategy (MM-PSGD, MC-PSGD).
+    pub fn predictor_average(&self) -> Option<PredictorAverage> {
+        match self {
+            StrategyConfig::MmPsgd {
+                predictor_average, ..
+            }
+            | StrategyConfig::McPsgd {
+                predictor_average, ..
+            } => Some(*predictor_average),
             _ => None,
         }
     }

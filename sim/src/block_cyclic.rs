@@ -33,7 +33,7 @@ use fedhive_client::{
 };
 use fedhive_shared::{
     NamedTensors,
-    blocks::{BlockSchedule, ChainChoice, RoundBlock},
+    blocks::{BlockSchedule, ChainChoice, PredictorAverage, RoundBlock},
     wire::{StrategyConfig, TaskConfig, TaskState, TrainingParams},
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -121,6 +121,16 @@ pub struct BlockCyclicOptions {
     /// cycle; at eta = gamma the chains lag `x` and MC-PSGD trailed MM-PSGD by 1-2 points).
     #[arg(long)]
     pub chain_learning_rate: Option<f32>,
+    /// Which rounds of a block its predictor averages: `all` (the paper's rule), `tail` (from cycle
+    /// `--tail-after-cycles` on) or `ema` (decay `--ema-decay`).
+    #[arg(long, value_enum, default_value = "all")]
+    pub predictor_average: AverageWindow,
+    /// `tail`: the cycle from which the predictors average (default: half the cycles).
+    #[arg(long)]
+    pub tail_after_cycles: Option<u32>,
+    /// `ema`: weight of the previous predictor in each round's average.
+    #[arg(long, default_value_t = 0.8)]
+    pub ema_decay: f32,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Fashion-MNIST directory (IDX .gz files).
@@ -128,9 +138,29 @@ pub struct BlockCyclicOptions {
     pub data_dir: Option<PathBuf>,
 }
 
+/// The predictor averaging windows of [`PredictorAverage`], as a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AverageWindow {
+    All,
+    Tail,
+    Ema,
+}
+
 impl BlockCyclicOptions {
     fn chain_learning_rate(&self) -> f32 {
         self.chain_learning_rate.unwrap_or(2.0 * self.learning_rate)
+    }
+
+    fn predictor_average(&self) -> PredictorAverage {
+        match self.predictor_average {
+            AverageWindow::All => PredictorAverage::All,
+            AverageWindow::Tail => PredictorAverage::Tail {
+                after_cycles: self.tail_after_cycles.unwrap_or(self.cycles / 2).max(1),
+            },
+            AverageWindow::Ema => PredictorAverage::Ema {
+                decay: self.ema_decay,
+            },
+        }
     }
 }
 
@@ -190,6 +220,9 @@ pub struct BlockCyclicReport {
     pub learning_rate: f32,
     /// eta, the devices' step on MC-PSGD's chains.
     pub chain_learning_rate: f32,
+    /// Which rounds of a block the predictors average.
+    pub predictor_average: PredictorAverage,
+    pub seed: u64,
     pub model: String,
     pub backend: String,
     pub seconds: f64,
@@ -256,6 +289,8 @@ pub async fn run_block_cyclic(
         samples_per_device: options.samples_per_device,
         learning_rate: options.learning_rate,
         chain_learning_rate: options.chain_learning_rate(),
+        predictor_average: options.predictor_average(),
+        seed: options.seed,
         model: options.model.clone(),
         backend: options.backend.clone(),
         seconds: started.elapsed().as_secs_f64(),
@@ -323,11 +358,13 @@ async fn run_federation(
             server_lr: 1.0,
             schedule,
             chain_learning_rate: Some(options.chain_learning_rate()),
+            predictor_average: options.predictor_average(),
         }
     } else {
         StrategyConfig::MmPsgd {
             server_lr: 1.0,
             schedule,
+            predictor_average: options.predictor_average(),
         }
     };
     let rounds = options.cycles * 2 * options.rounds_per_block;

@@ -13,8 +13,8 @@ use fedhive_e2e::{
 use fedhive_shared::{
     NamedTensors, Tensor,
     blocks::{
-        BlockSchedule, BlockStatus, CHAIN_PREFIX, ChainChoice, ClockBlock, LOSS_CHAIN, LOSS_X, RoundBlock,
-        put_prefixed,
+        BlockSchedule, BlockStatus, CHAIN_PREFIX, ChainChoice, ClockBlock, LOSS_CHAIN, LOSS_X,
+        PredictorAverage, RoundBlock, put_prefixed,
     },
     wire::{Assignment, StrategyConfig, TaskConfig, TaskState},
 };
@@ -25,6 +25,7 @@ on_both_databases!(
     mm_predictors_follow_the_schedule_across_restarts,
     mc_feeds_the_lower_loss_chain_into_the_predictor,
     wall_clock_round_stays_in_the_block_it_opened_in,
+    predictor_windows_restart_or_decay_across_a_crash,
 );
 
 fn filled(v: f32) -> Bytes {
@@ -85,6 +86,66 @@ async fn predictor(client: &FedhiveClient, task: &str, block: Option<&str>) -> (
     (p.block, p.rounds, NamedTensors::decode(&p.bytes).unwrap())
 }
 
+/// Each averaging window on the same rounds (x = 1, 2, ... over day, night, day, ...), with a
+/// SIGKILL before the round where the tail window restarts night's average.
+async fn predictor_windows_restart_or_decay_across_a_crash(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let mut server = ServerProcess::start(dir.path(), &db).await.unwrap();
+    let mut client = server.client();
+    // (window, (p_day, r_day), (p_night, r_night)) after 3 cycles, x_day = 1, 3, 5 and x_night = 2, 4, 6.
+    let cases = [
+        (PredictorAverage::All, (3.0, 3), (4.0, 3)),
+        // From cycle 1 on: day mean(3, 5), night mean(4, 6).
+        (PredictorAverage::Tail { after_cycles: 1 }, (4.0, 2), (5.0, 2)),
+        // Day: 1, then 0.5 * 1 + 0.5 * 3 = 2, then 0.5 * 2 + 0.5 * 5 = 3.5. Night: 2, 3, 4.5.
+        (PredictorAverage::Ema { decay: 0.5 }, (3.5, 3), (4.5, 3)),
+    ];
+    let mut tasks = Vec::new();
+    for (window, ..) in &cases {
+        let strategy = StrategyConfig::MmPsgd {
+            server_lr: 1.0,
+            schedule: rounds_schedule(&[("day", 1), ("night", 1)]),
+            predictor_average: *window,
+        };
+        let config = with_strategy(strategy, 2, 6);
+        let created = client
+            .create_task(&config, small_tensors(|_| 0.0).encode())
+            .await
+            .unwrap();
+        tasks.push(created.task_id);
+    }
+    for round in 0..6 {
+        if round == 3 {
+            server.kill();
+            server.restart().await.unwrap();
+            client = server.client();
+        }
+        for task in &tasks {
+            let (a1, a2) = (assign(&client, task).await, assign(&client, task).await);
+            for a in [&a1, &a2] {
+                client
+                    .upload_update(&a.upload_token, 1, filled(1.0))
+                    .await
+                    .unwrap();
+            }
+            wait_for_version(&client, task, round + 1, LONG).await;
+        }
+    }
+    for (task, (window, (day, r_day), (night, r_night))) in tasks.iter().zip(cases) {
+        assert_eq!(
+            predictor(&client, task, Some("day")).await,
+            ("day".into(), r_day, small_tensors(|_| day)),
+            "{window:?}"
+        );
+        assert_eq!(
+            predictor(&client, task, Some("night")).await,
+            ("night".into(), r_night, small_tensors(|_| night)),
+            "{window:?}"
+        );
+    }
+}
+
 async fn mm_predictors_follow_the_schedule_across_restarts(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create(backend).await.unwrap();
@@ -93,6 +154,7 @@ async fn mm_predictors_follow_the_schedule_across_restarts(backend: Backend) {
     let strategy = StrategyConfig::MmPsgd {
         server_lr: 1.0,
         schedule: rounds_schedule(&[("day", 2), ("night", 1)]),
+        predictor_average: PredictorAverage::All,
     };
     let config = with_strategy(strategy, 2, 6);
     let task = client
@@ -262,6 +324,7 @@ async fn mc_feeds_the_lower_loss_chain_into_the_predictor(backend: Backend) {
         server_lr: 1.0,
         schedule: rounds_schedule(&[("day", 1), ("night", 1)]),
         chain_learning_rate: Some(0.2),
+        predictor_average: PredictorAverage::All,
     };
     let task = client
         .create_task(&with_strategy(strategy, 2, 3), small_tensors(|_| 0.0).encode())
@@ -423,6 +486,7 @@ async fn wall_clock_round_stays_in_the_block_it_opened_in(backend: Backend) {
     let strategy = StrategyConfig::MmPsgd {
         server_lr: 1.0,
         schedule,
+        predictor_average: PredictorAverage::All,
     };
     let config = with_strategy(strategy, 1, 2);
 

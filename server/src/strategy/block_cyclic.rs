@@ -8,7 +8,10 @@
 //!    losses of `x` and `y_m` on its block data (`loss/x`, `loss/chain`), so `y_m` takes its FedAvg
 //!    step and the losses' sample-weighted means come out of the accepted set, order-free.
 //! 3. `u = x` (MM) or whichever of `x`, `y_m` has the lower mean loss (MC; a tie keeps `x`).
-//! 4. `r_m += 1; p_m += (u - p_m) / r_m`.
+//! 4. `r_m += 1; p_m += (u - p_m) / r_m`, or under the task's `predictor_average` window
+//!    ([`fedhive_shared::blocks::PredictorAverage`]): the same from a restart at cycle k (`tail`), or
+//!    `p_m = b p_m + (1 - b) u` (`ema`). The window is a function of the stored rows (each names
+//!    its cycle), so it needs no state of its own and resumes after a crash like the rest.
 //!
 //! Durability: a `block_rounds` row per committed round names the new `p_m` and `y_m` blobs (keyed
 //! by round id, never overwritten) and the round's schedule position. It is written just before the
@@ -26,8 +29,7 @@ use fedhive_shared::{
     FedAvgAccumulator, NamedTensors, Tensor, TensorSpec,
     blocks::{
         BlockAssignment, BlockInfo, BlockPosition, BlockRoundInfo, BlockSchedule, BlockStatus, CHAIN_PREFIX,
-        ChainChoice, LOSS_CHAIN, LOSS_X, choose, mc_upload_specs, put_prefixed, running_mean_update,
-        take_prefixed,
+        ChainChoice, LOSS_CHAIN, LOSS_X, choose, mc_upload_specs, put_prefixed, take_prefixed,
     },
     wire::{StrategyConfig, TaskConfig, UploadKind},
 };
@@ -60,6 +62,9 @@ fn validate(c: &TaskConfig) -> Result<(), ApiError> {
     let schedule = c.strategy.block_schedule().expect("a block-cyclic task");
     let bad = |msg: String| Err(ApiError::InvalidConfig(msg));
     if let Err(msg) = schedule.validate() {
+        return bad(msg);
+    }
+    if let Err(msg) = c.strategy.predictor_average().unwrap_or_default().validate() {
         return bad(msg);
     }
     if let StrategyConfig::McPsgd {
@@ -309,8 +314,17 @@ impl BlockCyclic {
         let previous = self
             .last_block_row(store, &task.id, Some(position.block), round.id)
             .await?;
-        let r_m = previous.as_ref().map_or(0, |p| p.block_rounds) + 1;
-        let previous_p = match &previous {
+        // The predictor's window may restart the block's average; the chain `y_m` goes on.
+        let window = task
+            .config
+            .strategy
+            .predictor_average()
+            .expect("a block-cyclic task");
+        let averaged = previous
+            .as_ref()
+            .filter(|p| !window.restarts(p.position.cycle, position.cycle));
+        let r_m = averaged.map_or(0, |p| p.block_rounds) + 1;
+        let previous_p = match averaged {
             Some(p) => Some(store.blobs.get(&p.predictor_key).await?),
             None => None,
         };
@@ -355,7 +369,7 @@ impl BlockCyclic {
             let p = match previous_p {
                 Some(bytes) => {
                     let mut p = NamedTensors::decode(&bytes)?;
-                    running_mean_update(&mut p, u, r_m as u64);
+                    window.update(&mut p, u, r_m as u64);
                     p
                 }
                 None => u.clone(),
