@@ -1,22 +1,24 @@
 //! The device loop: check in, download the model, train locally, upload the update, report metrics,
 //! and repeat until the task finishes.
 //!
-//! FedLaAvg (the server says so in the assignment) reuses the same local step: `local_epochs` /
-//! `max_local_steps` of plain SGD at `learning_rate` = gamma (times s_i, 1 for equal weighting) is
-//! FedLaAvg's `C` steps from `z = x`, and the device uploads `G = (x - z) / gamma`.
+//! What a round asks of the device depends on the task's strategy, as its assignment says
+//! ([`LocalWork`]). FedLaAvg reuses FedAvg's local step: `local_epochs` / `max_local_steps` of plain
+//! SGD at `learning_rate` = gamma (times s_i, 1 for equal weighting) is FedLaAvg's `C` steps from
+//! `z = x`, and the device uploads `G = (x - z) / gamma`.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use fedhive_shared::{
     NamedTensors, fedlaavg,
-    wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport, UploadKind},
+    wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport},
 };
 
 use crate::{
     block_cyclic::{McStart, train_mc},
     client::{ClientError, FedhiveClient},
     data::Dataset,
+    local_work::LocalWork,
     model::ModelKind,
     training::{self, TrainError},
 };
@@ -164,11 +166,13 @@ impl Device {
             .clone();
         let (device, params) = (self.device.clone(), a.training.clone());
         let seed = self.seed ^ (a.round_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let (body, num_samples, loss) = match block.and_then(|b| Some((b, b.chain_version?))) {
-            // MC-PSGD: train x and the block's chain, report both trained models' losses.
-            Some((b, version)) => {
-                let chain = self.chain(&b.name, version).await?;
-                let chain_learning_rate = b.chain_learning_rate.unwrap_or(params.learning_rate);
+        let (body, num_samples, loss) = match LocalWork::of(a) {
+            LocalWork::Chains {
+                block,
+                version,
+                chain_learning_rate,
+            } => {
+                let chain = self.chain(&block, version).await?;
                 let update = tokio::task::spawn_blocking(move || {
                     let start = McStart {
                         x: &global,
@@ -181,19 +185,15 @@ impl Device {
                 .expect("training task panicked")?;
                 (update.body, update.num_samples, update.train_loss)
             }
-            None => {
+            work @ (LocalWork::Delta | LocalWork::GradientSum) => {
                 let update = tokio::task::spawn_blocking(move || {
                     training::train_local(kind, &device, &global, &data, &params, seed)
                 })
                 .await
                 .expect("training task panicked")?;
-                // FedLaAvg: the server keeps G_old and applies G_new - G_old itself, so a device that
-                // lost its state cannot corrupt the running average; the device only ever sends G_new.
-                let body = match a.upload {
-                    UploadKind::Delta => update.delta,
-                    UploadKind::GradientSum => {
-                        fedlaavg::gradient_sum(&update.delta, a.training.learning_rate)
-                    }
+                let body = match work {
+                    LocalWork::GradientSum => fedlaavg::gradient_sum(&update.delta, a.training.learning_rate),
+                    _ => update.delta,
                 };
                 (body, update.num_samples, update.loss)
             }

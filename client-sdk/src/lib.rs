@@ -4,6 +4,7 @@
 //!   simulated devices.
 //! - [`model`]: the burn models and their exchange with the wire format ([`fedhive_shared::NamedTensors`]).
 //! - [`training`]: FedAvg's local SGD step ([`training::train_local`]) and evaluation.
+//! - [`local_work`]: what an assignment asks of the device, by strategy; [`device`]: the loop.
 //! - [`block_cyclic`]: MC-PSGD's device step (train `x` and the block's chain `y_m`).
 //! - [`ctr`] and [`submodel_device`]: a CTR model with a sparse table trained on a device's submodel
 //!   (FedSubAvg).
@@ -15,6 +16,7 @@ pub mod client;
 pub mod ctr;
 pub mod data;
 pub mod device;
+pub mod local_work;
 pub mod model;
 pub mod partition;
 pub mod submodel_device;
