@@ -6,9 +6,9 @@
 //! task's next round opens in the same transaction.
 //!
 //! Exactly-once uploads: an update is acknowledged only after its body is durably in the blob store
-//! and its row committed in the database; a retry with the same token finds that row. FedAvg sums are
-//! folded into an in-memory accumulator as uploads arrive (O(model size) per open round), but that
-//! accumulator is only a cache: finalising checks that it folded exactly the round's accepted set, and
+//! and its row committed in the database; a retry with the same token finds that row. A strategy's
+//! fixed-point sums are folded into an in-memory accumulator as uploads arrive (O(model size) per
+//! open round), but that accumulator is only a cache: finalising checks that it folded exactly the round's accepted set, and
 //! otherwise (after a restart, or on another replica) rebuilds it from the stored updates. The
 //! fixed-point sums make the result identical either way.
 //!
@@ -222,11 +222,6 @@ impl Coordinator {
         &self.strategies
     }
 
-    /// Largest upload body a task accepts.
-    pub fn upload_limit(&self, config: &TaskConfig) -> Result<usize, ApiError> {
-        Ok(self.strategies.for_config(config)?.upload_limit(config))
-    }
-
     async fn task(&self, task_id: &str) -> Result<TaskRow, ApiError> {
         self.store.task(task_id).await
     }
@@ -289,12 +284,12 @@ impl Coordinator {
             now_ms: now_ms(),
             retry_ms: self.options.checkin_retry_ms,
         };
-        let base_retry = self.options.checkin_retry_ms as i64;
+        let usual = clock.retry_ms as i64;
         let Some(round) = self.store.db.active_round(task_id).await? else {
-            return Ok(clock.retry("between_rounds", base_retry));
+            return Ok(clock.retry("between_rounds", usual));
         };
         if round.state != "open" || clock.now_ms >= round.deadline_ms {
-            return Ok(clock.retry("round_closing", base_retry));
+            return Ok(clock.retry("round_closing", usual));
         }
         strategy
             .checkin(&self.store, &task, &round, device.as_deref(), clock)
