@@ -54,6 +54,15 @@ pub struct ServeArgs {
     /// Milliseconds between checks for round deadlines.
     #[arg(long, default_value_t = 200)]
     pub tick_ms: u64,
+    /// Open connections at most; past it the server stops accepting until one closes.
+    #[arg(long, default_value_t = 50_000)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's header block before its connection is closed.
+    #[arg(long, default_value_t = 30)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds an upload's body has to arrive once its upload slot is granted (`408 body_timeout`).
+    #[arg(long, default_value_t = 60)]
+    pub body_read_timeout_secs: u64,
 }
 
 impl ServeArgs {
@@ -68,6 +77,11 @@ impl ServeArgs {
             max_queued_uploads: self.max_queued_uploads,
         };
         config.tick = Duration::from_millis(self.tick_ms);
+        config.connections = crate::http::ConnectionLimits {
+            max_connections: self.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+        };
+        config.body_read_timeout = Duration::from_secs(self.body_read_timeout_secs.max(1));
         config
     }
 }

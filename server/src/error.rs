@@ -32,6 +32,8 @@ pub enum ApiError {
     BodyTooLarge { size: usize, limit: usize },
     #[error("could not read the request body: {0}")]
     BadBody(String),
+    #[error("the request body did not arrive within {secs} s; retry on a faster connection")]
+    BodyTimeout { secs: u64 },
     #[error("{0}")]
     Tensor(#[from] TensorError),
     #[error("{0}")]
@@ -72,6 +74,7 @@ impl ApiError {
             NotSparse(_) => StatusCode::BAD_REQUEST,
             NotBlockCyclic(_) | UnknownBlock { .. } | UnknownChainVersion { .. } => StatusCode::NOT_FOUND,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             BadBody(_) | InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ConflictingRetry { .. } | Tensor(_) | Sparse(_) | Aggregate(_) | InvalidConfig(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -96,6 +99,7 @@ impl ApiError {
             ConflictingRetry { .. } => "conflicting_retry",
             BodyTooLarge { .. } => "body_too_large",
             BadBody(_) => "bad_body",
+            BodyTimeout { .. } => "body_timeout",
             Tensor(e) => e.code(),
             Sparse(e) => e.code(),
             NotSparse(_) => "not_fedsubavg",

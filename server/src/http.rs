@@ -6,13 +6,39 @@
 //! buffers were most of the server's heap (heaptrack, 1,000 uploads per round: 83 MB of a 150 MB
 //! peak). Capped at [`READ_BUFFER_LIMIT`], a connection costs at most that much, and a body is read
 //! in more, smaller reads.
+//!
+//! It also bounds what clients that hold connections open can take ([`ConnectionLimits`]): a
+//! request's header block must arrive within a time limit (slowloris), and past a number of open
+//! connections the loop stops accepting until one closes (the kernel's backlog queues the rest).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::Router;
-use hyper_util::{rt::TokioIo, service::TowerToHyperService};
-use tokio::net::TcpListener;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::{debug, warn};
+
+/// Limits of the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open connections at most (each costs a file descriptor and about 20 KB of buffers).
+    pub max_connections: usize,
+    /// Time a client has to send a request's whole header block, from the connection's start or
+    /// from the first byte of a later request on it; then the connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 50_000,
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Largest read buffer of one connection (hyper's minimum is 8 KiB; it also bounds a request's
 /// header block).
@@ -20,8 +46,14 @@ pub const READ_BUFFER_LIMIT: usize = 16 * 1024;
 
 /// Accepts connections on `listener` and serves `app` on each, until the task is dropped (the
 /// `Result` is `axum::serve`'s signature; accept errors are waited out, not returned).
-pub async fn serve(listener: TcpListener, app: Router) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits) -> std::io::Result<()> {
+    let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let permit = open
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let stream = match listener.accept().await {
             Ok((stream, _peer)) => stream,
             Err(e) if is_connection_error(&e) => continue,
@@ -34,8 +66,11 @@ pub async fn serve(listener: TcpListener, app: Router) -> std::io::Result<()> {
         };
         let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
+            let _open = permit;
             let connection = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(READ_BUFFER_LIMIT)
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection ended with an error");
@@ -57,12 +92,80 @@ mod tests {
     use super::*;
 
     /// A server on loopback that answers a POST with the length of its body.
-    async fn start() -> String {
+    async fn start_with(limits: ConnectionLimits) -> String {
         let app = Router::new().route("/len", post(|body: Bytes| async move { body.len().to_string() }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, app));
+        tokio::spawn(serve(listener, app, limits));
         format!("http://{addr}/len")
+    }
+
+    async fn start() -> String {
+        start_with(ConnectionLimits::default()).await
+    }
+
+    #[tokio::test]
+    async fn a_header_block_that_never_ends_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..ConnectionLimits::default()
+        };
+        let url = start_with(limits).await;
+        let addr = url.trim_start_matches("http://").trim_end_matches("/len");
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"POST /len HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        // The server answers 408 or just closes; either way the read ends, well before 10 s.
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer))
+            .await
+            .expect("the server closed the stalled connection")
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250), "closed after {waited:?}");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn past_the_connection_cap_new_connections_wait_for_one_to_close() {
+        let limits = ConnectionLimits {
+            max_connections: 1,
+            ..ConnectionLimits::default()
+        };
+        let url = start_with(limits).await;
+        let first = reqwest::Client::new();
+        assert_eq!(
+            first
+                .post(&url)
+                .body("ab")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "2"
+        );
+        // `first` keeps its connection open: a second client's connection is not served.
+        let second = reqwest::Client::builder()
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        assert!(second.post(&url).body("abc").send().await.is_err());
+        drop(first);
+        let third = reqwest::Client::new();
+        let answer = tokio::time::timeout(Duration::from_secs(10), third.post(&url).body("abcd").send())
+            .await
+            .expect("served once the first connection closed")
+            .unwrap();
+        assert_eq!(answer.text().await.unwrap(), "4");
     }
 
     #[tokio::test]

@@ -45,6 +45,10 @@ pub struct ServerConfig {
     pub tick: Duration,
     /// Largest initial model accepted at task creation.
     pub max_model_bytes: usize,
+    /// Open connections and header-read time (see [`http::ConnectionLimits`]).
+    pub connections: http::ConnectionLimits,
+    /// Time an upload's body has to arrive once its upload slot is granted (`408 body_timeout`).
+    pub body_read_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -58,6 +62,8 @@ impl ServerConfig {
             coordinator: CoordinatorOptions::default(),
             tick: Duration::from_millis(200),
             max_model_bytes: 1 << 30,
+            connections: http::ConnectionLimits::default(),
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 
@@ -116,6 +122,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let state = api::AppState {
         coordinator: coordinator.clone(),
         admin_token: config.admin_token.clone(),
+        body_read_timeout: config.body_read_timeout,
     };
     let app = api::router(state, config.max_model_bytes);
     let listener = TcpListener::bind(config.listen)
@@ -123,7 +130,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %redact(&url), "fedhive server listening");
-    let handle = tokio::spawn(http::serve(listener, app));
+    let handle = tokio::spawn(http::serve(listener, app, config.connections));
     Ok(RunningServer {
         addr,
         coordinator,

@@ -1,5 +1,6 @@
 //! Upload admission: past the processing slots and the queue, an upload is refused at once with
-//! `503 server_busy` and a time to retry, changes nothing, and succeeds when sent again.
+//! `503 server_busy` and a time to retry, changes nothing, and succeeds when sent again; an upload
+//! whose body stalls gives its slot back after `--body-read-timeout-secs` (`408 body_timeout`).
 
 use std::time::Duration;
 
@@ -12,7 +13,10 @@ use tokio::{
     net::TcpStream,
 };
 
-on_both_databases!(a_busy_server_refuses_uploads_with_a_retry_time);
+on_both_databases!(
+    a_busy_server_refuses_uploads_with_a_retry_time,
+    a_stalled_body_gives_its_slot_back,
+);
 
 async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
@@ -95,6 +99,79 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
     assert_eq!(resp.status(), StatusCode::OK);
     let receipt: UploadReceipt = resp.json().await.unwrap();
     assert_eq!(receipt.accepted_updates, 2);
+    let rounds = client.rounds(&task).await.unwrap();
+    assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
+}
+
+async fn a_stalled_body_gives_its_slot_back(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let flags = ["--max-concurrent-uploads", "1", "--body-read-timeout-secs", "1"];
+    let server = ServerProcess::start_with(dir.path(), &db, &flags).await.unwrap();
+    let client = server.raw_client();
+    let task = client
+        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
+        .await
+        .unwrap()
+        .task_id;
+    let stalled = assign(&client, &task).await;
+    let other = assign(&client, &task).await;
+    let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
+
+    // Headers and half the body, then nothing: the only slot is held until the timeout.
+    let addr = server.base_url.trim_start_matches("http://").to_string();
+    let mut conn = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\n\r\n",
+        stalled.upload_token,
+        update.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&update[..update.len() / 2]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("body_timeout") {
+        let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
+            .await
+            .expect("the stalled upload is answered")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed without an answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    let rounds = client.rounds(&task).await.unwrap();
+    assert_eq!(
+        (rounds[0].accepted, rounds[0].total_samples),
+        (0, 0),
+        "a timeout changes nothing"
+    );
+
+    // The slot is free again, and the stalled device's token still uploads once, in full.
+    let http = reqwest::Client::new();
+    for (token, samples, seq) in [(&other.upload_token, 7, 1), (&stalled.upload_token, 5, 2)] {
+        let resp = http
+            .put(format!("{}/v1/updates?num_samples={samples}", server.base_url))
+            .bearer_auth(token)
+            .body(update.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let receipt: UploadReceipt = resp.json().await.unwrap();
+        assert_eq!(receipt.accepted_updates, seq);
+    }
     let rounds = client.rounds(&task).await.unwrap();
     assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
 }

@@ -16,6 +16,9 @@ pub struct AppState {
     pub coordinator: Arc<Coordinator>,
     /// `None` only when started with `--insecure-dev`.
     pub admin_token: Option<String>,
+    /// An upload's body must arrive within this time once its upload slot is granted, so a slow
+    /// or stalled client cannot hold one of the few slots for longer.
+    pub body_read_timeout: std::time::Duration,
 }
 
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {

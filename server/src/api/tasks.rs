@@ -147,11 +147,16 @@ async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    let timeout = state.body_read_timeout;
     let read_body = |limit: usize| async move {
         if let Some(size) = declared.filter(|&s| s > limit) {
             return Err(ApiError::BodyTooLarge { size, limit });
         }
-        read_limited(body, declared.unwrap_or(0), limit).await
+        tokio::time::timeout(timeout, read_limited(body, declared.unwrap_or(0), limit))
+            .await
+            .map_err(|_| ApiError::BodyTimeout {
+                secs: timeout.as_secs(),
+            })?
     };
     let (receipt, full) = coordinator.upload(&token, query.num_samples, read_body).await?;
     if full {
