@@ -1,6 +1,8 @@
 //! Upload admission: past the processing slots and the queue, an upload is refused at once with
 //! `503 server_busy` and a time to retry, changes nothing, and succeeds when sent again; an upload
-//! whose body stalls gives its slot back after `--body-read-timeout-secs` (`408 body_timeout`).
+//! whose body stalls gives its slot back after `--body-read-timeout-secs` (`408 body_timeout`); an
+//! oversized body is refused with `413` as soon as its declared length, or the bytes read, exceed
+//! the task's limit.
 
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use tokio::{
 on_both_databases!(
     a_busy_server_refuses_uploads_with_a_retry_time,
     a_stalled_body_gives_its_slot_back,
+    oversized_bodies_are_refused_without_reading_them,
 );
 
 async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
@@ -174,4 +177,95 @@ async fn a_stalled_body_gives_its_slot_back(backend: Backend) {
     }
     let rounds = client.rounds(&task).await.unwrap();
     assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
+}
+
+/// Reads from `conn` until the answer contains `needle` (or panics after 20 s).
+async fn read_answer(conn: &mut tokio::net::tcp::OwnedReadHalf, needle: &str) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains(needle) {
+        let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed without an answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn oversized_bodies_are_refused_without_reading_them(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(dir.path(), &db).await.unwrap();
+    let client = server.raw_client();
+    let config = small_task(2, 2, 1, 120);
+    let limit = fedhive_server::coordinator::upload_limit(&config).unwrap();
+    let task = client
+        .create_task(&config, small_tensors(|_| 0.0).encode())
+        .await
+        .unwrap()
+        .task_id;
+    let addr = server.base_url.trim_start_matches("http://").to_string();
+
+    // A declared length of 10 GB with 5 bytes sent: refused at once, not after a body read.
+    let huge = assign(&client, &task).await;
+    let (mut read, mut write) = TcpStream::connect(&addr).await.unwrap().into_split();
+    let head = format!(
+        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 10000000000\r\n\r\nhello",
+        huge.upload_token
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_answer(&mut read, "body_too_large").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Chunked without end: refused once the bytes read pass the limit; the client sent far less
+    // than it would have.
+    let endless = assign(&client, &task).await;
+    let (mut read, mut write) = TcpStream::connect(&addr).await.unwrap().into_split();
+    let head = format!(
+        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n",
+        endless.upload_token
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    let sender = tokio::spawn(async move {
+        let chunk = [0u8; 16 * 1024];
+        let mut sent = 0usize;
+        // Stops when the server closes the connection, or after 64 limits' worth.
+        while sent < 64 * limit {
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if write.write_all(&frame).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let answer = read_answer(&mut read, "body_too_large").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    drop(read);
+    let sent = sender.await.unwrap();
+    assert!(
+        sent < 64 * limit,
+        "the server stopped reading: {sent} bytes sent, limit {limit}"
+    );
+
+    let rounds = client.rounds(&task).await.unwrap();
+    assert_eq!(
+        (rounds[0].accepted, rounds[0].total_samples),
+        (0, 0),
+        "refusals change nothing"
+    );
 }
