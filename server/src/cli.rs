@@ -63,6 +63,13 @@ pub struct ServeArgs {
     /// Seconds an upload's body has to arrive once its upload slot is granted (`408 body_timeout`).
     #[arg(long, default_value_t = 60)]
     pub body_read_timeout_secs: u64,
+    /// Check-ins and uploads per second from one IP address (0: no limit). Phones behind a
+    /// carrier's NAT share addresses: set it well above one device's rate.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_limit_per_address: f64,
+    /// Requests one address may send at once before the rate applies (default: 2 s of the rate).
+    #[arg(long)]
+    pub rate_limit_burst: Option<f64>,
 }
 
 impl ServeArgs {
@@ -82,6 +89,13 @@ impl ServeArgs {
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
         };
         config.body_read_timeout = Duration::from_secs(self.body_read_timeout_secs.max(1));
+        config.rate_limit = (self.rate_limit_per_address > 0.0).then(|| crate::rate_limit::RateLimit {
+            per_second: self.rate_limit_per_address,
+            burst: self
+                .rate_limit_burst
+                .unwrap_or(2.0 * self.rate_limit_per_address)
+                .max(1.0),
+        });
         config
     }
 }

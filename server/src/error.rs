@@ -58,6 +58,8 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("the server is processing as many uploads as it can queue; retry in {retry_after_ms} ms")]
     ServerBusy { retry_after_ms: u64 },
+    #[error("too many requests from this address; retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -80,6 +82,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ServerBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +116,7 @@ impl ApiError {
             InvalidConfig(_) => "invalid_config",
             InvalidRequest(_) => "invalid_request",
             ServerBusy { .. } => "server_busy",
+            RateLimited { .. } => "rate_limited",
             Internal(_) => "internal",
         }
     }
@@ -147,7 +151,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let retry_after_ms = match self {
-            ApiError::ServerBusy { retry_after_ms } => Some(retry_after_ms),
+            ApiError::ServerBusy { retry_after_ms } | ApiError::RateLimited { retry_after_ms } => {
+                Some(retry_after_ms)
+            }
             _ => None,
         };
         if matches!(self, ApiError::Internal(_)) {

@@ -13,7 +13,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use axum::Router;
+use axum::{Router, extract::ConnectInfo};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
@@ -54,8 +54,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits)
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let stream = match listener.accept().await {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
                 // E.g. out of file descriptors: wait for connections to close rather than spin.
@@ -64,7 +64,9 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits)
                 continue;
             }
         };
-        let service = TowerToHyperService::new(app.clone());
+        // Handlers see the peer's address as axum's `ConnectInfo` (per-address rate limits).
+        let app = app.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let service = TowerToHyperService::new(app);
         tokio::spawn(async move {
             let _open = permit;
             let connection = hyper::server::conn::http1::Builder::new()

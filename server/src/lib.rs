@@ -18,6 +18,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod memory;
+pub mod rate_limit;
 pub mod store;
 pub mod strategy;
 pub mod tables;
@@ -49,6 +50,8 @@ pub struct ServerConfig {
     pub connections: http::ConnectionLimits,
     /// Time an upload's body has to arrive once its upload slot is granted (`408 body_timeout`).
     pub body_read_timeout: Duration,
+    /// Per-address limit on check-ins and uploads (`None`: off; see [`rate_limit`]).
+    pub rate_limit: Option<rate_limit::RateLimit>,
 }
 
 impl ServerConfig {
@@ -64,6 +67,7 @@ impl ServerConfig {
             max_model_bytes: 1 << 30,
             connections: http::ConnectionLimits::default(),
             body_read_timeout: Duration::from_secs(60),
+            rate_limit: None,
         }
     }
 
@@ -123,6 +127,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         coordinator: coordinator.clone(),
         admin_token: config.admin_token.clone(),
         body_read_timeout: config.body_read_timeout,
+        rate_limit: config
+            .rate_limit
+            .map(|limit| Arc::new(rate_limit::RateLimiter::new(limit))),
     };
     let app = api::router(state, config.max_model_bytes);
     let listener = TcpListener::bind(config.listen)

@@ -19,6 +19,7 @@ on_both_databases!(
     a_busy_server_refuses_uploads_with_a_retry_time,
     a_stalled_body_gives_its_slot_back,
     oversized_bodies_are_refused_without_reading_them,
+    one_address_over_its_rate_is_told_when_to_retry,
 );
 
 async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
@@ -268,4 +269,46 @@ async fn oversized_bodies_are_refused_without_reading_them(backend: Backend) {
         (0, 0),
         "refusals change nothing"
     );
+}
+
+async fn one_address_over_its_rate_is_told_when_to_retry(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let flags = ["--rate-limit-per-address", "2", "--rate-limit-burst", "3"];
+    let server = ServerProcess::start_with(dir.path(), &db, &flags).await.unwrap();
+    let client = server.raw_client();
+    let task = client
+        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
+        .await
+        .unwrap()
+        .task_id;
+    let http = reqwest::Client::new();
+    let checkin = || {
+        http.post(format!("{}/v1/tasks/{task}/checkin", server.base_url))
+            .send()
+    };
+    // The burst of 3 passes (the round hands out 4 tokens, so each is an assignment).
+    for _ in 0..3 {
+        assert_eq!(checkin().await.unwrap().status(), StatusCode::OK);
+    }
+    let resp = checkin().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_header: u64 = resp.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert_eq!(body.error, "rate_limited", "{}", body.message);
+    let retry_ms = body.retry_after_ms.expect("retry_after_ms in the body");
+    assert!(
+        (1..=500).contains(&retry_ms),
+        "retry after {retry_ms} ms at 2 per second"
+    );
+    assert_eq!(retry_header, retry_ms.div_ceil(1000));
+    let rounds = client.rounds(&task).await.unwrap();
+    assert_eq!(rounds[0].assigned, 3, "the refused check-in took no token");
+    // Operator routes are not limited; after the wait the address is served again.
+    tokio::time::sleep(Duration::from_millis(retry_ms + 50)).await;
+    assert_eq!(checkin().await.unwrap().status(), StatusCode::OK);
 }

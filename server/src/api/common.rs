@@ -19,6 +19,8 @@ pub struct AppState {
     /// An upload's body must arrive within this time once its upload slot is granted, so a slow
     /// or stalled client cannot hold one of the few slots for longer.
     pub body_read_timeout: std::time::Duration,
+    /// Per-address limit on check-ins and uploads (`None`: off).
+    pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
 }
 
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -53,6 +55,18 @@ pub(crate) fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiErro
 }
 
 impl AppState {
+    /// Counts a request from `peer` against its address's rate, if limits are on.
+    pub(crate) fn check_rate(&self, peer: Option<std::net::SocketAddr>) -> Result<(), ApiError> {
+        let (Some(limiter), Some(peer)) = (&self.rate_limit, peer) else {
+            return Ok(());
+        };
+        limiter
+            .check(peer.ip(), std::time::Instant::now())
+            .map_err(|wait| ApiError::RateLimited {
+                retry_after_ms: (wait.as_millis() as u64).max(1),
+            })
+    }
+
     /// The server's instance of strategy `S`, for the routes that only `S` serves.
     pub(crate) fn strategy<S: Strategy>(&self) -> Result<&S, ApiError> {
         self.coordinator.strategies().get::<S>().ok_or_else(|| {

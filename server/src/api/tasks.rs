@@ -1,9 +1,11 @@
 //! The routes every task has: tasks, check-in, model download, upload and metrics.
 
+use std::net::SocketAddr;
+
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Body,
-    extract::{Multipart, Path, Query, State, rejection::JsonRejection},
+    extract::{ConnectInfo, Multipart, Path, Query, State, rejection::JsonRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post, put},
@@ -87,9 +89,11 @@ async fn task_rounds(
 
 async fn checkin(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<CheckinResponse>, ApiError> {
+    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
     Ok(Json(state.coordinator.checkin(&task_id, bearer(&headers)).await?))
 }
 
@@ -136,10 +140,12 @@ struct UploadQuery {
 
 async fn upload(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Json<UploadReceipt>, ApiError> {
+    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
     let token = bearer(&headers).ok_or(ApiError::MissingToken)?.to_string();
     let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let coordinator = state.coordinator.clone();

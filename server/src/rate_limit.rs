@@ -1,0 +1,102 @@
+//! Per-address rate limits: a token bucket per client IP address for the device routes that cost
+//! the server work (check-in, upload), so that one client cannot take the server's time from the
+//! others. A request over its address's rate gets `429 rate_limited` with the time until a token is
+//! back. Many phones share one address behind a carrier's NAT, so the limit is off unless set
+//! (`--rate-limit-per-address`) and is meant to be generous.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Requests per second per address, with bursts of up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// The buckets of every address seen recently.
+pub struct RateLimiter {
+    limit: RateLimit,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+/// Addresses whose buckets are full again are forgotten when the map grows past this size.
+const PRUNE_ABOVE: usize = 100_000;
+
+impl RateLimiter {
+    pub fn new(limit: RateLimit) -> Self {
+        assert!(
+            limit.per_second > 0.0 && limit.burst >= 1.0,
+            "a rate limit lets requests through"
+        );
+        RateLimiter {
+            limit,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one token of `address`'s bucket at `now`, or says how long until one is back.
+    pub fn check(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        let RateLimit { per_second, burst } = self.limit;
+        let mut buckets = self.buckets.lock().expect("rate limit buckets");
+        if buckets.len() > PRUNE_ABOVE {
+            buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * per_second < burst
+            });
+        }
+        let bucket = buckets.entry(address).or_insert(Bucket {
+            tokens: burst,
+            updated: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * per_second).min(burst);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_passes_then_the_rate_holds_per_address() {
+        let limiter = RateLimiter::new(RateLimit {
+            per_second: 2.0,
+            burst: 3.0,
+        });
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(limiter.check(a, t0).is_ok());
+        }
+        let wait = limiter.check(a, t0).unwrap_err();
+        assert_eq!(
+            wait,
+            Duration::from_millis(500),
+            "one token is back after 1 / rate"
+        );
+        assert!(limiter.check(b, t0).is_ok(), "another address has its own bucket");
+        assert!(limiter.check(a, t0 + Duration::from_millis(400)).is_err());
+        assert!(limiter.check(a, t0 + Duration::from_millis(600)).is_ok());
+        // Idle time refills up to the burst, not beyond.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(limiter.check(a, later).is_ok());
+        }
+        assert!(limiter.check(a, later).is_err());
+    }
+}
