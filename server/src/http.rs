@@ -19,6 +19,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
+use tower::ServiceExt;
 use tracing::{debug, warn};
 
 /// Limits of the accept loop.
@@ -65,7 +66,12 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits)
             }
         };
         // Handlers see the peer's address as axum's `ConnectInfo` (per-address rate limits).
-        let app = app.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let app = app
+            .clone()
+            .map_request(move |mut request: axum::extract::Request<_>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            });
         let service = TowerToHyperService::new(app);
         tokio::spawn(async move {
             let _open = permit;
