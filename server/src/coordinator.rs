@@ -586,9 +586,6 @@ impl Coordinator {
         config: &TaskConfig,
         updates: &[UpdateRow],
     ) -> Result<Option<Sums>, ApiError> {
-        let Some(mut acc) = strategy.new_sums(config) else {
-            return Ok(None);
-        };
         let accepted: BTreeSet<&str> = updates.iter().map(|u| u.token_hash.as_str()).collect();
         if let Some(cached) = self
             .accumulators
@@ -601,6 +598,10 @@ impl Coordinator {
                 return Ok(Some(cached.acc));
             }
         }
+        // Only now a fresh (model-sized) accumulator, and only for strategies that keep sums.
+        let Some(mut acc) = strategy.new_sums(config) else {
+            return Ok(None);
+        };
         info!(
             round = round.id,
             updates = updates.len(),

@@ -211,11 +211,7 @@ impl FedSubAvg {
     }
 
     async fn sparse_task(&self, store: &Store, task_id: &str) -> Result<(TaskRow, SparseModel), ApiError> {
-        let task = store
-            .db
-            .task(task_id)
-            .await?
-            .ok_or_else(|| ApiError::UnknownTask(task_id.to_string()))?;
+        let task = store.task(task_id).await?;
         let model = sparse_model(&task.config).ok_or_else(|| ApiError::NotSparse(task_id.to_string()))?;
         Ok((task, model))
     }
@@ -340,11 +336,7 @@ impl FedSubAvg {
         let lock = self.lock(task_id);
         let _reading = lock.read().await;
         // Read under the lock: the version and the table rows then belong together.
-        let task = store
-            .db
-            .task(task_id)
-            .await?
-            .ok_or_else(|| ApiError::UnknownTask(task_id.to_string()))?;
+        let task = store.task(task_id).await?;
         let current = task.model_version;
         match request.version {
             Some(v) if v < 0 || v > current => {
@@ -457,11 +449,7 @@ impl FedSubAvg {
     /// Applies, in version order, every journal whose version has committed, then removes it.
     /// The caller holds the task's table lock exclusively.
     async fn apply_committed_journals(&self, store: &Store, task_id: &str) -> Result<(), ApiError> {
-        let task = store
-            .db
-            .task(task_id)
-            .await?
-            .ok_or_else(|| ApiError::UnknownTask(task_id.to_string()))?;
+        let task = store.task(task_id).await?;
         let model = sparse_model(&task.config).expect("a FedSubAvg task");
         let mut versions: Vec<i64> = store
             .blobs
