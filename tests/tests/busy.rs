@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use fedhive_client::client::FedhiveClient;
 use fedhive_e2e::{Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors};
 use fedhive_shared::wire::{ErrorBody, UploadReceipt};
 use reqwest::{StatusCode, header};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -22,31 +23,93 @@ on_both_databases!(
     one_address_over_its_rate_is_told_when_to_retry,
 );
 
-async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
+/// A server started with `flags` and a task of K = 2 in one round. Fields drop in order: the server
+/// stops before its database and data directory go.
+struct Setup {
+    server: ServerProcess,
+    client: FedhiveClient,
+    task: String,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(backend: Backend, flags: &[&str]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create(backend).await.unwrap();
-    // One upload at a time and none waiting.
-    let flags = ["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"];
-    let server = ServerProcess::start_with(dir.path(), &db, &flags).await.unwrap();
+    let server = ServerProcess::start_with(dir.path(), &db, flags).await.unwrap();
     let client = server.raw_client();
     let task = client
         .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
         .await
         .unwrap()
         .task_id;
-    let slow = assign(&client, &task).await;
-    let refused = assign(&client, &task).await;
+    Setup {
+        server,
+        client,
+        task,
+        _db: db,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    /// `host:port` of the server, for raw TCP clients.
+    fn addr(&self) -> String {
+        self.server.base_url.trim_start_matches("http://").to_string()
+    }
+
+    /// The request line and headers of an upload with `token`; `framing` is the body's
+    /// `Content-Length: N` or `Transfer-Encoding: chunked` header.
+    fn upload_head(&self, token: &str, num_samples: u64, framing: &str) -> String {
+        format!(
+            "PUT /v1/updates?num_samples={num_samples} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+             {framing}\r\n\r\n",
+            self.addr()
+        )
+    }
+}
+
+/// Reads from `conn` until the answer contains `needle` (or panics after `within` without a byte,
+/// or when the connection closes first).
+async fn read_answer(conn: &mut (impl AsyncRead + Unpin), needle: &str, within: Duration) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains(needle) {
+        let n = tokio::time::timeout(within, conn.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed without an answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
+    // One upload at a time and none waiting.
+    let setup = setup(
+        backend,
+        &["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"],
+    )
+    .await;
+    let Setup {
+        server, client, task, ..
+    } = &setup;
+    let slow = assign(client, task).await;
+    let refused = assign(client, task).await;
     let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
 
     // `slow` sends its headers and half its body, and so holds the only slot while the server
     // waits for the rest.
-    let addr = server.base_url.trim_start_matches("http://").to_string();
-    let mut slow_conn = TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
-         Content-Length: {}\r\n\r\n",
-        slow.upload_token,
-        update.len()
+    let mut slow_conn = TcpStream::connect(setup.addr()).await.unwrap();
+    let head = setup.upload_head(
+        &slow.upload_token,
+        5,
+        &format!("Content-Length: {}", update.len()),
     );
     let half = update.len() / 2;
     slow_conn.write_all(head.as_bytes()).await.unwrap();
@@ -72,7 +135,7 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
     let retry_ms = body.retry_after_ms.expect("retry_after_ms in the body");
     assert!((100..=60_000).contains(&retry_ms), "retry after {retry_ms} ms");
     assert_eq!(retry_header, retry_ms.div_ceil(1000));
-    let rounds = client.rounds(&task).await.unwrap();
+    let rounds = client.rounds(task).await.unwrap();
     assert_eq!(
         (rounds[0].accepted, rounds[0].total_samples),
         (0, 0),
@@ -81,21 +144,7 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
 
     // The slow upload completes and is accepted.
     slow_conn.write_all(&update[half..]).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains("\"sha256\"") {
-        let n = tokio::time::timeout(Duration::from_secs(30), slow_conn.read(&mut buf))
-            .await
-            .expect("the slow upload is answered")
-            .unwrap();
-        assert!(
-            n > 0,
-            "connection closed early: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        answer.extend_from_slice(&buf[..n]);
-    }
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_answer(&mut slow_conn, "\"sha256\"", Duration::from_secs(30)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // The refused device sends the same update again and is counted once.
@@ -103,59 +152,41 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
     assert_eq!(resp.status(), StatusCode::OK);
     let receipt: UploadReceipt = resp.json().await.unwrap();
     assert_eq!(receipt.accepted_updates, 2);
-    let rounds = client.rounds(&task).await.unwrap();
+    let rounds = client.rounds(task).await.unwrap();
     assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
 }
 
 async fn a_stalled_body_gives_its_slot_back(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::create(backend).await.unwrap();
-    let flags = ["--max-concurrent-uploads", "1", "--body-read-timeout-secs", "1"];
-    let server = ServerProcess::start_with(dir.path(), &db, &flags).await.unwrap();
-    let client = server.raw_client();
-    let task = client
-        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
-        .await
-        .unwrap()
-        .task_id;
-    let stalled = assign(&client, &task).await;
-    let other = assign(&client, &task).await;
+    let setup = setup(
+        backend,
+        &["--max-concurrent-uploads", "1", "--body-read-timeout-secs", "1"],
+    )
+    .await;
+    let Setup {
+        server, client, task, ..
+    } = &setup;
+    let stalled = assign(client, task).await;
+    let other = assign(client, task).await;
     let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
 
     // Headers and half the body, then nothing: the only slot is held until the timeout.
-    let addr = server.base_url.trim_start_matches("http://").to_string();
-    let mut conn = TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
-         Content-Length: {}\r\n\r\n",
-        stalled.upload_token,
-        update.len()
+    let mut conn = TcpStream::connect(setup.addr()).await.unwrap();
+    let head = setup.upload_head(
+        &stalled.upload_token,
+        5,
+        &format!("Content-Length: {}", update.len()),
     );
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(&update[..update.len() / 2]).await.unwrap();
     let started = std::time::Instant::now();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains("body_timeout") {
-        let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
-            .await
-            .expect("the stalled upload is answered")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed without an answer: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        answer.extend_from_slice(&buf[..n]);
-    }
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = read_answer(&mut conn, "body_timeout", Duration::from_secs(20)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "{:?}",
         started.elapsed()
     );
-    let rounds = client.rounds(&task).await.unwrap();
+    let rounds = client.rounds(task).await.unwrap();
     assert_eq!(
         (rounds[0].accepted, rounds[0].total_samples),
         (0, 0),
@@ -176,54 +207,23 @@ async fn a_stalled_body_gives_its_slot_back(backend: Backend) {
         let receipt: UploadReceipt = resp.json().await.unwrap();
         assert_eq!(receipt.accepted_updates, seq);
     }
-    let rounds = client.rounds(&task).await.unwrap();
+    let rounds = client.rounds(task).await.unwrap();
     assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
 }
 
-/// Reads from `conn` until the answer contains `needle` (or panics after 20 s).
-async fn read_answer(conn: &mut tokio::net::tcp::OwnedReadHalf, needle: &str) -> String {
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains(needle) {
-        let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
-            .await
-            .expect("answered")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed without an answer: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        answer.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 async fn oversized_bodies_are_refused_without_reading_them(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::create(backend).await.unwrap();
-    let server = ServerProcess::start(dir.path(), &db).await.unwrap();
-    let client = server.raw_client();
-    let config = small_task(2, 2, 1, 120);
-    let limit = fedhive_server::coordinator::upload_limit(&config).unwrap();
-    let task = client
-        .create_task(&config, small_tensors(|_| 0.0).encode())
-        .await
-        .unwrap()
-        .task_id;
-    let addr = server.base_url.trim_start_matches("http://").to_string();
+    let setup = setup(backend, &[]).await;
+    let Setup { client, task, .. } = &setup;
+    let limit = fedhive_server::coordinator::upload_limit(&small_task(2, 2, 1, 120)).unwrap();
 
     // A declared length of 10 GB with 5 bytes sent: refused at once, not after a body read.
-    let huge = assign(&client, &task).await;
-    let (mut read, mut write) = TcpStream::connect(&addr).await.unwrap().into_split();
-    let head = format!(
-        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
-         Content-Length: 10000000000\r\n\r\nhello",
-        huge.upload_token
-    );
+    let huge = assign(client, task).await;
+    let (mut read, mut write) = TcpStream::connect(setup.addr()).await.unwrap().into_split();
+    let head = setup.upload_head(&huge.upload_token, 5, "Content-Length: 10000000000");
     write.write_all(head.as_bytes()).await.unwrap();
+    write.write_all(b"hello").await.unwrap();
     let started = std::time::Instant::now();
-    let answer = read_answer(&mut read, "body_too_large").await;
+    let answer = read_answer(&mut read, "body_too_large", Duration::from_secs(20)).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -233,13 +233,9 @@ async fn oversized_bodies_are_refused_without_reading_them(backend: Backend) {
 
     // Chunked without end: refused once the bytes read pass the limit; the client sent far less
     // than it would have.
-    let endless = assign(&client, &task).await;
-    let (mut read, mut write) = TcpStream::connect(&addr).await.unwrap().into_split();
-    let head = format!(
-        "PUT /v1/updates?num_samples=5 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
-         Transfer-Encoding: chunked\r\n\r\n",
-        endless.upload_token
-    );
+    let endless = assign(client, task).await;
+    let (mut read, mut write) = TcpStream::connect(setup.addr()).await.unwrap().into_split();
+    let head = setup.upload_head(&endless.upload_token, 5, "Transfer-Encoding: chunked");
     write.write_all(head.as_bytes()).await.unwrap();
     let sender = tokio::spawn(async move {
         let chunk = [0u8; 16 * 1024];
@@ -254,7 +250,7 @@ async fn oversized_bodies_are_refused_without_reading_them(backend: Backend) {
         }
         sent
     });
-    let answer = read_answer(&mut read, "body_too_large").await;
+    let answer = read_answer(&mut read, "body_too_large", Duration::from_secs(20)).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     drop(read);
     let sent = sender.await.unwrap();
@@ -263,7 +259,7 @@ async fn oversized_bodies_are_refused_without_reading_them(backend: Backend) {
         "the server stopped reading: {sent} bytes sent, limit {limit}"
     );
 
-    let rounds = client.rounds(&task).await.unwrap();
+    let rounds = client.rounds(task).await.unwrap();
     assert_eq!(
         (rounds[0].accepted, rounds[0].total_samples),
         (0, 0),
@@ -272,16 +268,14 @@ async fn oversized_bodies_are_refused_without_reading_them(backend: Backend) {
 }
 
 async fn one_address_over_its_rate_is_told_when_to_retry(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::create(backend).await.unwrap();
-    let flags = ["--rate-limit-per-address", "2", "--rate-limit-burst", "3"];
-    let server = ServerProcess::start_with(dir.path(), &db, &flags).await.unwrap();
-    let client = server.raw_client();
-    let task = client
-        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
-        .await
-        .unwrap()
-        .task_id;
+    let setup = setup(
+        backend,
+        &["--rate-limit-per-address", "2", "--rate-limit-burst", "3"],
+    )
+    .await;
+    let Setup {
+        server, client, task, ..
+    } = &setup;
     let http = reqwest::Client::new();
     let checkin = || {
         http.post(format!("{}/v1/tasks/{task}/checkin", server.base_url))
@@ -306,7 +300,7 @@ async fn one_address_over_its_rate_is_told_when_to_retry(backend: Backend) {
         "retry after {retry_ms} ms at 2 per second"
     );
     assert_eq!(retry_header, retry_ms.div_ceil(1000));
-    let rounds = client.rounds(&task).await.unwrap();
+    let rounds = client.rounds(task).await.unwrap();
     assert_eq!(rounds[0].assigned, 3, "the refused check-in took no token");
     // Operator routes are not limited; after the wait the address is served again.
     tokio::time::sleep(Duration::from_millis(retry_ms + 50)).await;
