@@ -11,8 +11,8 @@ use bytes::Bytes;
 use fedhive_shared::blocks::BlockStatus;
 use fedhive_shared::sparse::{Enrolment, FeatureSet, HeatReport, RowsRequest};
 use fedhive_shared::wire::{
-    CheckinResponse, DeviceCredentials, DeviceInfo, ErrorBody, MetricsReport, RoundInfo, TaskConfig,
-    TaskCreated, TaskStatus, UploadReceipt,
+    ArtifactReceipt, CheckinResponse, CloudStatus, DeviceCredentials, DeviceInfo, ErrorBody, MetricsReport,
+    RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
 };
 use reqwest::{Method, RequestBuilder, StatusCode, header};
 
@@ -363,6 +363,84 @@ impl FedhiveClient {
             .send(|| self.request(Method::GET, &path).query(&[("version", version)]))
             .await?;
         Ok(resp.bytes().await?)
+    }
+
+    /// DC-CCL: version `version` of the task's control model `F_m` (the latest when `None`):
+    /// `(version, safetensors bytes)`.
+    pub async fn download_control_model(
+        &self,
+        task_id: &str,
+        version: Option<i64>,
+    ) -> Result<(i64, Bytes), ClientError> {
+        let path = format!("/v1/tasks/{task_id}/control-model");
+        let resp = self
+            .send(|| {
+                let req = self.request(Method::GET, &path);
+                match version {
+                    Some(v) => req.query(&[("version", v)]),
+                    None => req,
+                }
+            })
+            .await?;
+        let version = resp
+            .headers()
+            .get("fedhive-control-version")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or_default();
+        Ok((version, resp.bytes().await?))
+    }
+
+    /// DC-CCL cloud worker: its task's round in progress (with the task's worker token).
+    pub async fn cloud_status(&self, task_id: &str, worker_token: &str) -> Result<CloudStatus, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/cloud");
+        let resp = self
+            .send(|| self.request(Method::GET, &path).bearer_auth(worker_token))
+            .await?;
+        Ok(resp.json().await?)
+    }
+
+    /// DC-CCL cloud worker: the cloud's delta of `F_s` for `round_id`. Safe to repeat with the
+    /// same body: the server stores it once.
+    pub async fn submit_cloud_update(
+        &self,
+        task_id: &str,
+        round_id: i64,
+        worker_token: &str,
+        body: Bytes,
+    ) -> Result<ArtifactReceipt, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/rounds/{round_id}/cloud-update");
+        self.put_artifact(&path, worker_token, body).await
+    }
+
+    /// DC-CCL cloud worker: publishes control model `version` (the next one). Safe to repeat with
+    /// the same body.
+    pub async fn publish_control_model(
+        &self,
+        task_id: &str,
+        version: i64,
+        worker_token: &str,
+        body: Bytes,
+    ) -> Result<ArtifactReceipt, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/control-model/{version}");
+        self.put_artifact(&path, worker_token, body).await
+    }
+
+    async fn put_artifact(
+        &self,
+        path: &str,
+        token: &str,
+        body: Bytes,
+    ) -> Result<ArtifactReceipt, ClientError> {
+        let resp = self
+            .send(|| {
+                self.request(Method::PUT, path)
+                    .bearer_auth(token)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(resp.json().await?)
     }
 
     /// Operator: schedule position, per-block counts and the history of a block-cyclic task.

@@ -18,6 +18,7 @@ use crate::{
     block_cyclic::{McStart, train_mc},
     client::{ClientError, FedhiveClient},
     data::Dataset,
+    dc_ccl::{self, Weights},
     local_work::LocalWork,
     model::ModelKind,
     training::{self, TrainError},
@@ -58,6 +59,17 @@ pub struct Device {
     cached: Option<(i64, Arc<NamedTensors>)>,
     /// MC-PSGD: the last chain downloaded per block, `(version, tensors)`.
     cached_chains: BTreeMap<String, (i64, Arc<NamedTensors>)>,
+    /// DC-CCL: the control model `F_m`, downloaded once per version.
+    cached_control: Option<(i64, Arc<NamedTensors>)>,
+    /// Bytes downloaded and uploaded (bodies only), for reports of what a strategy moves.
+    pub traffic: Traffic,
+}
+
+/// Body bytes a device moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub downloaded: u64,
+    pub uploaded: u64,
 }
 
 impl Device {
@@ -78,6 +90,8 @@ impl Device {
             block_data: BTreeMap::new(),
             cached: None,
             cached_chains: BTreeMap::new(),
+            cached_control: None,
+            traffic: Traffic::default(),
         }
     }
 
@@ -133,6 +147,7 @@ impl Device {
             return Ok(model.clone());
         }
         let (_, bytes): (i64, Bytes) = self.client.download_model(&self.task_id, Some(version)).await?;
+        self.traffic.downloaded += bytes.len() as u64;
         let model = Arc::new(NamedTensors::decode(&bytes).map_err(|e| DeviceError::BadModel(e.to_string()))?);
         self.cached = Some((version, model.clone()));
         Ok(model)
@@ -146,10 +161,29 @@ impl Device {
             return Ok(chain.clone());
         }
         let bytes = self.client.download_chain(&self.task_id, block, version).await?;
+        self.traffic.downloaded += bytes.len() as u64;
         let chain = Arc::new(NamedTensors::decode(&bytes).map_err(|e| DeviceError::BadModel(e.to_string()))?);
         self.cached_chains
             .insert(block.to_string(), (version, chain.clone()));
         Ok(chain)
+    }
+
+    /// DC-CCL: version `version` of the control model, downloaded once.
+    async fn control(&mut self, version: i64) -> Result<Arc<NamedTensors>, DeviceError> {
+        if let Some((v, control)) = &self.cached_control
+            && *v == version
+        {
+            return Ok(control.clone());
+        }
+        let (_, bytes) = self
+            .client
+            .download_control_model(&self.task_id, Some(version))
+            .await?;
+        self.traffic.downloaded += bytes.len() as u64;
+        let control =
+            Arc::new(NamedTensors::decode(&bytes).map_err(|e| DeviceError::BadModel(e.to_string()))?);
+        self.cached_control = Some((version, control.clone()));
+        Ok(control)
     }
 
     /// One round's work for an assignment.
@@ -185,6 +219,25 @@ impl Device {
                 .expect("training task panicked")?;
                 (update.body, update.num_samples, update.train_loss)
             }
+            LocalWork::WithControl { model, version } => {
+                let control_kind: ModelKind = model
+                    .parse()
+                    .map_err(|_| DeviceError::BadModel(format!("unknown control model family `{model}`")))?;
+                let control = self.control(version).await?;
+                let update = tokio::task::spawn_blocking(move || {
+                    dc_ccl::train_co_model(
+                        Weights::new(kind, &global),
+                        Weights::new(control_kind, &control),
+                        &device,
+                        &data,
+                        &params,
+                        seed,
+                    )
+                })
+                .await
+                .expect("training task panicked")?;
+                (update.delta, update.num_samples, update.loss)
+            }
             work @ (LocalWork::Delta | LocalWork::GradientSum) => {
                 let update = tokio::task::spawn_blocking(move || {
                     training::train_local(kind, &device, &global, &data, &params, seed)
@@ -198,8 +251,10 @@ impl Device {
                 (body, update.num_samples, update.loss)
             }
         };
+        let body = Bytes::from(body.encode());
+        self.traffic.uploaded += body.len() as u64;
         self.client
-            .upload_update(&a.upload_token, num_samples, Bytes::from(body.encode()))
+            .upload_update(&a.upload_token, num_samples, body)
             .await?;
         let metrics = MetricsReport {
             loss,

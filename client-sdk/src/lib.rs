@@ -6,6 +6,8 @@
 //! - [`training`]: FedAvg's local SGD step ([`training::train_local`]) and evaluation.
 //! - [`local_work`]: what an assignment asks of the device, by strategy; [`device`]: the loop.
 //! - [`block_cyclic`]: MC-PSGD's device step (train `x` and the block's chain `y_m`).
+//! - [`dc_ccl`]: DC-CCL's steps: the co-model against a frozen control model, distillation, and
+//!   predictions of summed models.
 //! - [`ctr`] and [`submodel_device`]: a CTR model with a sparse table trained on a device's submodel
 //!   (FedSubAvg).
 //! - [`backend`]: run-time choice of the compute device (`flex` CPU or `wgpu`).
@@ -15,6 +17,7 @@ pub mod block_cyclic;
 pub mod client;
 pub mod ctr;
 pub mod data;
+pub mod dc_ccl;
 pub mod device;
 pub mod local_work;
 pub mod model;

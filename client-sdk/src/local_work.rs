@@ -22,6 +22,9 @@ pub enum LocalWork {
         version: i64,
         chain_learning_rate: f32,
     },
+    /// DC-CCL: train the co-model `x` = `F_s` against the frozen control model `F_m` (this family
+    /// and version), upload `x_after - x_before`.
+    WithControl { model: String, version: i64 },
 }
 
 impl LocalWork {
@@ -33,6 +36,12 @@ impl LocalWork {
                 block: block.name.clone(),
                 version,
                 chain_learning_rate: block.chain_learning_rate.unwrap_or(a.training.learning_rate),
+            };
+        }
+        if let Some(control) = &a.control {
+            return LocalWork::WithControl {
+                model: control.model.clone(),
+                version: control.version,
             };
         }
         match a.upload {
@@ -67,6 +76,7 @@ mod tests {
             deadline_unix: 0,
             upload,
             block,
+            control: None,
         }
     }
 
@@ -111,6 +121,19 @@ mod tests {
                 block: "night".into(),
                 version: 0,
                 chain_learning_rate: 0.05
+            }
+        );
+        // DC-CCL: a control model to train beside.
+        let mut dc = assignment(UploadKind::Delta, None);
+        dc.control = Some(fedhive_shared::wire::ControlModelRef {
+            model: "mlp_small".into(),
+            version: 2,
+        });
+        assert_eq!(
+            LocalWork::of(&dc),
+            LocalWork::WithControl {
+                model: "mlp_small".into(),
+                version: 2
             }
         );
     }

@@ -29,6 +29,11 @@ pub enum ModelKind {
     Mlp,
     /// Two 3x3 conv + max-pool blocks (8 and 16 channels) and a linear head: ~89%, still CPU-cheap.
     Cnn,
+    /// 784-32-10 perceptron (25k parameters): DC-CCL's device-side co-model and control model.
+    MlpSmall,
+    /// The CNN with a 256-unit hidden layer before its head (106k parameters, 4x `MlpSmall`):
+    /// DC-CCL's large cloud model.
+    CnnLarge,
 }
 
 impl ModelKind {
@@ -36,8 +41,17 @@ impl ModelKind {
         match self {
             ModelKind::Mlp => "mlp",
             ModelKind::Cnn => "cnn",
+            ModelKind::MlpSmall => "mlp_small",
+            ModelKind::CnnLarge => "cnn_large",
         }
     }
+
+    pub const ALL: [ModelKind; 4] = [
+        ModelKind::Mlp,
+        ModelKind::Cnn,
+        ModelKind::MlpSmall,
+        ModelKind::CnnLarge,
+    ];
 }
 
 impl std::fmt::Display for ModelKind {
@@ -47,18 +61,17 @@ impl std::fmt::Display for ModelKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown model `{0}` (expected `mlp` or `cnn`)")]
+#[error("unknown model `{0}` (expected `mlp`, `cnn`, `mlp_small` or `cnn_large`)")]
 pub struct UnknownModel(pub String);
 
 impl FromStr for ModelKind {
     type Err = UnknownModel;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "mlp" => Ok(ModelKind::Mlp),
-            "cnn" => Ok(ModelKind::Cnn),
-            other => Err(UnknownModel(other.to_string())),
-        }
+        ModelKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| UnknownModel(s.to_string()))
     }
 }
 
@@ -94,6 +107,22 @@ fn layout(kind: ModelKind) -> Vec<(&'static str, Vec<usize>, usize)> {
             ("conv2.bias", vec![CONV2], CONV1 * 9),
             ("fc.weight", vec![CNN_FLAT, NUM_CLASSES], CNN_FLAT),
             ("fc.bias", vec![NUM_CLASSES], CNN_FLAT),
+        ],
+        ModelKind::MlpSmall => vec![
+            ("fc1.weight", vec![IMAGE_PIXELS, SMALL_HIDDEN], IMAGE_PIXELS),
+            ("fc1.bias", vec![SMALL_HIDDEN], IMAGE_PIXELS),
+            ("fc2.weight", vec![SMALL_HIDDEN, NUM_CLASSES], SMALL_HIDDEN),
+            ("fc2.bias", vec![NUM_CLASSES], SMALL_HIDDEN),
+        ],
+        ModelKind::CnnLarge => vec![
+            ("conv1.weight", vec![CONV1, 1, 3, 3], 9),
+            ("conv1.bias", vec![CONV1], 9),
+            ("conv2.weight", vec![CONV2, CONV1, 3, 3], CONV1 * 9),
+            ("conv2.bias", vec![CONV2], CONV1 * 9),
+            ("fc1.weight", vec![CNN_FLAT, LARGE_HIDDEN], CNN_FLAT),
+            ("fc1.bias", vec![LARGE_HIDDEN], CNN_FLAT),
+            ("fc2.weight", vec![LARGE_HIDDEN, NUM_CLASSES], LARGE_HIDDEN),
+            ("fc2.bias", vec![NUM_CLASSES], LARGE_HIDDEN),
         ],
     }
 }
@@ -131,6 +160,8 @@ pub fn initial_weights(kind: ModelKind, seed: u64) -> NamedTensors {
 }
 
 const MLP_HIDDEN: usize = 128;
+const SMALL_HIDDEN: usize = 32;
+const LARGE_HIDDEN: usize = 256;
 const CONV1: usize = 8;
 const CONV2: usize = 16;
 /// 28 -conv3-> 26 -pool2-> 13 -conv3-> 11 -pool2-> 5: 16 channels of 5x5.
@@ -161,6 +192,80 @@ impl Classifier for Mlp {
         self.fc2.forward(relu(self.fc1.forward(images)))
     }
 }
+
+#[derive(Module, Debug)]
+pub(crate) struct MlpSmall {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Classifier for MlpSmall {
+    fn init(device: &Device) -> Self {
+        MlpSmall {
+            fc1: LinearConfig::new(IMAGE_PIXELS, SMALL_HIDDEN).init(device),
+            fc2: LinearConfig::new(SMALL_HIDDEN, NUM_CLASSES).init(device),
+        }
+    }
+
+    fn forward(&self, images: Tensor<2>) -> Tensor<2> {
+        self.fc2.forward(relu(self.fc1.forward(images)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub(crate) struct CnnLarge {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    pool: MaxPool2d,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Classifier for CnnLarge {
+    fn init(device: &Device) -> Self {
+        CnnLarge {
+            conv1: Conv2dConfig::new([1, CONV1], [3, 3]).init(device),
+            conv2: Conv2dConfig::new([CONV1, CONV2], [3, 3]).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            fc1: LinearConfig::new(CNN_FLAT, LARGE_HIDDEN).init(device),
+            fc2: LinearConfig::new(LARGE_HIDDEN, NUM_CLASSES).init(device),
+        }
+    }
+
+    fn forward(&self, images: Tensor<2>) -> Tensor<2> {
+        let [batch, _] = images.dims();
+        let x = images.reshape([batch, 1, 28, 28]);
+        let x = self.pool.forward(relu(self.conv1.forward(x)));
+        let x = self.pool.forward(relu(self.conv2.forward(x)));
+        self.fc2
+            .forward(relu(self.fc1.forward(x.reshape([batch, CNN_FLAT]))))
+    }
+}
+
+/// Runs `$body` with `$M` bound to the module type of model kind `$kind`.
+macro_rules! with_model {
+    ($kind:expr, $M:ident => $body:expr) => {
+        match $kind {
+            $crate::model::ModelKind::Mlp => {
+                type $M = $crate::model::Mlp;
+                $body
+            }
+            $crate::model::ModelKind::Cnn => {
+                type $M = $crate::model::Cnn;
+                $body
+            }
+            $crate::model::ModelKind::MlpSmall => {
+                type $M = $crate::model::MlpSmall;
+                $body
+            }
+            $crate::model::ModelKind::CnnLarge => {
+                type $M = $crate::model::CnnLarge;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_model;
 
 #[derive(Module, Debug)]
 pub(crate) struct Cnn {
@@ -317,7 +422,7 @@ mod tests {
 
     #[test]
     fn names_parse_and_print() {
-        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+        for kind in ModelKind::ALL {
             assert_eq!(kind.name().parse::<ModelKind>(), Ok(kind));
         }
         assert!(
@@ -336,10 +441,10 @@ mod tests {
             read(&Mlp::init(&device)).unwrap().specs(),
             tensor_specs(ModelKind::Mlp)
         );
-        assert_eq!(
-            read(&Cnn::init(&device)).unwrap().specs(),
-            tensor_specs(ModelKind::Cnn)
-        );
+        for kind in ModelKind::ALL {
+            let specs = with_model!(kind, M => read(&M::init(&device)).unwrap().specs());
+            assert_eq!(specs, tensor_specs(kind), "{kind}");
+        }
     }
 
     #[test]
@@ -356,15 +461,12 @@ mod tests {
 
     #[test]
     fn load_then_read_is_bit_exact() {
-        for kind in [ModelKind::Mlp, ModelKind::Cnn] {
+        for kind in ModelKind::ALL {
             let weights = initial_weights(kind, 42);
             let specs = tensor_specs(kind);
             for device in [Device::flex(), Device::flex().autodiff()] {
-                let back = match kind {
-                    ModelKind::Mlp => read(&load::<Mlp>(&weights, &specs, &device).unwrap()),
-                    ModelKind::Cnn => read(&load::<Cnn>(&weights, &specs, &device).unwrap()),
-                }
-                .unwrap();
+                let back =
+                    with_model!(kind, M => read(&load::<M>(&weights, &specs, &device).unwrap())).unwrap();
                 assert_eq!(bits(&back), bits(&weights), "{kind}");
             }
         }

@@ -5,8 +5,9 @@
 //! weighted by sample counts. Plain SGD (no momentum, no weight decay) keeps the device step the
 //! one the algorithm analyses and leaves no optimizer state to carry between rounds.
 
-use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedhive_shared::NamedTensors;
 use fedhive_shared::wire::TrainingParams;
@@ -15,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::data::{Dataset, IMAGE_PIXELS};
-use crate::model::{self, Classifier, Cnn, Mlp, ModelError, ModelKind};
+use crate::model::{self, Classifier, ModelError, ModelKind, with_model};
 
 /// Samples per forward pass in [`evaluate`] (bounded memory, few dispatches).
 pub const EVAL_BATCH: usize = 1000;
@@ -68,22 +69,18 @@ pub fn train_local(
     seed: u64,
 ) -> Result<LocalUpdate, TrainError> {
     check_dataset(data)?;
-    if params.batch_size == 0 {
-        return Err(TrainError::InvalidParams("batch_size must be positive".into()));
-    }
-    if params.local_epochs == 0 {
-        return Err(TrainError::InvalidParams("local_epochs must be positive".into()));
-    }
-    if !(params.learning_rate.is_finite() && params.learning_rate > 0.0) {
-        return Err(TrainError::InvalidParams(format!(
-            "learning_rate must be positive and finite, got {}",
-            params.learning_rate
-        )));
-    }
-    let (after, loss) = match kind {
-        ModelKind::Mlp => run_sgd::<Mlp>(kind, device, global, data, params, seed)?,
-        ModelKind::Cnn => run_sgd::<Cnn>(kind, device, global, data, params, seed)?,
-    };
+    check_params(params)?;
+    let (after, loss) = with_model!(kind, M => run_sgd::<M>(kind, device, global, data, params, seed)?);
+    local_update(after, global, data, loss)
+}
+
+/// The update of weights trained from `global` on `data`, refused if training diverged.
+pub(crate) fn local_update(
+    after: NamedTensors,
+    global: &NamedTensors,
+    data: &Dataset,
+    loss: f32,
+) -> Result<LocalUpdate, TrainError> {
     let delta = after.sub(global);
     if let Some((name, _)) = delta
         .0
@@ -99,6 +96,23 @@ pub fn train_local(
     })
 }
 
+/// Refuses training parameters no local step can run with.
+pub(crate) fn check_params(params: &TrainingParams) -> Result<(), TrainError> {
+    if params.batch_size == 0 {
+        return Err(TrainError::InvalidParams("batch_size must be positive".into()));
+    }
+    if params.local_epochs == 0 {
+        return Err(TrainError::InvalidParams("local_epochs must be positive".into()));
+    }
+    if !(params.learning_rate.is_finite() && params.learning_rate > 0.0) {
+        return Err(TrainError::InvalidParams(format!(
+            "learning_rate must be positive and finite, got {}",
+            params.learning_rate
+        )));
+    }
+    Ok(())
+}
+
 /// Accuracy and mean cross-entropy of `weights` on `data`, in batches of [`EVAL_BATCH`] without
 /// autodiff.
 pub fn evaluate(
@@ -108,13 +122,10 @@ pub fn evaluate(
     data: &Dataset,
 ) -> Result<Evaluation, TrainError> {
     check_dataset(data)?;
-    match kind {
-        ModelKind::Mlp => eval_with::<Mlp>(kind, device, weights, data),
-        ModelKind::Cnn => eval_with::<Cnn>(kind, device, weights, data),
-    }
+    with_model!(kind, M => eval_with::<M>(kind, device, weights, data))
 }
 
-fn check_dataset(data: &Dataset) -> Result<(), TrainError> {
+pub(crate) fn check_dataset(data: &Dataset) -> Result<(), TrainError> {
     if data.is_empty() {
         return Err(TrainError::EmptyDataset);
     }
@@ -127,12 +138,12 @@ fn check_dataset(data: &Dataset) -> Result<(), TrainError> {
     Ok(())
 }
 
-fn backend_err(e: impl std::fmt::Display) -> TrainError {
+pub(crate) fn backend_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Backend(e.to_string())
 }
 
 /// The minibatch `idx` as `([b, 784] images, [b] labels)` on `device`: one host copy per batch.
-fn batch(data: &Dataset, idx: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+pub(crate) fn batch(data: &Dataset, idx: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
     let mut images = Vec::with_capacity(idx.len() * IMAGE_PIXELS);
     let mut labels = Vec::with_capacity(idx.len());
     for &i in idx {
@@ -155,9 +166,33 @@ fn run_sgd<M: Classifier>(
     seed: u64,
 ) -> Result<(NamedTensors, f32), TrainError> {
     let device = device.clone().autodiff();
-    let mut model: M = model::load(global, &model::tensor_specs(kind), &device)?;
-    let mut optim = SgdConfig::new().init();
+    let model: M = model::load(global, &model::tensor_specs(kind), &device)?;
     let criterion = CrossEntropyLossConfig::new().init(&device);
+    let model = fit(
+        model,
+        SgdConfig::new().init(),
+        &device,
+        data,
+        params,
+        seed,
+        |m, x, y| criterion.forward(m.forward(x), y),
+    )?;
+    Ok((model::read(&model.0)?, model.1))
+}
+
+/// The training loop every local step shares: `local_epochs` epochs over minibatches of
+/// `batch_size` reshuffled each epoch with `seed`, at most `max_local_steps` steps when non-zero,
+/// minimising `loss(model, images, labels)` with `optim` at `learning_rate`. Returns the trained
+/// module and the last epoch's mean loss. `device` must have autodiff.
+pub(crate) fn fit<M: Module>(
+    mut model: M,
+    mut optim: ModuleOptimizer,
+    device: &Device,
+    data: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+    loss: impl Fn(&M, Tensor<2>, Tensor<1, Int>) -> Tensor<1>,
+) -> Result<(M, f32), TrainError> {
     let lr = f64::from(params.learning_rate);
     let batch_size = params.batch_size as usize;
     let max_steps = params.max_local_steps as usize;
@@ -173,8 +208,8 @@ fn run_sgd<M: Classifier>(
         let mut loss_sum: Option<Tensor<1>> = None;
         let mut seen = 0usize;
         for idx in order.chunks(batch_size) {
-            let (x, y) = batch(data, idx, &device);
-            let loss = step_loss(&model, &criterion, x, y);
+            let (x, y) = batch(data, idx, device);
+            let loss = loss(&model, x, y);
             // In units of full batches; only a short last batch pays for the rescaling op.
             let mut weighted = loss.clone().detach().inner();
             if idx.len() != batch_size {
@@ -195,20 +230,15 @@ fn run_sgd<M: Classifier>(
         }
         last_epoch_loss = epoch_mean(loss_sum, seen, batch_size)?;
     }
-    Ok((model::read(&model)?, last_epoch_loss))
-}
-
-fn step_loss<M: Classifier>(
-    model: &M,
-    criterion: &CrossEntropyLoss,
-    x: Tensor<2>,
-    y: Tensor<1, Int>,
-) -> Tensor<1> {
-    criterion.forward(model.forward(x), y)
+    Ok((model, last_epoch_loss))
 }
 
 /// Mean per-sample loss from a sum of batch-mean losses weighted in units of `batch_size`.
-fn epoch_mean(loss_sum: Option<Tensor<1>>, seen: usize, batch_size: usize) -> Result<f32, TrainError> {
+pub(crate) fn epoch_mean(
+    loss_sum: Option<Tensor<1>>,
+    seen: usize,
+    batch_size: usize,
+) -> Result<f32, TrainError> {
     match loss_sum {
         Some(sum) => {
             let sum: f32 = sum.try_into_scalar().map_err(backend_err)?;

@@ -24,6 +24,7 @@ use std::{
 
 use bytes::Bytes;
 use fedhive_shared::{
+    TensorSpec,
     fedavg::{AggregateError, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
     wire::{CheckinResponse, RoundInfo, TaskConfig, TaskCreated, TaskState, TaskStatus, UploadReceipt},
 };
@@ -141,25 +142,33 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Checks a task config for values no round could run with: the common fields here, the rest by
-/// the task's strategy.
-fn validate_config(strategy: &dyn Strategy, c: &TaskConfig) -> Result<(), ApiError> {
+/// Checks a list of tensors of a task config (`field` names it in errors): not empty, no name
+/// twice, every dimension at least 1.
+pub(crate) fn check_tensor_specs(field: &str, specs: &[TensorSpec]) -> Result<(), ApiError> {
     let bad = |msg: String| Err(ApiError::InvalidConfig(msg));
-    if c.tensors.is_empty() {
-        return bad("`tensors` is empty".into());
+    if specs.is_empty() {
+        return bad(format!("`{field}` is empty"));
     }
     let mut names = HashSet::new();
-    for t in &c.tensors {
+    for t in specs {
         if !names.insert(&t.name) {
-            return bad(format!("tensor `{}` is listed twice", t.name));
+            return bad(format!("tensor `{}` is listed twice in `{field}`", t.name));
         }
         if t.shape.is_empty() || t.shape.contains(&0) {
             return bad(format!(
-                "tensor `{}` has shape {:?}; every dimension must be >= 1",
+                "tensor `{}` of `{field}` has shape {:?}; every dimension must be >= 1",
                 t.name, t.shape
             ));
         }
     }
+    Ok(())
+}
+
+/// Checks a task config for values no round could run with: the common fields here, the rest by
+/// the task's strategy.
+fn validate_config(strategy: &dyn Strategy, c: &TaskConfig) -> Result<(), ApiError> {
+    let bad = |msg: String| Err(ApiError::InvalidConfig(msg));
+    check_tensor_specs("tensors", &c.tensors)?;
     if c.devices_per_round == 0 {
         return bad("`devices_per_round` must be >= 1".into());
     }
@@ -236,11 +245,15 @@ impl Coordinator {
         strategy
             .store_initial_model(&self.store, &task_id, &config, model)
             .await?;
+        let worker_token = strategy
+            .issue_task_credentials(&self.store, &task_id, &config)
+            .await?;
         self.store.db.create_task(&task_id, &config, now_ms()).await?;
         info!(task = %task_id, model = %config.model, rounds = config.rounds, k = config.devices_per_round, "task created");
         Ok(TaskCreated {
             task_id,
             model_version: 0,
+            worker_token,
         })
     }
 
@@ -516,7 +529,10 @@ impl Coordinator {
         let deadline = now + config.round_deadline_secs as i64 * 1000;
         // What the strategy's commit holds until its after-commit step (e.g. a table lock).
         let mut hold = None;
-        let (outcome, next) = if updates.len() as u64 >= u64::from(config.min_devices_per_round) {
+        let commits = strategy
+            .commits(&self.store, &task, &round, updates.len())
+            .await?;
+        let (outcome, next) = if commits {
             let new_version = round.base_version + 1;
             let sums = self
                 .round_sums(strategy.clone(), &round, config, &updates)
@@ -552,7 +568,7 @@ impl Coordinator {
                 ),
                 RoundOutcome::Abandoned => warn!(
                     task = %task.id, round = round.id, accepted = updates.len(),
-                    min = config.min_devices_per_round, "round abandoned: too few updates by the deadline"
+                    min = config.min_devices_per_round, "round abandoned: not enough by the deadline"
                 ),
             }
         }

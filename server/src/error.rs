@@ -52,6 +52,16 @@ pub enum ApiError {
     UnknownBlock { task: String, block: String },
     #[error("block `{block}` has no chain version {version}")]
     UnknownChainVersion { block: String, version: i64 },
+    #[error("task `{0}` does not use DC-CCL (no cloud worker or control model)")]
+    NotDcCcl(String),
+    #[error("missing or wrong cloud-worker token for task `{0}`")]
+    WorkerUnauthorized(String),
+    #[error("round {round} is not a round of task `{task}`")]
+    UnknownRound { task: String, round: i64 },
+    #[error("task `{task}` has no control model{}", .version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    UnknownControlModel { task: String, version: Option<i64> },
+    #[error("control model versions are published in order: the next is {next}, got {got}")]
+    ControlVersionOutOfOrder { next: i64, got: i64 },
     #[error("invalid task config: {0}")]
     InvalidConfig(String),
     #[error("invalid request: {0}")]
@@ -68,7 +78,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            Unauthorized | MissingToken | DeviceUnauthorized(_) => StatusCode::UNAUTHORIZED,
+            Unauthorized | MissingToken | DeviceUnauthorized(_) | WorkerUnauthorized(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
+            ControlVersionOutOfOrder { .. } => StatusCode::CONFLICT,
             UnknownTask(_) | UnknownModelVersion { .. } | UnknownToken => StatusCode::NOT_FOUND,
             RoundClosed(_) | UploadInFlight | StaleModelVersion { .. } | RoundClosing(_) => {
                 StatusCode::CONFLICT
@@ -113,6 +127,11 @@ impl ApiError {
             NotBlockCyclic(_) => "not_block_cyclic",
             UnknownBlock { .. } => "unknown_block",
             UnknownChainVersion { .. } => "unknown_chain_version",
+            NotDcCcl(_) => "not_dc_ccl",
+            WorkerUnauthorized(_) => "worker_unauthorized",
+            UnknownRound { .. } => "unknown_round",
+            UnknownControlModel { .. } => "unknown_control_model",
+            ControlVersionOutOfOrder { .. } => "control_version_out_of_order",
             InvalidConfig(_) => "invalid_config",
             InvalidRequest(_) => "invalid_request",
             ServerBusy { .. } => "server_busy",

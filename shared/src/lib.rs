@@ -3,9 +3,10 @@
 //! Architecture invariant: this crate knows nothing of HTTP, SQL or burn. It holds plain data types
 //! ([`NamedTensors`], [`wire`]), the safetensors codec with the validation the server applies to
 //! every upload ([`tensors`]), the order-independent FedAvg accumulator ([`fedavg`]) and FedLaAvg's running sum of
-//! latest gradient sums ([`fedlaavg`]).
+//! latest gradient sums ([`fedlaavg`]), and DC-CCL's device-cloud fusion ([`dc_ccl`]).
 
 pub mod blocks;
+pub mod dc_ccl;
 pub mod fedavg;
 pub mod fedlaavg;
 pub mod fedsubavg;

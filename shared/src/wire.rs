@@ -62,6 +62,32 @@ pub enum StrategyConfig {
         #[serde(default)]
         predictor_average: PredictorAverage,
     },
+    /// DC-CCL device-cloud fusion (see [`crate::dc_ccl`]): the task's model is the small co-model
+    /// `F_s`; devices train it against a frozen control model `F_m` that the task's cloud worker
+    /// publishes, and each round fuses the worker's copy of `F_s` with the devices' average.
+    DcCcl {
+        /// `w`: `F_s_new = w * F_s_cloud + (1 - w) * device average` (0.5 in the authors' code).
+        #[serde(default = "half")]
+        cloud_weight: f32,
+        /// What a round does when its deadline passes without the cloud's contribution.
+        #[serde(default)]
+        without_cloud: WithoutCloud,
+        /// Model family of `F_m` (devices instantiate it, frozen, beside `F_s`).
+        control_model: String,
+        /// Every tensor of `F_m`; the worker's published control models must match exactly.
+        control_tensors: Vec<TensorSpec>,
+    },
+}
+
+/// DC-CCL: what a round whose deadline passed without the cloud worker's contribution does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithoutCloud {
+    /// Abandon the round (the model stays; the next round opens).
+    #[default]
+    Abandon,
+    /// Commit the devices' average alone (`w = 0` for this round).
+    DevicesOnly,
 }
 
 impl StrategyConfig {
@@ -91,6 +117,10 @@ impl StrategyConfig {
 
 fn one() -> f32 {
     1.0
+}
+
+fn half() -> f32 {
+    0.5
 }
 
 fn default_selection_window_ms() -> u64 {
@@ -194,6 +224,18 @@ pub struct Assignment {
     /// Block-cyclic strategies: the round's block, and in MC-PSGD the chain to train as well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockAssignment>,
+    /// DC-CCL: the frozen control model `F_m` to train beside (its version is its download's ETag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlModelRef>,
+}
+
+/// DC-CCL: which control model `F_m` a device trains the co-model against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlModelRef {
+    /// Model family of `F_m`.
+    pub model: String,
+    /// Version to download from `GET /v1/tasks/{id}/control-model?version=N`.
+    pub version: i64,
 }
 
 /// Acknowledgement of an accepted update (returned again, unchanged, for a retried identical upload).
@@ -272,4 +314,37 @@ pub struct TaskStatus {
 pub struct TaskCreated {
     pub task_id: String,
     pub model_version: i64,
+    /// DC-CCL: the task's cloud-worker token, shown once. It can only read the task's round,
+    /// submit the cloud's contribution and publish control models, for this task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_token: Option<String>,
+}
+
+/// DC-CCL: what the cloud worker needs to know about its task (`GET /v1/tasks/{id}/cloud`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudStatus {
+    pub task_id: String,
+    pub state: TaskState,
+    /// The current model version (of `F_s`).
+    pub model_version: i64,
+    /// Model family of `F_s` and of `F_m`.
+    pub model: String,
+    pub control_model: String,
+    /// The devices' training parameters (the worker trains its copy of `F_s` with the same).
+    pub training: TrainingParams,
+    /// The round now open or closing, if any.
+    pub round: Option<RoundInfo>,
+    /// Whether that round already holds the cloud's contribution.
+    pub cloud_submitted: bool,
+    /// Latest published control model version (`None`: none yet; devices wait for one).
+    pub control_version: Option<i64>,
+}
+
+/// Acknowledgement of the cloud's contribution to a round, or of a published control model
+/// (returned again, unchanged, for a retried identical body).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactReceipt {
+    /// The round (cloud contribution) or the version (control model) it was stored as.
+    pub id: i64,
+    pub sha256: String,
 }

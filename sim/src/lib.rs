@@ -5,6 +5,7 @@ pub mod availability;
 pub mod availability_scenario;
 pub mod bench_training;
 pub mod block_cyclic;
+pub mod dc_ccl;
 pub mod demo;
 pub mod hot_cold;
 

@@ -7,6 +7,7 @@ use fedhive_sim::{
     availability_scenario::{AvailabilityOptions, run_availability},
     bench_training::{BenchTrainingOptions, OnceOptions},
     block_cyclic::{BlockCyclicOptions, run_block_cyclic},
+    dc_ccl::{DcCclOptions, run_dc_ccl},
     demo::{DemoOptions, run_demo},
     hot_cold::{HotColdOptions, run_hot_cold},
 };
@@ -38,6 +39,10 @@ enum Command {
     /// FedSubAvg vs FedAvg (server steps 1, 3, 10, 30) on Zipf-distributed sparse features with a CTR
     /// model; prints one JSON summary (training loss overall, on hot and on cold samples).
     HotCold(HotColdOptions),
+    /// DC-CCL device-cloud fusion on Fashion-MNIST split by class between the cloud and the devices,
+    /// against cloud-only, device-only and a pooled-data oracle, on several seeds; prints one JSON
+    /// summary.
+    DcCcl(DcCclOptions),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,11 @@ fn main() -> ExitCode {
             }
             Command::BlockCyclic(options) => {
                 let report = run_block_cyclic(&options, true).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                anyhow::Ok(())
+            }
+            Command::DcCcl(options) => {
+                let report = run_dc_ccl(&options, true).await?;
                 println!("{}", serde_json::to_string(&report)?);
                 anyhow::Ok(())
             }

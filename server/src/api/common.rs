@@ -1,14 +1,17 @@
 //! What every handler shares: the app state, credentials, and request extraction errors.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
+    body::Body,
     extract::rejection::JsonRejection,
-    http::{HeaderMap, header},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
 };
+use bytes::Bytes;
 
-use crate::{coordinator::Coordinator, error::ApiError, strategy::Strategy};
+use crate::{coordinator::Coordinator, error::ApiError, store::constant_time_eq, strategy::Strategy};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -44,10 +47,6 @@ pub(crate) fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(),
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A JSON body, or `400 invalid_request` naming what is wrong with it.
 pub(crate) fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(t)| t)
@@ -76,4 +75,84 @@ impl AppState {
             ))
         })
     }
+}
+
+/// A versioned, immutable blob (a model or control model): the version is its ETag (and the
+/// `version_header`), `If-None-Match` with it answers `304`. A request for an explicit version may
+/// be cached for good; the latest is revalidated.
+pub(crate) fn versioned_blob(
+    version_header: &'static str,
+    version: i64,
+    pinned: bool,
+    bytes: Bytes,
+    request: &HeaderMap,
+) -> Response {
+    let cache = if pinned {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    let etag = format!("\"{version}\"");
+    let etag_value = HeaderValue::from_str(&etag).expect("digits and quotes are a valid header");
+    let not_modified = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let common = [
+        (header::ETAG, etag_value.clone()),
+        (HeaderName::from_static(version_header), etag_value),
+        (header::CACHE_CONTROL, HeaderValue::from_static(cache)),
+    ];
+    if not_modified {
+        return (StatusCode::NOT_MODIFIED, common).into_response();
+    }
+    let content_type = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    )];
+    (common, content_type, bytes).into_response()
+}
+
+/// Reads a request body of at most `limit` bytes within `timeout`: `413` at once when the declared
+/// length is over the limit, or as soon as the bytes read pass it (chunked bodies), `408` when it
+/// is too slow.
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(size) = declared.filter(|&s| s > limit) {
+        return Err(ApiError::BodyTooLarge { size, limit });
+    }
+    tokio::time::timeout(timeout, read_limited(body, declared.unwrap_or(0), limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout {
+            secs: timeout.as_secs(),
+        })?
+}
+
+/// Reads a body of at most `limit` bytes into one buffer sized from its declared length, so a
+/// model-sized upload is held once (collecting the frames and then joining them would hold it twice).
+async fn read_limited(mut body: Body, declared: usize, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::BadBody(e.to_string()))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::BodyTooLarge {
+                size: buf.len() + chunk.len(),
+                limit,
+            });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }

@@ -19,12 +19,17 @@
 //! | PUT | /v1/tasks/{id}/devices/{device_id}/features | device | FedSubAvg: enrol or re-enrol a feature set (JSON `FeatureSet`) |
 //! | POST | /v1/tasks/{id}/submodel | device | FedSubAvg: dense tensors + the requested rows (JSON `RowsRequest` -> sparse safetensors) |
 //! | POST | /v1/tasks/{id}/heat | admin | FedSubAvg: population and per-row heat (JSON `RowsRequest` -> `HeatReport`) |
+//! | GET | /v1/tasks/{id}/cloud | cloud worker (`Bearer worker_token`) | DC-CCL: the round in progress, whether the cloud contributed, latest control version |
+//! | PUT | /v1/tasks/{id}/rounds/{round}/cloud-update | cloud worker | DC-CCL: the cloud's delta of `F_s` for the round (safetensors), once |
+//! | PUT | /v1/tasks/{id}/control-model/{version} | cloud worker | DC-CCL: publish control model `F_m` version N (the next one), immutable |
+//! | GET | /v1/tasks/{id}/control-model[?version=N] | device | DC-CCL: control model safetensors; ETag = version |
 //!
 //! One module per group of routes: [`tasks`] (every task), and one per strategy that has routes of
-//! its own ([`fedlaavg`], [`fedsubavg`], [`block_cyclic`]), which call that strategy directly.
+//! its own ([`fedlaavg`], [`fedsubavg`], [`block_cyclic`], [`dc_ccl`]), which call that strategy directly.
 
 mod block_cyclic;
 mod common;
+mod dc_ccl;
 mod fedlaavg;
 mod fedsubavg;
 mod tasks;
@@ -40,6 +45,7 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         .merge(fedlaavg::routes())
         .merge(fedsubavg::routes())
         .merge(block_cyclic::routes())
+        .merge(dc_ccl::routes())
         .layer(DefaultBodyLimit::max(max_model_bytes))
         // 5xx answers are logged where they arise (internal errors at `error`); `503 server_busy`
         // is routine pacing under load, not a failure to log thousands of times.

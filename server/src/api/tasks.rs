@@ -6,8 +6,8 @@ use axum::{
     Extension, Json, Router,
     body::Body,
     extract::{ConnectInfo, Multipart, Path, Query, State, rejection::JsonRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    http::{HeaderMap, StatusCode},
+    response::Response,
     routing::{get, post, put},
 };
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use fedhive_shared::wire::{
 };
 use serde::Deserialize;
 
-use super::common::{AppState, bearer, require_admin};
+use super::common::{AppState, bearer, read_body, require_admin, versioned_blob};
 use crate::error::ApiError;
 
 pub(super) fn routes() -> Router<AppState> {
@@ -110,27 +110,14 @@ async fn model(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let (version, bytes) = state.coordinator.model(&task_id, query.version).await?;
-    let etag = format!("\"{version}\"");
-    let etag_value = HeaderValue::from_str(&etag).expect("digits and quotes are a valid header");
-    let not_modified = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
-    let common = [
-        (header::ETAG, etag_value.clone()),
-        (
-            header::HeaderName::from_static("fedhive-model-version"),
-            etag_value.clone(),
-        ),
-    ];
-    if not_modified {
-        return Ok((StatusCode::NOT_MODIFIED, common).into_response());
-    }
-    let content_type = [(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    )];
-    Ok((common, content_type, bytes).into_response())
+    let pinned = query.version.is_some();
+    Ok(versioned_blob(
+        "fedhive-model-version",
+        version,
+        pinned,
+        bytes,
+        &headers,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -149,21 +136,8 @@ async fn upload(
     let token = bearer(&headers).ok_or(ApiError::MissingToken)?.to_string();
     let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let coordinator = state.coordinator.clone();
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
     let timeout = state.body_read_timeout;
-    let read_body = |limit: usize| async move {
-        if let Some(size) = declared.filter(|&s| s > limit) {
-            return Err(ApiError::BodyTooLarge { size, limit });
-        }
-        tokio::time::timeout(timeout, read_limited(body, declared.unwrap_or(0), limit))
-            .await
-            .map_err(|_| ApiError::BodyTimeout {
-                secs: timeout.as_secs(),
-            })?
-    };
+    let read_body = |limit: usize| read_body(body, &headers, limit, timeout);
     let (receipt, full) = coordinator.upload(&token, query.num_samples, read_body).await?;
     if full {
         let coordinator = state.coordinator.clone();
@@ -175,27 +149,6 @@ async fn upload(
         });
     }
     Ok(Json(receipt))
-}
-
-/// Reads a body of at most `limit` bytes into one buffer sized from its declared length, so a
-/// model-sized upload is held once (collecting the frames and then joining them would hold it twice).
-async fn read_limited(mut body: Body, declared: usize, limit: usize) -> Result<Bytes, ApiError> {
-    use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::with_capacity(declared.min(limit));
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::BadBody(e.to_string()))?;
-        let Ok(chunk) = frame.into_data() else {
-            continue; // trailers
-        };
-        if buf.len() + chunk.len() > limit {
-            return Err(ApiError::BodyTooLarge {
-                size: buf.len() + chunk.len(),
-                limit,
-            });
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
 }
 
 async fn metrics(

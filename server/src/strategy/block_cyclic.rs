@@ -573,6 +573,7 @@ impl Strategy for BlockCyclic {
         Ok(AssignmentParts {
             upload: UploadKind::Delta,
             block: Some(self.block_assignment(store, task, round).await?),
+            control: None,
         })
     }
 

@@ -7,11 +7,12 @@
 //!
 //! | phase | hooks | default (FedAvg's behaviour) |
 //! |---|---|---|
-//! | task creation | [`validate`](Strategy::validate), [`check_initial_model`](Strategy::check_initial_model), [`store_initial_model`](Strategy::store_initial_model) | every tensor given; model version 0 is the weights |
+//! | task creation | [`validate`](Strategy::validate), [`check_initial_model`](Strategy::check_initial_model), [`store_initial_model`](Strategy::store_initial_model), [`issue_task_credentials`](Strategy::issue_task_credentials) | every tensor given; model version 0 is the weights; no credentials |
 //! | check-in | [`authenticate`](Strategy::authenticate), [`checkin`](Strategy::checkin), [`assignment_parts`](Strategy::assignment_parts) | anonymous; first come, up to `ceil(K * over_selection)` tokens |
 //! | upload gate | [`upload_specs`](Strategy::upload_specs), [`upload_limit`](Strategy::upload_limit), [`decode_update`](Strategy::decode_update), [`check_update`](Strategy::check_update) | a dense update of the model's tensors |
 //! | folding | [`new_sums`](Strategy::new_sums), then [`Sums::add`] per accepted update | fixed-point FedAvg sums |
 //! | round due | [`round_full`](Strategy::round_full) | K accepted |
+//! | commit or abandon | [`commits`](Strategy::commits) | at least `min_devices_per_round` accepted |
 //! | finalisation | [`commit`](Strategy::commit) (required) | - |
 //! | after the commit | [`after_commit`](Strategy::after_commit) | nothing |
 //!
@@ -30,7 +31,7 @@ use fedhive_shared::{
     fedsubavg::SubAvgAccumulator,
     sparse::SparseTensors,
     tensors::TensorSpec,
-    wire::{Assignment, CheckinResponse, StrategyConfig, TaskConfig, UploadKind},
+    wire::{Assignment, CheckinResponse, ControlModelRef, StrategyConfig, TaskConfig, UploadKind},
 };
 
 use crate::{
@@ -77,6 +78,7 @@ pub type CommitHold = Option<Box<dyn Send + Sync>>;
 pub struct AssignmentParts {
     pub upload: UploadKind,
     pub block: Option<BlockAssignment>,
+    pub control: Option<ControlModelRef>,
 }
 
 /// The coordinator's answer rules for a check-in in an open round.
@@ -102,6 +104,35 @@ impl CheckinClock {
     }
 }
 
+/// The default check-in: first come, first served, up to [`token_cap`] tokens per round, with the
+/// strategy's [`assignment_parts`](Strategy::assignment_parts).
+pub async fn first_come<S: Strategy + ?Sized>(
+    strategy: &S,
+    store: &Store,
+    task: &TaskRow,
+    round: &RoundRow,
+    clock: CheckinClock,
+) -> Result<CheckinResponse, ApiError> {
+    let cap = token_cap(&task.config);
+    // Devices waiting for the next round poll here: answer them from the row already read,
+    // without a write transaction (thousands of them would otherwise crowd out the uploads).
+    if round.assigned >= cap {
+        return Ok(clock.retry_in_round("round_full", round));
+    }
+    // Before taking a slot, so a failure here does not use one up.
+    let parts = strategy.assignment_parts(store, task, round).await?;
+    let (token, token_hash) = new_token();
+    if store
+        .db
+        .assign(round.id, cap, &token_hash, clock.now_ms)
+        .await?
+        .is_none()
+    {
+        return Ok(clock.retry_in_round("round_full", round));
+    }
+    Ok(assignment(task, round, token, parts))
+}
+
 /// An assignment in `round` with the given upload token.
 pub fn assignment(
     task: &TaskRow,
@@ -119,6 +150,7 @@ pub fn assignment(
         deadline_unix: round.deadline_ms / 1000,
         upload: parts.upload,
         block: parts.block,
+        control: parts.control,
     })
 }
 
@@ -171,8 +203,19 @@ pub trait Strategy: Any + Send + Sync {
         Ok(None)
     }
 
+    /// Credentials the strategy issues with a new task (DC-CCL's cloud-worker token), returned once
+    /// in the creation answer; called before the task's row is written.
+    async fn issue_task_credentials(
+        &self,
+        _store: &Store,
+        _task_id: &str,
+        _config: &TaskConfig,
+    ) -> Result<Option<String>, ApiError> {
+        Ok(None)
+    }
+
     /// A check-in while `round` is open and before its deadline: an assignment or when to retry.
-    /// Default: first come, first served, up to [`token_cap`] tokens per round.
+    /// Default: [`first_come`].
     async fn checkin(
         &self,
         store: &Store,
@@ -181,24 +224,7 @@ pub trait Strategy: Any + Send + Sync {
         _device: Option<&str>,
         clock: CheckinClock,
     ) -> Result<CheckinResponse, ApiError> {
-        let cap = token_cap(&task.config);
-        // Devices waiting for the next round poll here: answer them from the row already read,
-        // without a write transaction (thousands of them would otherwise crowd out the uploads).
-        if round.assigned >= cap {
-            return Ok(clock.retry_in_round("round_full", round));
-        }
-        // Before taking a slot, so a failure here does not use one up.
-        let parts = self.assignment_parts(store, task, round).await?;
-        let (token, token_hash) = new_token();
-        if store
-            .db
-            .assign(round.id, cap, &token_hash, clock.now_ms)
-            .await?
-            .is_none()
-        {
-            return Ok(clock.retry_in_round("round_full", round));
-        }
-        Ok(assignment(task, round, token, parts))
+        first_come(self, store, task, round, clock).await
     }
 
     /// What the default check-in's assignments carry besides the round and token.
@@ -245,6 +271,18 @@ pub trait Strategy: Any + Send + Sync {
     /// Whether an open round may finish before its deadline.
     async fn round_full(&self, _store: &Store, task: &TaskRow, round: &RoundRow) -> Result<bool, ApiError> {
         Ok(round.accepted >= i64::from(task.config.devices_per_round))
+    }
+
+    /// Whether a closing round with `accepted` updates commits (`false`: it is abandoned and the
+    /// model stays). Depends only on the round's frozen state.
+    async fn commits(
+        &self,
+        _store: &Store,
+        task: &TaskRow,
+        _round: &RoundRow,
+        accepted: usize,
+    ) -> Result<bool, ApiError> {
+        Ok(accepted as u64 >= u64::from(task.config.min_devices_per_round))
     }
 
     /// Computes model `new_version` (and any side artefacts) from the round's frozen accepted set

@@ -4,11 +4,13 @@
 //! - [`fedsubavg`]: FedSubAvg's sparse submodels, heat and table journals.
 //! - [`fedlaavg`]: FedLaAvg's enrolment, selection window and latest-gradient average.
 //! - [`block_cyclic`]: MM-PSGD and MC-PSGD's block schedule, predictors and chains.
+//! - [`dc_ccl`]: DC-CCL's device-cloud fusion, its cloud worker's contributions and control models.
 //!
 //! A task's strategy is found in the [`Registry`] by its config; the coordinator calls only the
 //! trait. Adding an algorithm: ARCHITECTURE.md, "Adding a strategy".
 
 pub mod block_cyclic;
+pub mod dc_ccl;
 pub mod fedavg;
 pub mod fedlaavg;
 pub mod fedsubavg;
@@ -37,6 +39,7 @@ impl Default for Registry {
                 Arc::new(fedsubavg::FedSubAvg::default()),
                 Arc::new(fedlaavg::FedLaAvg),
                 Arc::new(block_cyclic::BlockCyclic),
+                Arc::new(dc_ccl::DcCcl),
             ],
         }
     }

@@ -303,7 +303,7 @@ impl Strategy for FedLaAvg {
         }
         let parts = AssignmentParts {
             upload: UploadKind::GradientSum,
-            block: None,
+            ..AssignmentParts::default()
         };
         Ok(assignment(task, round, token, parts))
     }

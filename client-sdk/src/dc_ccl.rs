@@ -1,0 +1,325 @@
+//! DC-CCL's model steps (Ding et al., "DC-CCL: Device-Cloud Collaborative Controlled Learning for
+//! Large Vision Models", arXiv 2303.10361; `ALGORITHMS.md`, "DC-CCL"), on devices and in the cloud
+//! worker alike.
+//!
+//! - [`train_co_model`] (step 4, devices and cloud): train the co-model `F_s` with loss
+//!   `CE(F_m(x) + F_s(x), y)`, the control model `F_m` frozen, by the same plain SGD as FedAvg's
+//!   local step; the delta of `F_s` is what is uploaded.
+//! - [`distil`] (step 2, cloud): the control model `F_m` from frozen `F_c`, minimising
+//!   `MSE(F_m(x), F_c(x))` on logits (Adam).
+//! - [`evaluate_sum`] and [`predict_sum`]: the served output `F_c(x) + F_s(x)` (cloud) or
+//!   `F_m(x) + F_s(x)` (on the device).
+
+use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
+use burn::optim::{AdamConfig, SgdConfig};
+use burn::tensor::{Device, Tensor, TensorData};
+use fedhive_shared::NamedTensors;
+use fedhive_shared::wire::TrainingParams;
+
+use crate::data::{Dataset, IMAGE_PIXELS};
+use crate::model::{self, Classifier, ModelKind, with_model};
+use crate::training::{
+    EVAL_BATCH, Evaluation, LocalUpdate, TrainError, backend_err, batch, check_dataset, check_params, fit,
+    local_update,
+};
+
+/// A model's family and weights.
+#[derive(Debug, Clone, Copy)]
+pub struct Weights<'a> {
+    pub kind: ModelKind,
+    pub tensors: &'a NamedTensors,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(kind: ModelKind, tensors: &'a NamedTensors) -> Self {
+        Weights { kind, tensors }
+    }
+
+    /// The module on `device` (frozen when `device` has autodiff: no gradient reaches it).
+    fn load<M: Classifier>(&self, device: &Device) -> Result<M, TrainError> {
+        Ok(model::load::<M>(self.tensors, &model::tensor_specs(self.kind), device)?.no_grad())
+    }
+}
+
+/// Step 4: trains `co` (`F_s`) on `data` with loss `CE(F_m(x) + F_s(x), y)`, `control` (`F_m`)
+/// frozen, and returns the update of `F_s`.
+pub fn train_co_model(
+    co: Weights,
+    control: Weights,
+    device: &Device,
+    data: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+) -> Result<LocalUpdate, TrainError> {
+    check_dataset(data)?;
+    check_params(params)?;
+    let (after, loss) = with_model!(co.kind, S => with_model!(control.kind, M =>
+        co_sgd::<S, M>(co, control, device, data, params, seed)?));
+    local_update(after, co.tensors, data, loss)
+}
+
+fn co_sgd<S: Classifier, M: Classifier>(
+    co: Weights,
+    control: Weights,
+    device: &Device,
+    data: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+) -> Result<(NamedTensors, f32), TrainError> {
+    let device = device.clone().autodiff();
+    let trained: S = model::load(co.tensors, &model::tensor_specs(co.kind), &device)?;
+    let frozen: M = control.load(&device)?;
+    let criterion = CrossEntropyLossConfig::new().init(&device);
+    let (trained, loss) = fit(
+        trained,
+        SgdConfig::new().init(),
+        &device,
+        data,
+        params,
+        seed,
+        |s, x, y| {
+            let fixed = frozen.forward(x.clone()).detach();
+            criterion.forward(fixed + s.forward(x), y)
+        },
+    )?;
+    Ok((model::read(&trained)?, loss))
+}
+
+/// Step 2: distils `student` (`F_m`, from these initial weights) from frozen `teacher` (`F_c`) on
+/// `data`, minimising the mean squared error between their logits with Adam at
+/// `params.learning_rate`. Returns the student's weights and the last epoch's mean loss.
+pub fn distil(
+    student: Weights,
+    teacher: Weights,
+    device: &Device,
+    data: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+) -> Result<(NamedTensors, f32), TrainError> {
+    check_dataset(data)?;
+    check_params(params)?;
+    with_model!(student.kind, S => with_model!(teacher.kind, T =>
+        distil_with::<S, T>(student, teacher, device, data, params, seed)))
+}
+
+fn distil_with<S: Classifier, T: Classifier>(
+    student: Weights,
+    teacher: Weights,
+    device: &Device,
+    data: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+) -> Result<(NamedTensors, f32), TrainError> {
+    let device = device.clone().autodiff();
+    let trained: S = model::load(student.tensors, &model::tensor_specs(student.kind), &device)?;
+    let frozen: T = teacher.load(&device)?;
+    let mse = MseLoss::new();
+    let (trained, loss) = fit(
+        trained,
+        AdamConfig::new().init(),
+        &device,
+        data,
+        params,
+        seed,
+        |s, x, _| {
+            let target = frozen.forward(x.clone()).detach();
+            mse.forward(s.forward(x), target, Reduction::Mean)
+        },
+    )?;
+    Ok((model::read(&trained)?, loss))
+}
+
+/// Accuracy and mean cross-entropy of the summed logits `a(x) + b(x)` on `data`.
+pub fn evaluate_sum(
+    a: Weights,
+    b: Weights,
+    device: &Device,
+    data: &Dataset,
+) -> Result<Evaluation, TrainError> {
+    check_dataset(data)?;
+    with_model!(a.kind, A => with_model!(b.kind, B => eval_sum::<A, B>(a, b, device, data)))
+}
+
+fn eval_sum<A: Classifier, B: Classifier>(
+    a: Weights,
+    b: Weights,
+    device: &Device,
+    data: &Dataset,
+) -> Result<Evaluation, TrainError> {
+    let device = device.clone().without_autodiff();
+    let (ma, mb): (A, B) = (a.load(&device)?, b.load(&device)?);
+    let criterion = CrossEntropyLossConfig::new().init(&device);
+    let all: Vec<usize> = (0..data.len()).collect();
+    let (mut loss_sum, mut correct) = (0.0f64, 0i64);
+    for idx in all.chunks(EVAL_BATCH) {
+        let (x, y) = batch(data, idx, &device);
+        let logits = ma.forward(x.clone()) + mb.forward(x);
+        let right: i64 = logits
+            .clone()
+            .argmax(1)
+            .squeeze_dim::<1>(1)
+            .equal(y.clone())
+            .int()
+            .sum()
+            .try_into_scalar()
+            .map_err(backend_err)?;
+        let loss: f32 = criterion
+            .forward(logits, y)
+            .try_into_scalar()
+            .map_err(backend_err)?;
+        correct += right;
+        loss_sum += f64::from(loss) * idx.len() as f64;
+    }
+    let n = data.len() as f64;
+    Ok(Evaluation {
+        accuracy: (correct as f64 / n) as f32,
+        loss: (loss_sum / n) as f32,
+    })
+}
+
+/// The class of each image (`[n * 784]` pixels) under the summed logits `a(x) + b(x)`: DC-CCL's
+/// served prediction (`F_c + F_s` in the cloud, `F_m + F_s` on a device).
+pub fn predict_sum(a: Weights, b: Weights, device: &Device, images: &[f32]) -> Result<Vec<u8>, TrainError> {
+    if images.is_empty() || !images.len().is_multiple_of(IMAGE_PIXELS) {
+        return Err(TrainError::MalformedDataset {
+            images: images.len(),
+            labels: images.len() / IMAGE_PIXELS,
+        });
+    }
+    with_model!(a.kind, A => with_model!(b.kind, B => predict_with::<A, B>(a, b, device, images)))
+}
+
+fn predict_with<A: Classifier, B: Classifier>(
+    a: Weights,
+    b: Weights,
+    device: &Device,
+    images: &[f32],
+) -> Result<Vec<u8>, TrainError> {
+    let device = device.clone().without_autodiff();
+    let (ma, mb): (A, B) = (a.load(&device)?, b.load(&device)?);
+    let mut classes = Vec::with_capacity(images.len() / IMAGE_PIXELS);
+    for chunk in images.chunks(EVAL_BATCH * IMAGE_PIXELS) {
+        let n = chunk.len() / IMAGE_PIXELS;
+        let x = Tensor::<2>::from_data(TensorData::new(chunk.to_vec(), [n, IMAGE_PIXELS]), &device);
+        let predicted = (ma.forward(x.clone()) + mb.forward(x)).argmax(1);
+        let values = predicted
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| backend_err(format!("{e:?}")))?;
+        classes.extend(values.into_iter().map(|c| c as u8));
+    }
+    Ok(classes)
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use crate::model::initial_weights;
+
+    /// 64 images of two classes that differ by their brightness.
+    fn toy(seed: u64) -> Dataset {
+        let mut images = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..64u64 {
+            let class = (i % 2) as u8;
+            let base = if class == 0 { 0.1 } else { 0.8 };
+            images.extend((0..IMAGE_PIXELS).map(|p| base + ((p as u64 * 7 + i + seed) % 10) as f32 * 0.01));
+            labels.push(class);
+        }
+        Dataset { images, labels }
+    }
+
+    fn params(lr: f32) -> TrainingParams {
+        TrainingParams {
+            local_epochs: 3,
+            max_local_steps: 0,
+            batch_size: 16,
+            learning_rate: lr,
+        }
+    }
+
+    #[test]
+    fn co_model_learns_against_the_control_model() {
+        let device = Device::flex();
+        let data = toy(0);
+        let co = initial_weights(ModelKind::MlpSmall, 1);
+        let control = initial_weights(ModelKind::MlpSmall, 2);
+        let before = evaluate_sum(
+            Weights::new(ModelKind::MlpSmall, &control),
+            Weights::new(ModelKind::MlpSmall, &co),
+            &device,
+            &data,
+        )
+        .unwrap();
+        let update = train_co_model(
+            Weights::new(ModelKind::MlpSmall, &co),
+            Weights::new(ModelKind::MlpSmall, &control),
+            &device,
+            &data,
+            &TrainingParams {
+                local_epochs: 20,
+                ..params(0.1)
+            },
+            7,
+        )
+        .unwrap();
+        assert_eq!(update.num_samples, 64);
+        assert_eq!(update.delta.specs(), co.specs());
+        let trained = co.add(&update.delta);
+        let after = evaluate_sum(
+            Weights::new(ModelKind::MlpSmall, &control),
+            Weights::new(ModelKind::MlpSmall, &trained),
+            &device,
+            &data,
+        )
+        .unwrap();
+        assert!(after.loss < before.loss, "{after:?} vs {before:?}");
+        assert_eq!(after.accuracy, 1.0, "{after:?}");
+        // The prediction path agrees with the evaluation.
+        let predicted = predict_sum(
+            Weights::new(ModelKind::MlpSmall, &control),
+            Weights::new(ModelKind::MlpSmall, &trained),
+            &device,
+            &data.images,
+        )
+        .unwrap();
+        assert_eq!(predicted, data.labels);
+    }
+
+    #[test]
+    fn distillation_moves_the_student_towards_the_teacher() {
+        let device = Device::flex();
+        let data = toy(1);
+        let teacher = initial_weights(ModelKind::CnnLarge, 3);
+        let student = initial_weights(ModelKind::MlpSmall, 4);
+        // The MSE after one epoch against the MSE after twenty, from the same start.
+        let one_epoch = TrainingParams {
+            local_epochs: 1,
+            ..params(0.01)
+        };
+        let (_, first) = distil(
+            Weights::new(ModelKind::MlpSmall, &student),
+            Weights::new(ModelKind::CnnLarge, &teacher),
+            &device,
+            &data,
+            &one_epoch,
+            5,
+        )
+        .unwrap();
+        let (distilled, last) = distil(
+            Weights::new(ModelKind::MlpSmall, &student),
+            Weights::new(ModelKind::CnnLarge, &teacher),
+            &device,
+            &data,
+            &TrainingParams {
+                local_epochs: 20,
+                ..params(0.01)
+            },
+            5,
+        )
+        .unwrap();
+        assert_eq!(distilled.specs(), student.specs());
+        assert!(last < first / 2.0, "MSE {first} after one epoch, {last} after 20");
+    }
+}

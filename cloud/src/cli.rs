@@ -1,0 +1,134 @@
+//! The `fedhive-cloud` command line: the DC-CCL cloud worker of one task (see the crate doc).
+//!
+//! ```text
+//! FEDHIVE_WORKER_TOKEN=... fedhive-cloud --server http://127.0.0.1:8080 --task t-... \
+//!     --state-dir /var/lib/fedhive-cloud --classes 0,1,2,3,4,5
+//! ```
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use crate::{Worker, WorkerOptions};
+use anyhow::Context;
+use clap::Parser;
+use fedhive_client::{
+    backend::Backend,
+    client::FedhiveClient,
+    data::{Split, default_data_dir, load_fashion_mnist},
+};
+use fedhive_shared::wire::TrainingParams;
+
+#[derive(Parser)]
+#[command(
+    name = "fedhive-cloud",
+    version,
+    about = "fedhive's DC-CCL cloud worker for one task"
+)]
+struct Cli {
+    /// The fedhive server, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    server: String,
+    #[arg(long)]
+    task: String,
+    /// The task's worker token (from the task's creation answer).
+    #[arg(long, env = "FEDHIVE_WORKER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Where F_c, F_m and pending contributions are kept.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Cloud data: the Fashion-MNIST training images of these classes.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4,5")]
+    classes: Vec<u8>,
+    /// Use only the first N images of those classes (0: all).
+    #[arg(long, default_value_t = 0)]
+    max_samples: usize,
+    /// Fashion-MNIST directory (IDX .gz files).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Family of F_c.
+    #[arg(long, default_value = "cnn_large")]
+    cloud_model: String,
+    #[arg(long, default_value_t = 3)]
+    cloud_epochs: u32,
+    #[arg(long, default_value_t = 0.05)]
+    cloud_learning_rate: f32,
+    #[arg(long, default_value_t = 3)]
+    distil_epochs: u32,
+    #[arg(long, default_value_t = 0.002)]
+    distil_learning_rate: f32,
+    #[arg(long, default_value_t = 32)]
+    batch_size: u32,
+    /// Cap on the SGD steps of the worker's copy of F_s per round (default: the devices' training
+    /// parameters as the task sets them).
+    #[arg(long)]
+    co_model_steps: Option<u32>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 500)]
+    poll_ms: u64,
+    #[arg(long, env = "FEDHIVE_BACKEND", default_value = "flex")]
+    backend: String,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let backend: Backend = cli.backend.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let train = load_fashion_mnist(&data_dir, Split::Train).context("loading Fashion-MNIST")?;
+    let mut keep: Vec<usize> = (0..train.len())
+        .filter(|&i| cli.classes.contains(&train.labels[i]))
+        .collect();
+    if cli.max_samples > 0 {
+        keep.truncate(cli.max_samples);
+    }
+    anyhow::ensure!(
+        !keep.is_empty(),
+        "no training images of classes {:?}",
+        cli.classes
+    );
+    let params = |epochs, learning_rate| TrainingParams {
+        local_epochs: epochs,
+        max_local_steps: 0,
+        batch_size: cli.batch_size,
+        learning_rate,
+    };
+    let worker = Worker {
+        client: FedhiveClient::new(&cli.server)?,
+        task_id: cli.task.clone(),
+        token: cli.token.clone(),
+        device: backend.device().context("opening the training backend")?,
+        data: Arc::new(train.subset(&keep)),
+        state_dir: cli.state_dir.clone(),
+        options: WorkerOptions {
+            cloud_model: cli.cloud_model.parse()?,
+            cloud_training: params(cli.cloud_epochs, cli.cloud_learning_rate),
+            distillation: params(cli.distil_epochs, cli.distil_learning_rate),
+            co_model_steps: cli.co_model_steps,
+            seed: cli.seed,
+            poll: Duration::from_millis(cli.poll_ms),
+        },
+    };
+    let report = worker.run().await?;
+    tracing::info!(
+        contributions = report.contributions,
+        cloud_model_bytes = report.cloud_model_bytes,
+        "task finished"
+    );
+    Ok(())
+}
+
+/// Entry point of the `fedhive-cloud` binary.
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fedhive-cloud: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
