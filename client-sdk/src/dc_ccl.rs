@@ -54,35 +54,8 @@ pub fn train_co_model(
     check_dataset(data)?;
     check_params(params)?;
     let (after, loss) = with_model!(co.kind, S => with_model!(control.kind, M =>
-        co_sgd::<S, M>(co, control, device, data, params, seed)?));
+        train_beside::<S, M>(co, control, Objective::CoModel, device, data, params, seed)?));
     local_update(after, co.tensors, data, loss)
-}
-
-fn co_sgd<S: Classifier, M: Classifier>(
-    co: Weights,
-    control: Weights,
-    device: &Device,
-    data: &Dataset,
-    params: &TrainingParams,
-    seed: u64,
-) -> Result<(NamedTensors, f32), TrainError> {
-    let device = device.clone().autodiff();
-    let trained: S = model::load(co.tensors, &model::tensor_specs(co.kind), &device)?;
-    let frozen: M = control.load(&device)?;
-    let criterion = CrossEntropyLossConfig::new().init(&device);
-    let (trained, loss) = fit(
-        trained,
-        SgdConfig::new().init(),
-        &device,
-        data,
-        params,
-        seed,
-        |s, x, y| {
-            let fixed = frozen.forward(x.clone()).detach();
-            criterion.forward(fixed + s.forward(x), y)
-        },
-    )?;
-    Ok((model::read(&trained)?, loss))
 }
 
 /// Step 2: distils `student` (`F_m`, from these initial weights) from frozen `teacher` (`F_c`) on
@@ -99,34 +72,45 @@ pub fn distil(
     check_dataset(data)?;
     check_params(params)?;
     with_model!(student.kind, S => with_model!(teacher.kind, T =>
-        distil_with::<S, T>(student, teacher, device, data, params, seed)))
+        train_beside::<S, T>(student, teacher, Objective::Distil, device, data, params, seed)))
 }
 
-fn distil_with<S: Classifier, T: Classifier>(
-    student: Weights,
-    teacher: Weights,
+/// What a model trained beside a frozen one minimises.
+#[derive(Debug, Clone, Copy)]
+enum Objective {
+    /// `CE(frozen(x) + trained(x), y)` by plain SGD (step 4).
+    CoModel,
+    /// `MSE(trained(x), frozen(x))` on logits by Adam (step 2).
+    Distil,
+}
+
+/// Trains `trained` with `frozen` fixed beside it; returns the trained weights and the last
+/// epoch's mean loss.
+fn train_beside<S: Classifier, F: Classifier>(
+    trained: Weights,
+    frozen: Weights,
+    objective: Objective,
     device: &Device,
     data: &Dataset,
     params: &TrainingParams,
     seed: u64,
 ) -> Result<(NamedTensors, f32), TrainError> {
     let device = device.clone().autodiff();
-    let trained: S = model::load(student.tensors, &model::tensor_specs(student.kind), &device)?;
-    let frozen: T = teacher.load(&device)?;
-    let mse = MseLoss::new();
-    let (trained, loss) = fit(
-        trained,
-        AdamConfig::new().init(),
-        &device,
-        data,
-        params,
-        seed,
-        |s, x, _| {
-            let target = frozen.forward(x.clone()).detach();
-            mse.forward(s.forward(x), target, Reduction::Mean)
-        },
-    )?;
-    Ok((model::read(&trained)?, loss))
+    let model: S = model::load(trained.tensors, &model::tensor_specs(trained.kind), &device)?;
+    let frozen: F = frozen.load(&device)?;
+    let criterion = CrossEntropyLossConfig::new().init(&device);
+    let optim = match objective {
+        Objective::CoModel => SgdConfig::new().init(),
+        Objective::Distil => AdamConfig::new().init(),
+    };
+    let (model, loss) = fit(model, optim, &device, data, params, seed, |s, x, y| {
+        let fixed = frozen.forward(x.clone()).detach();
+        match objective {
+            Objective::CoModel => criterion.forward(fixed + s.forward(x), y),
+            Objective::Distil => MseLoss::new().forward(s.forward(x), fixed, Reduction::Mean),
+        }
+    })?;
+    Ok((model::read(&model)?, loss))
 }
 
 /// Accuracy and mean cross-entropy of the summed logits `a(x) + b(x)` on `data`.
