@@ -96,18 +96,28 @@ mod tests {
         assert_eq!(model.0["w"].data, vec![2.0, 0.0]);
     }
 
-    #[test]
-    fn depends_only_on_the_set_of_device_updates() {
-        let a = (7, vec![0.123_456_7, -3.3]);
-        let b = (11, vec![-0.000_1, 2.617_28]);
-        let c = (5, vec![1e-3, 9.5]);
-        let cloud = sums(&[(1, vec![0.3, -0.7])]);
-        let one = sums(&[a.clone(), b.clone(), c.clone()]);
-        let other = sums(&[c, a, b]);
-        let (mut x, mut y) = (tensors(vec![0.1, 0.2]), tensors(vec![0.1, 0.2]));
-        fuse(&mut x, &one, Some(&cloud), 0.5);
-        fuse(&mut y, &other, Some(&cloud), 0.5);
-        let bits = |t: &NamedTensors| t.0["w"].data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&x), bits(&y));
+    proptest::proptest! {
+        /// The fused model depends only on the set of device updates, never on their order.
+        #[test]
+        fn depends_only_on_the_set_of_device_updates(
+            updates in proptest::collection::vec(
+                (1u64..10_000, proptest::collection::vec(-10f32..10.0, 2)), 1..20),
+            cloud in proptest::collection::vec(-10f32..10.0, 2),
+            w in 0f32..=1.0,
+            seed in 0usize..1000,
+        ) {
+            let cloud = sums(&[(1, cloud)]);
+            let run = |order: &[usize]| {
+                let picked: Vec<_> = order.iter().map(|&i| updates[i].clone()).collect();
+                let mut model = tensors(vec![0.1, -0.2]);
+                fuse(&mut model, &sums(&picked), Some(&cloud), w);
+                model.0["w"].data.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let forward: Vec<usize> = (0..updates.len()).collect();
+            let mut shuffled = forward.clone();
+            shuffled.rotate_left(seed % updates.len());
+            shuffled.reverse();
+            proptest::prop_assert_eq!(run(&forward), run(&shuffled));
+        }
     }
 }
