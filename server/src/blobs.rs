@@ -36,6 +36,18 @@ impl BlobStore {
             .map_err(std::io::Error::other)?
     }
 
+    /// Whether the store can be used: its root is a directory that is not read-only.
+    pub async fn check(&self) -> std::io::Result<()> {
+        let meta = tokio::fs::metadata(&self.root).await?;
+        if !meta.is_dir() || meta.permissions().readonly() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a writable directory",
+                self.root.display()
+            )));
+        }
+        Ok(())
+    }
+
     pub async fn get(&self, key: &str) -> std::io::Result<Bytes> {
         Ok(Bytes::from(tokio::fs::read(self.path(key)).await?))
     }

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's header block before its connection is closed.
     #[arg(long, default_value_t = 30)]
     pub header_read_timeout_secs: u64,
+    /// On SIGTERM or SIGINT: seconds to let requests in flight (uploads included) finish after the
+    /// server stops accepting connections.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
     /// Seconds an upload's body has to arrive once its upload slot is granted (`408 body_timeout`).
     #[arg(long, default_value_t = 60)]
     pub body_read_timeout_secs: u64,
@@ -100,6 +104,16 @@ impl ServeArgs {
     }
 }
 
+/// Resolves on SIGTERM (how orchestrators stop a service) or SIGINT (Ctrl-C), naming which.
+async fn shutdown_signal() -> &'static str {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
+
 /// Sets up human-readable logs on stderr (`RUST_LOG` filters; default `info`).
 pub fn init_tracing() {
     init_tracing_with_default("info")
@@ -123,10 +137,21 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                let server = crate::start(args.into_config()).await?;
-                tokio::select! {
-                    served = server.handle => served??,
-                    _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+                let grace = Duration::from_secs(args.shutdown_grace_secs);
+                let mut server = crate::start(args.into_config()).await?;
+                let signal = tokio::select! {
+                    served = &mut server.handle => return Ok(served??),
+                    signal = shutdown_signal() => signal,
+                };
+                tracing::info!(
+                    signal,
+                    grace_secs = grace.as_secs(),
+                    "shutting down: finishing requests in flight"
+                );
+                if server.drain(grace).await {
+                    tracing::info!("every connection closed; exiting");
+                } else {
+                    tracing::warn!("connections still open at the grace deadline; exiting");
                 }
                 anyhow::Ok(())
             }

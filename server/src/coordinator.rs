@@ -222,6 +222,17 @@ impl Coordinator {
         &self.store.db
     }
 
+    /// Whether this process can serve: the database answers and the blob store is usable.
+    pub async fn ready(&self) -> Result<(), ApiError> {
+        if let Err(e) = self.store.db.ping().await {
+            return Err(ApiError::NotReady(format!("database: {e}")));
+        }
+        if let Err(e) = self.store.blobs.check().await {
+            return Err(ApiError::NotReady(format!("blob store: {e}")));
+        }
+        Ok(())
+    }
+
     /// The database, blobs and caches that strategies' own routes read and write.
     pub fn store(&self) -> &Store {
         &self.store

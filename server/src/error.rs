@@ -70,6 +70,8 @@ pub enum ApiError {
     ServerBusy { retry_after_ms: u64 },
     #[error("too many requests from this address; retry in {retry_after_ms} ms")]
     RateLimited { retry_after_ms: u64 },
+    #[error("not ready: {0}")]
+    NotReady(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -95,7 +97,7 @@ impl ApiError {
             ConflictingRetry { .. } | Tensor(_) | Sparse(_) | Aggregate(_) | InvalidConfig(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ServerBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ServerBusy { .. } | NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -136,6 +138,7 @@ impl ApiError {
             InvalidRequest(_) => "invalid_request",
             ServerBusy { .. } => "server_busy",
             RateLimited { .. } => "rate_limited",
+            NotReady(_) => "not_ready",
             Internal(_) => "internal",
         }
     }

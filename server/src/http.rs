@@ -10,6 +10,9 @@
 //! It also bounds what clients that hold connections open can take ([`ConnectionLimits`]): a
 //! request's header block must arrive within a time limit (slowloris), and past a number of open
 //! connections the loop stops accepting until one closes (the kernel's backlog queues the rest).
+//!
+//! Shutdown is graceful: the loop stops accepting, and each connection finishes the request it is
+//! serving (an upload in flight is read, checked and acknowledged) and then closes.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,7 +21,10 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
@@ -45,26 +51,26 @@ impl Default for ConnectionLimits {
 /// header block).
 pub const READ_BUFFER_LIMIT: usize = 16 * 1024;
 
-/// Accepts connections on `listener` and serves `app` on each, until the task is dropped (the
-/// `Result` is `axum::serve`'s signature; accept errors are waited out, not returned).
-pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits) -> std::io::Result<()> {
+/// Accepts connections on `listener` and serves `app` on each until `shutdown` resolves (or the
+/// task is dropped); then stops accepting, lets every connection finish the request it is serving
+/// (and close instead of waiting for another), and returns once all have closed. Bound the wait
+/// from outside (see [`crate::RunningServer::drain`]). Accept errors are waited out, not returned
+/// (the `Result` is `axum::serve`'s signature).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let permit = open
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) if is_connection_error(&e) => continue,
-            Err(e) => {
-                // E.g. out of file descriptors: wait for connections to close rather than spin.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&listener, &open) => accepted,
         };
+        let (stream, peer, permit) = accepted;
         // Handlers see the peer's address as axum's `ConnectInfo` (per-address rate limits).
         let app = app
             .clone()
@@ -73,6 +79,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits)
                 request
             });
         let service = TowerToHyperService::new(app);
+        let mut closing = closing_rx.clone();
         tokio::spawn(async move {
             let _open = permit;
             let connection = hyper::server::conn::http1::Builder::new()
@@ -80,10 +87,48 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits)
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = async { closing.wait_for(|closing| *closing).await.map(|_| ()) } => {
+                    // Finish the request in progress, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 debug!(error = %e, "connection ended with an error");
             }
         });
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    // Every connection holds a permit until it closes.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = open.acquire_many(all).await;
+    Ok(())
+}
+
+/// The next connection, once fewer than the limit are open.
+async fn accept(
+    listener: &TcpListener,
+    open: &Arc<Semaphore>,
+) -> (tokio::net::TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) {
+    let permit = open
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return (stream, peer, permit),
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // E.g. out of file descriptors: wait for connections to close rather than spin.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 
@@ -104,7 +149,7 @@ mod tests {
         let app = Router::new().route("/len", post(|body: Bytes| async move { body.len().to_string() }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, app, limits));
+        tokio::spawn(serve(listener, app, limits, std::future::pending()));
         format!("http://{addr}/len")
     }
 

@@ -85,6 +85,8 @@ pub struct RunningServer {
     pub handle: JoinHandle<std::io::Result<()>>,
     /// The round ticker (deadlines, finalisation), which runs beside the HTTP server.
     pub ticker: JoinHandle<()>,
+    /// Tells the accept loop to stop accepting and drain (see [`RunningServer::drain`]).
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl RunningServer {
@@ -96,6 +98,22 @@ impl RunningServer {
         self.ticker.abort();
         let _ = self.ticker.await;
         self.coordinator.db().close().await;
+    }
+
+    /// Graceful shutdown (SIGTERM): stops accepting connections, lets each open one finish the
+    /// request it is serving, for at most `grace`, then stops the ticker and closes the database.
+    /// False if connections were still open at the deadline (their requests are cut off; an
+    /// upload that was not acknowledged is retried by its device and counted once).
+    pub async fn drain(mut self, grace: Duration) -> bool {
+        let _ = self.stop.send(());
+        let drained = tokio::time::timeout(grace, &mut self.handle).await.is_ok();
+        if !drained {
+            self.handle.abort();
+        }
+        self.ticker.abort();
+        let _ = self.ticker.await;
+        self.coordinator.db().close().await;
+        drained
     }
 }
 
@@ -137,12 +155,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %redact(&url), "fedhive server listening");
-    let handle = tokio::spawn(http::serve(listener, app, config.connections));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(http::serve(listener, app, config.connections, async move {
+        let _ = stopped.await;
+    }));
     Ok(RunningServer {
         addr,
         coordinator,
         handle,
         ticker,
+        stop,
     })
 }
 

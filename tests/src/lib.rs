@@ -204,6 +204,30 @@ impl ServerProcess {
         self.child.wait().expect("reap the server");
     }
 
+    /// SIGTERM: the server drains (stops accepting, finishes requests in flight) and exits.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit by itself (panics after `timeout`).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling the server") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "the server did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts a new process on the same data dir, database and port.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let fresh = Self::start_on(&self.data_dir, self.database_url.clone(), self.port, &[]).await?;

@@ -3,6 +3,7 @@
 //! | method | path | who | what |
 //! |---|---|---|---|
 //! | GET | /healthz | anyone | liveness |
+//! | GET | /readyz | anyone | readiness: the database answers and the blob store is usable (`503 not_ready` otherwise) |
 //! | POST | /v1/tasks | admin | create a task: multipart `config` (JSON) + `model` (safetensors) |
 //! | GET | /v1/tasks/{id} | admin | task status |
 //! | GET | /v1/tasks/{id}/rounds | admin | every round with its counts |

@@ -22,6 +22,7 @@ use crate::error::ApiError;
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/v1/tasks", post(create_task))
         .route("/v1/tasks/{task_id}", get(task_status))
         .route("/v1/tasks/{task_id}/rounds", get(task_rounds))
@@ -29,6 +30,13 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/tasks/{task_id}/model", get(model))
         .route("/v1/updates", put(upload))
         .route("/v1/metrics", post(metrics))
+}
+
+/// `200 ready` when the database answers and the blob store is usable; `503 not_ready` naming
+/// which is not (for load balancers and orchestrators).
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state.coordinator.ready().await?;
+    Ok("ready")
 }
 
 async fn create_task(
