@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's header block before its connection is closed.
     #[arg(long, default_value_t = 30)]
     pub header_read_timeout_secs: u64,
+    /// Log lines as human-readable text or as one JSON object per line (for log collectors).
+    #[arg(long, env = "FEDHIVE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// On SIGTERM or SIGINT: seconds to let requests in flight (uploads included) finish after the
     /// server stops accepting connections.
     #[arg(long, default_value_t = 30)]
@@ -114,9 +117,31 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`), `target`, `span`.
+    Json,
+}
+
 /// Sets up human-readable logs on stderr (`RUST_LOG` filters; default `info`).
 pub fn init_tracing() {
     init_tracing_with_default("info")
+}
+
+/// Sets up logs on stderr in `format` (`RUST_LOG` filters; default `info`).
+pub fn init_tracing_as(format: LogFormat) {
+    if format == LogFormat::Text {
+        return init_tracing();
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Like [`init_tracing`] with another default level (the demo keeps its progress bar clean).
@@ -131,8 +156,10 @@ pub fn init_tracing_with_default(level: &str) {
 
 /// Entry point of the `fedhive` binary.
 pub fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Serve(args) => init_tracing_as(args.log_format),
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {

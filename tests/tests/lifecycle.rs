@@ -1,6 +1,6 @@
 //! The server's lifecycle: SIGTERM drains (stops accepting, finishes the upload in flight, exits
 //! cleanly, and the upload is counted once), and `/readyz` says whether the database and blob
-//! store can be used.
+//! store can be used; `--log-format json` writes one JSON object per line.
 
 use std::time::Duration;
 
@@ -16,6 +16,49 @@ on_both_databases!(
     sigterm_finishes_the_upload_in_flight,
     readiness_names_what_is_missing
 );
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fedhive-e2e-server"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-dev",
+            "--log-format",
+            "json",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let listening = loop {
+        let line = lines.next().expect("the server logged its start").unwrap();
+        let entry: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}; before it: {seen:?}"));
+        if entry["fields"]["message"] == "fedhive server listening" {
+            break entry;
+        }
+        seen.push(line);
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(listening["level"], "INFO");
+    assert!(
+        listening["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(listening["timestamp"].is_string());
+}
 
 async fn sigterm_finishes_the_upload_in_flight(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
