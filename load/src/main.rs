@@ -57,7 +57,7 @@ enum Command {
     /// Run virtual devices against a server and report.
     Run(Box<RunArgs>),
     /// Run the fedhive server (same as `fedhive serve`; what `run` starts by default).
-    Serve(fedhive_server::cli::ServeArgs),
+    Serve(Box<fedhive_server::cli::ServeArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -156,7 +156,7 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Run(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(args.threads.max(1))

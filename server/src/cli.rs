@@ -1,8 +1,8 @@
 //! Command line of the `fedhive` binary.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::{CoordinatorOptions, ServerConfig, coordinator::default_upload_slots};
 
@@ -10,7 +10,9 @@ use crate::{CoordinatorOptions, ServerConfig, coordinator::default_upload_slots}
 #[command(
     name = "fedhive",
     version,
-    about = "fedhive federated-learning aggregation server"
+    about = "fedhive federated-learning aggregation server",
+    // A flag given twice takes its last value: `--config` values go first, the command line after.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -25,6 +27,10 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// TOML file of serve flags, keys named like the flags (`max_connections = 100` or
+    /// `max-connections = 100`). The command line, then the flags' environment variables, win over it.
+    #[arg(long, env = "FEDHIVE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "FEDHIVE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -154,9 +160,70 @@ pub fn init_tracing_with_default(level: &str) {
         .try_init();
 }
 
+/// The command line with the `--config` file's flags put before the user's own: each file key as
+/// `--key=value` (a `true` boolean as `--key`), skipped when the flag's environment variable is
+/// set. An unknown key, or a value that is not a string, number or boolean, is an error.
+pub fn with_config_file(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let Ok(Cli {
+        command: Command::Serve(serve),
+    }) = Cli::try_parse_from(&args)
+    else {
+        return Ok(args); // clap reports what is wrong with the command line itself
+    };
+    let Some(path) = serve.config else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("{}: {e}", path.display()))?;
+    let command = Cli::command();
+    let serve_command = command.find_subcommand("serve").expect("the serve subcommand");
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let long = key.replace('_', "-");
+        let arg = serve_command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+            .ok_or_else(|| format!("{}: unknown key `{key}`", path.display()))?;
+        if arg.get_env().is_some_and(|env| std::env::var_os(env).is_some()) {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) if !arg.get_action().takes_values() => {
+                if b {
+                    flags.push(OsString::from(format!("--{long}")));
+                }
+                continue;
+            }
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(format!(
+                    "{}: `{key}` = {other} is not a flag value",
+                    path.display()
+                ));
+            }
+        };
+        flags.push(OsString::from(format!("--{long}={value}")));
+    }
+    let at = args.iter().position(|a| a == "serve").expect("parsed as serve") + 1;
+    let mut out = args[..at].to_vec();
+    out.extend(flags);
+    out.extend_from_slice(&args[at..]);
+    Ok(out)
+}
+
 /// Entry point of the `fedhive` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match with_config_file(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("fedhive: --config: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     match &cli.command {
         Command::Serve(args) => init_tracing_as(args.log_format),
     }
@@ -190,5 +257,48 @@ pub fn main() -> ExitCode {
             eprintln!("fedhive: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(config: &str, flags: &[&str]) -> Result<ServeArgs, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fedhive.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut args: Vec<OsString> = vec!["fedhive".into(), "serve".into(), "--config".into(), path.into()];
+        args.extend(flags.iter().map(OsString::from));
+        let Cli {
+            command: Command::Serve(serve),
+        } = Cli::try_parse_from(with_config_file(args)?).map_err(|e| e.to_string())?;
+        Ok(serve)
+    }
+
+    #[test]
+    fn the_file_sets_flags_and_the_command_line_wins() {
+        let serve = serve_args(
+            "max_connections = 7\nheader-read-timeout-secs = 5\nrate_limit_per_address = 2.5\n\
+             insecure_dev = true\nlog_format = \"json\"\nadmin_token = \"from-file\"\n",
+            &["--header-read-timeout-secs", "9"],
+        )
+        .unwrap();
+        assert_eq!(serve.max_connections, 7);
+        assert_eq!(serve.header_read_timeout_secs, 9);
+        assert_eq!(serve.rate_limit_per_address, 2.5);
+        assert!(serve.insecure_dev);
+        assert_eq!(serve.log_format, LogFormat::Json);
+        assert_eq!(serve.admin_token.as_deref(), Some("from-file"));
+    }
+
+    #[test]
+    fn unknown_keys_and_odd_values_are_named() {
+        let e = serve_args("max_conections = 7\n", &[]).unwrap_err();
+        assert!(e.contains("unknown key `max_conections`"), "{e}");
+        let e = serve_args("max_connections = [1, 2]\n", &[]).unwrap_err();
+        assert!(e.contains("`max_connections`"), "{e}");
+        let e = serve_args("max_connections = \"many\"\n", &[]).unwrap_err();
+        assert!(e.contains("many"), "{e}");
     }
 }
