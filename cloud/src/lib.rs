@@ -35,7 +35,7 @@ use fedhive_client::{
 };
 use fedhive_shared::{
     NamedTensors, TensorError,
-    wire::{CloudStatus, RoundState, TaskState, TrainingParams},
+    wire::{CloudStatus, RoundState, TrainingParams},
 };
 use tracing::info;
 
@@ -266,7 +266,7 @@ impl Worker {
         let control = Arc::new(self.control_model(&status, &cloud).await?);
         loop {
             let status = self.client.cloud_status(&self.task_id, &self.token).await?;
-            if status.state == TaskState::Finished {
+            if status.state.is_over() {
                 return Ok(report);
             }
             let open = status.round.as_ref().filter(|r| r.state == RoundState::Open);

@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 use fedhive_server::coordinator::default_upload_slots;
 use fedhive_shared::{
     NamedTensors,
-    wire::{RoundInfo, RoundState, TaskCreated, TaskState, TaskStatus},
+    wire::{RoundInfo, RoundState, TaskCreated, TaskStatus},
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{SeedableRng, rngs::SmallRng};
@@ -413,7 +413,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 commit_times.push(t);
             }
         }
-        let finished = status.as_ref().is_some_and(|s| s.state == TaskState::Finished);
+        let finished = status.as_ref().is_some_and(|s| s.state.is_over());
         let (requests, errors) = stats.totals();
         bar.set_position(started.elapsed().as_secs().min(args.duration_secs));
         bar.set_message(format!(

@@ -94,6 +94,8 @@ mod tests {
             total_samples: samples,
             opened_unix: 0,
             deadline_unix: 0,
+            closed_unix: None,
+            reports: None,
         }
     }
 

@@ -98,6 +98,16 @@ impl UploadAdmission {
         self.waiting.load(Ordering::Acquire)
     }
 
+    /// Processing slots in all.
+    pub fn slots(&self) -> usize {
+        self.slot_count
+    }
+
+    /// Processing slots held now.
+    pub fn busy(&self) -> usize {
+        self.slot_count - self.slots.available_permits()
+    }
+
     /// The next free retry time: after the queue ahead has drained, one processing interval after
     /// the last one handed out.
     fn retry_after_ms(&self) -> u64 {

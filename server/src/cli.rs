@@ -23,6 +23,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the aggregation server.
     Serve(ServeArgs),
+    /// Create, list, inspect, pause, resume or cancel tasks on a running server.
+    Task(crate::operator::TaskArgs),
+    /// Download a task's model from a running server.
+    Model(crate::operator::ModelArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -226,6 +230,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse_from(args);
     match &cli.command {
         Command::Serve(args) => init_tracing_as(args.log_format),
+        // The operator commands print their results; logs only on request.
+        Command::Task(_) | Command::Model(_) => init_tracing_with_default("warn"),
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
@@ -249,6 +255,8 @@ pub fn main() -> ExitCode {
                 }
                 anyhow::Ok(())
             }
+            Command::Task(args) => crate::operator::task(args).await,
+            Command::Model(args) => crate::operator::model(args).await,
         }
     });
     match result {
@@ -270,10 +278,12 @@ mod tests {
         std::fs::write(&path, config).unwrap();
         let mut args: Vec<OsString> = vec!["fedhive".into(), "serve".into(), "--config".into(), path.into()];
         args.extend(flags.iter().map(OsString::from));
-        let Cli {
-            command: Command::Serve(serve),
-        } = Cli::try_parse_from(with_config_file(args)?).map_err(|e| e.to_string())?;
-        Ok(serve)
+        match Cli::try_parse_from(with_config_file(args)?).map_err(|e| e.to_string())? {
+            Cli {
+                command: Command::Serve(serve),
+            } => Ok(serve),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]

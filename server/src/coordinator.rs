@@ -26,7 +26,10 @@ use bytes::Bytes;
 use fedhive_shared::{
     TensorSpec,
     fedavg::{AggregateError, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
-    wire::{CheckinResponse, RoundInfo, TaskConfig, TaskCreated, TaskState, TaskStatus, UploadReceipt},
+    wire::{
+        CheckinResponse, RoundInfo, TaskConfig, TaskCreated, TaskState, TaskStatus, TaskSummary,
+        UploadReceipt,
+    },
 };
 use tracing::{info, warn};
 
@@ -40,6 +43,7 @@ use crate::{
         Registry, Strategy,
         interface::{CheckinClock, Sums, Update},
     },
+    telemetry::{Telemetry, UploadStages},
 };
 
 /// Tunables of the coordinator (the rest lives in each task's config).
@@ -65,6 +69,9 @@ impl Default for CoordinatorOptions {
     }
 }
 
+/// How long a device is told to wait when its task is paused.
+const PAUSED_RETRY_MS: i64 = 60_000;
+
 /// One upload slot per CPU core, at least 2. A slot holds a model-sized body while it hashes,
 /// checks and folds it, mostly CPU work, so more slots buy little throughput for their memory
 /// (1,000 per round, 1M parameters, 2 cores, when a slot also held a decoded copy: 8 slots peaked at
@@ -87,9 +94,10 @@ pub struct Coordinator {
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
     uploads: UploadAdmission,
+    telemetry: Telemetry,
 }
 
-/// Milliseconds between successive calls, for per-stage timings in logs.
+/// Time between successive calls, for per-stage timings in logs and metrics.
 struct Lap(std::time::Instant);
 
 impl Lap {
@@ -97,13 +105,29 @@ impl Lap {
         Lap(std::time::Instant::now())
     }
 
-    /// Milliseconds since the previous call (or the start), rounded to 0.1 ms.
-    fn ms(&mut self) -> f64 {
+    /// Time since the previous call (or the start).
+    fn lap(&mut self) -> Duration {
         let now = std::time::Instant::now();
-        let ms = (now - self.0).as_secs_f64() * 1000.0;
+        let took = now - self.0;
         self.0 = now;
-        (ms * 10.0).round() / 10.0
+        took
     }
+}
+
+/// An operator's action that the task's state does not allow.
+fn conflict(state: &TaskState, task: String, action: &'static str) -> ApiError {
+    let state = match state {
+        TaskState::Running => "running",
+        TaskState::Paused => "paused",
+        TaskState::Finished => "finished",
+        TaskState::Cancelled => "cancelled",
+    };
+    ApiError::TaskStateConflict { task, state, action }
+}
+
+/// Milliseconds rounded to 0.1, for logs.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
 fn receipt(u: &UpdateRow) -> UploadReceipt {
@@ -195,6 +219,13 @@ fn validate_config(strategy: &dyn Strategy, c: &TaskConfig) -> Result<(), ApiErr
     Ok(())
 }
 
+/// Checks a task's config and initial model (safetensors) as task creation does: what the
+/// operator CLI runs before it uploads anything.
+pub fn check_task(strategy: &dyn Strategy, config: &TaskConfig, model: &[u8]) -> Result<(), ApiError> {
+    validate_config(strategy, config)?;
+    strategy.check_initial_model(config, model)
+}
+
 impl Coordinator {
     pub fn new(db: Db, blobs: BlobStore, options: CoordinatorOptions) -> Self {
         Coordinator::with_strategies(db, blobs, options, Registry::default())
@@ -215,11 +246,23 @@ impl Coordinator {
             accumulators: Arc::default(),
             in_flight: Mutex::default(),
             uploads,
+            telemetry: Telemetry::new(),
         }
     }
 
     pub fn db(&self) -> &Db {
         &self.store.db
+    }
+
+    /// This server's metrics (`GET /metrics`).
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// The metrics in the Prometheus text format, upload admission read now.
+    pub fn render_metrics(&self) -> String {
+        let u = &self.uploads;
+        self.telemetry.render(u.slots(), u.busy(), u.waiting())
     }
 
     /// Whether this process can serve: the database answers and the blob store is usable.
@@ -249,9 +292,8 @@ impl Coordinator {
     /// Creates a task from its config and initial weights (safetensors), and opens round 1.
     pub async fn create_task(&self, config: TaskConfig, model: Bytes) -> Result<TaskCreated, ApiError> {
         let strategy = self.strategies.for_config(&config)?;
-        validate_config(strategy.as_ref(), &config)?;
         let (checker, checked, for_check) = (strategy.clone(), model.clone(), config.clone());
-        tokio::task::spawn_blocking(move || checker.check_initial_model(&for_check, &checked)).await??;
+        tokio::task::spawn_blocking(move || check_task(checker.as_ref(), &for_check, &checked)).await??;
         let task_id = format!("t-{:012x}", rand::random::<u64>() >> 16);
         strategy
             .store_initial_model(&self.store, &task_id, &config, model)
@@ -260,6 +302,7 @@ impl Coordinator {
             .issue_task_credentials(&self.store, &task_id, &config)
             .await?;
         self.store.db.create_task(&task_id, &config, now_ms()).await?;
+        self.telemetry.round_opened(&task_id);
         info!(task = %task_id, model = %config.model, rounds = config.rounds, k = config.devices_per_round, "task created");
         Ok(TaskCreated {
             task_id,
@@ -281,25 +324,106 @@ impl Coordinator {
         })
     }
 
+    /// Every task, newest first.
+    pub async fn tasks(&self) -> Result<Vec<TaskSummary>, ApiError> {
+        Ok(self
+            .store
+            .db
+            .tasks()
+            .await?
+            .into_iter()
+            .map(|t| TaskSummary {
+                task_id: t.id,
+                state: t.state,
+                model: t.config.model.clone(),
+                strategy: t.config.strategy.name().to_string(),
+                model_version: t.model_version,
+                committed_rounds: t.committed_rounds,
+                rounds: t.config.rounds,
+                created_ms: t.created_ms,
+            })
+            .collect())
+    }
+
+    /// Pauses a running task: check-ins are told to come back later and the ticker leaves its
+    /// round alone (uploads for assignments already handed out are still taken until the round's
+    /// deadline). On resume a round past its deadline is finalised at once and the next opens.
+    pub async fn set_paused(&self, task_id: &str, paused: bool) -> Result<TaskStatus, ApiError> {
+        let task = self.task(task_id).await?;
+        if !self.store.db.set_paused(task_id, paused).await? {
+            let action = if paused { "pause" } else { "resume" };
+            return Err(conflict(&self.task(task_id).await?.state, task.id, action));
+        }
+        info!(task = %task_id, paused, "task paused or resumed by an operator");
+        self.status(task_id).await
+    }
+
+    /// Cancels a task: it finishes now with its last committed model, its open round is abandoned
+    /// (its uploads are refused as late) and devices that check in are told it has finished.
+    pub async fn cancel(&self, task_id: &str) -> Result<TaskStatus, ApiError> {
+        let task = self.task(task_id).await?;
+        // Not while a round of it is being finalised.
+        let finalizing = self.store.finalize_lock.lock().await;
+        let round = self.store.db.active_round(task_id).await?;
+        if !self.store.db.cancel_task(task_id, now_ms()).await? {
+            return Err(conflict(&self.task(task_id).await?.state, task.id, "cancel"));
+        }
+        drop(finalizing);
+        info!(task = %task_id, "task cancelled by an operator");
+        if let Some(round) = round {
+            self.telemetry.round_finished(task_id, false);
+            self.accumulators
+                .lock()
+                .expect("accumulator lock")
+                .remove(&round.id);
+            if let Err(e) = self
+                .store
+                .blobs
+                .delete_prefix(&format!("updates/{}", round.id))
+                .await
+            {
+                warn!(round = round.id, error = %e, "could not remove the round's update blobs");
+            }
+        }
+        self.status(task_id).await
+    }
+
     pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundInfo>, ApiError> {
         self.task(task_id).await?;
+        let mut reports = self.store.db.round_reports(task_id).await?;
         Ok(self
             .store
             .db
             .rounds(task_id)
             .await?
             .iter()
-            .map(RoundRow::info)
+            .map(|row| RoundInfo {
+                reports: reports.remove(&row.id),
+                ..row.info()
+            })
             .collect())
     }
 
     /// A device asks for work, with its bearer credentials if it has any: an assignment in the
     /// open round, or when to come back. Who gets a token is the task's strategy's choice.
     pub async fn checkin(&self, task_id: &str, bearer: Option<&str>) -> Result<CheckinResponse, ApiError> {
+        let result = self.assign(task_id, bearer).await;
+        // An unknown task id is not a label: anyone can send any number of them.
+        let known = !matches!(result, Err(ApiError::UnknownTask(_)));
+        let outcome = result.as_ref().map(|response| match response {
+            CheckinResponse::Assigned(_) => "assigned",
+            CheckinResponse::RetryAfter { .. } => "retry",
+            CheckinResponse::Finished { .. } => "finished",
+        });
+        self.telemetry.checkin(if known { task_id } else { "" }, outcome);
+        result
+    }
+
+    async fn assign(&self, task_id: &str, bearer: Option<&str>) -> Result<CheckinResponse, ApiError> {
         let task = self.task(task_id).await?;
         let strategy = self.strategies.for_config(&task.config)?;
         let device = strategy.authenticate(&self.store, &task, bearer).await?;
-        if task.state == TaskState::Finished {
+        if task.state.is_over() {
             return Ok(CheckinResponse::Finished {
                 model_version: task.model_version,
             });
@@ -309,6 +433,10 @@ impl Coordinator {
             retry_ms: self.options.checkin_retry_ms,
         };
         let usual = clock.retry_ms as i64;
+        if task.state == TaskState::Paused {
+            // A pause is an operator's decision: minutes, not the next round's seconds.
+            return Ok(clock.retry("task_paused", usual.max(PAUSED_RETRY_MS)));
+        }
         let Some(round) = self.store.db.active_round(task_id).await? else {
             return Ok(clock.retry("between_rounds", usual));
         };
@@ -351,6 +479,28 @@ impl Coordinator {
         R: FnOnce(usize) -> F,
         F: Future<Output = Result<Bytes, ApiError>>,
     {
+        // The task, once the token has named one, for the refusal's metric.
+        let mut task_id = String::new();
+        let result = self
+            .accept_upload(token, num_samples, read_body, &mut task_id)
+            .await;
+        if let Err(e) = &result {
+            self.telemetry.upload(&task_id, Err(e));
+        }
+        result
+    }
+
+    async fn accept_upload<R, F>(
+        &self,
+        token: &str,
+        num_samples: u64,
+        read_body: R,
+        task_id: &mut String,
+    ) -> Result<(UploadReceipt, bool), ApiError>
+    where
+        R: FnOnce(usize) -> F,
+        F: Future<Output = Result<Bytes, ApiError>>,
+    {
         let (token_hash, round_id) = self.token_round(token).await?;
         let _flight = InFlight::enter(&self.in_flight, &token_hash).ok_or(ApiError::UploadInFlight)?;
         // Where an upload's time goes, logged with its acceptance (the load harness's profile).
@@ -360,20 +510,22 @@ impl Coordinator {
             .enter()
             .await
             .map_err(|retry_after_ms| ApiError::ServerBusy { retry_after_ms })?;
-        let queue_ms = lap.ms();
+        let queue = lap.lap();
         let db = &self.store.db;
         let round = db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
+        task_id.clone_from(&round.task_id);
         let task = self.task(&round.task_id).await?;
         let strategy = self.strategies.for_config(&task.config)?;
         let body = read_body(strategy.upload_limit(&task.config)).await?;
-        let read_ms = lap.ms();
+        let read = lap.lap();
         // Hashing a model-sized body takes milliseconds: off the async workers, like the decode.
         let hashed = body.clone();
         let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&hashed)).await?;
-        let hash_ms = lap.ms();
+        let hash = lap.lap();
 
         if let Some(prev) = db.update_for_token(&token_hash).await? {
             if prev.sha256 == sha256 && prev.num_samples as u64 == num_samples {
+                self.telemetry.upload(&task.id, Ok("replayed"));
                 return Ok((receipt(&prev), false));
             }
             return Err(ApiError::ConflictingRetry { stored: prev.sha256 });
@@ -388,11 +540,11 @@ impl Coordinator {
         let (decoder, config, checked) = (strategy.clone(), task.config.clone(), body.clone());
         let update = tokio::task::spawn_blocking(move || decoder.decode_update(&config, &checked)).await??;
         strategy.check_update(&self.store, &task, &update).await?;
-        let decode_ms = lap.ms();
+        let decode = lap.lap();
 
         let blob_key = format!("updates/{round_id}/{token_hash}.safetensors");
         self.store.blobs.put(&blob_key, body).await?;
-        let store_ms = lap.ms();
+        let store = lap.lap();
         let row = UpdateRow {
             token_hash: token_hash.clone(),
             round_id,
@@ -409,20 +561,31 @@ impl Coordinator {
             }
             return Err(self.why_refused(round_id, num_samples).await?);
         };
-        let accept_ms = lap.ms();
+        let accept = lap.lap();
         self.fold(round_id, strategy, &task.config, stored.clone(), update)
             .await?;
+        let stages = UploadStages {
+            queue,
+            read,
+            hash,
+            decode,
+            store,
+            accept,
+            fold: lap.lap(),
+        };
+        self.telemetry.upload(&task.id, Ok("accepted"));
+        self.telemetry.upload_stages(&stages);
         info!(
             round = round_id,
             accepted = stored.accepted_seq,
             samples = num_samples,
-            queue_ms,
-            read_ms,
-            hash_ms,
-            decode_ms,
-            store_ms,
-            accept_ms,
-            fold_ms = lap.ms(),
+            queue_ms = ms(queue),
+            read_ms = ms(read),
+            hash_ms = ms(hash),
+            decode_ms = ms(decode),
+            store_ms = ms(store),
+            accept_ms = ms(accept),
+            fold_ms = ms(stages.fold),
             "update accepted"
         );
         Ok((receipt(&stored), stored.accepted_seq >= k))
@@ -518,6 +681,7 @@ impl Coordinator {
     /// is a deterministic function of that set, and `finish_round` applies once.
     pub async fn finalize_if_due(&self, round_id: i64) -> Result<(), ApiError> {
         let _one_at_a_time = self.store.finalize_lock.lock().await;
+        let started = std::time::Instant::now();
         let db = &self.store.db;
         let Some(round) = db.round(round_id).await? else {
             return Ok(());
@@ -570,8 +734,15 @@ impl Coordinator {
             };
             (RoundOutcome::Abandoned, Some(next))
         };
+        let opens_next = next.is_some();
         let first = db.finish_round(&round, outcome, next, now).await?;
         if first {
+            let committed = matches!(outcome, RoundOutcome::Committed { .. });
+            self.telemetry.round_finished(&task.id, committed);
+            if opens_next {
+                self.telemetry.round_opened(&task.id);
+            }
+            self.telemetry.round_finalized(started.elapsed());
             match outcome {
                 RoundOutcome::Committed { new_version } => info!(
                     task = %task.id, round = round.id, seq = round.seq, accepted = updates.len(),

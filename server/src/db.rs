@@ -6,7 +6,9 @@
 //! once, whatever the number of concurrent requests or server replicas. Queries use `$n` placeholders,
 //! which both databases accept, through sqlx's `Any` driver.
 
-use fedhive_shared::wire::{RoundInfo, RoundState, TaskConfig, TaskState};
+use std::collections::HashMap;
+
+use fedhive_shared::wire::{RoundInfo, RoundReports, RoundState, TaskConfig, TaskState};
 use sqlx::{
     AnyPool, Row,
     any::{AnyPoolOptions, AnyRow},
@@ -37,6 +39,7 @@ pub struct TaskRow {
     pub state: TaskState,
     pub model_version: i64,
     pub committed_rounds: i64,
+    pub created_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +54,7 @@ pub struct RoundRow {
     pub total_samples: i64,
     pub opened_ms: i64,
     pub deadline_ms: i64,
+    pub closed_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,12 +100,13 @@ impl RoundRow {
             total_samples: self.total_samples,
             opened_unix: self.opened_ms / 1000,
             deadline_unix: self.deadline_ms / 1000,
+            closed_unix: self.closed_ms.map(|ms| ms / 1000),
+            reports: None,
         }
     }
 }
 
-const ROUND_COLUMNS: &str =
-    "id, task_id, seq, state, base_version, assigned, accepted, total_samples, opened_ms, deadline_ms";
+const ROUND_COLUMNS: &str = "id, task_id, seq, state, base_version, assigned, accepted, total_samples, opened_ms, deadline_ms, closed_ms";
 const UPDATE_COLUMNS: &str = "token_hash, round_id, num_samples, sha256, blob_key, accepted_seq";
 
 fn round_row(r: &AnyRow) -> Result<RoundRow, sqlx::Error> {
@@ -116,6 +121,7 @@ fn round_row(r: &AnyRow) -> Result<RoundRow, sqlx::Error> {
         total_samples: r.try_get("total_samples")?,
         opened_ms: r.try_get("opened_ms")?,
         deadline_ms: r.try_get("deadline_ms")?,
+        closed_ms: r.try_get("closed_ms")?,
     })
 }
 
@@ -133,18 +139,23 @@ fn update_row(r: &AnyRow) -> Result<UpdateRow, sqlx::Error> {
 fn task_row(r: &AnyRow) -> Result<TaskRow, DbError> {
     let config: String = r.try_get("config")?;
     let state: String = r.try_get("state")?;
+    let halt: Option<String> = r.try_get("halt")?;
     Ok(TaskRow {
         id: r.try_get("id")?,
         config: serde_json::from_str(&config)?,
-        state: if state == "finished" {
-            TaskState::Finished
-        } else {
-            TaskState::Running
+        state: match (state.as_str(), halt.as_deref()) {
+            (_, Some("cancelled")) => TaskState::Cancelled,
+            ("finished", _) => TaskState::Finished,
+            (_, Some("paused")) => TaskState::Paused,
+            _ => TaskState::Running,
         },
         model_version: r.try_get("model_version")?,
         committed_rounds: r.try_get("committed_rounds")?,
+        created_ms: r.try_get("created_ms")?,
     })
 }
+
+const TASK_COLUMNS: &str = "id, config, state, halt, model_version, committed_rounds, created_ms";
 
 /// SQL with the shared round columns spliced in. Only compile-time constants are spliced.
 fn sql(template: &'static str, columns: &'static str) -> sqlx::AssertSqlSafe<String> {
@@ -216,16 +227,63 @@ impl Db {
     }
 
     pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
-        let row =
-            sqlx::query("SELECT id, config, state, model_version, committed_rounds FROM tasks WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(sql("SELECT {cols} FROM tasks WHERE id = $1", TASK_COLUMNS))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(task_row).transpose()
     }
 
+    /// Every task, newest first.
+    pub async fn tasks(&self) -> Result<Vec<TaskRow>, DbError> {
+        let rows = sqlx::query(sql(
+            "SELECT {cols} FROM tasks ORDER BY created_ms DESC, id",
+            TASK_COLUMNS,
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(task_row).collect()
+    }
+
+    /// Pauses a running task or resumes a paused one; false if it was in neither state.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<bool, DbError> {
+        let query = if paused {
+            "UPDATE tasks SET halt = 'paused' WHERE id = $1 AND state = 'running' AND halt IS NULL"
+        } else {
+            "UPDATE tasks SET halt = NULL WHERE id = $1 AND state = 'running' AND halt = 'paused'"
+        };
+        let done = sqlx::query(query).bind(id).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Cancels a task that has not finished, abandoning its open round, in one transaction; false
+    /// if it had already finished or been cancelled.
+    pub async fn cancel_task(&self, id: &str, now_ms: i64) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'finished', halt = 'cancelled' WHERE id = $1 AND state = 'running'",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE rounds SET state = 'abandoned', closed_ms = $1 \
+             WHERE task_id = $2 AND state IN ('open', 'closing')",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Tasks whose rounds the ticker runs: running and not paused.
     pub async fn running_task_ids(&self) -> Result<Vec<String>, DbError> {
-        let rows = sqlx::query("SELECT id FROM tasks WHERE state = 'running' ORDER BY id")
+        let rows = sqlx::query("SELECT id FROM tasks WHERE state = 'running' AND halt IS NULL ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?)
@@ -260,6 +318,39 @@ impl Db {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(round_row).collect::<Result<_, _>>()?)
+    }
+
+    /// The task's device-reported metrics per round id, weighted by sample counts.
+    pub async fn round_reports(&self, task_id: &str) -> Result<HashMap<i64, RoundReports>, DbError> {
+        // Sums cast to floating point: PostgreSQL sums BIGINTs as NUMERIC, which `Any` cannot read.
+        let rows = sqlx::query(
+            "SELECT m.round_id, COUNT(*) AS devices, \
+                CAST(SUM(m.loss * m.num_samples) AS DOUBLE PRECISION) AS loss_sum, \
+                CAST(SUM(m.num_samples) AS DOUBLE PRECISION) AS samples, \
+                CAST(SUM(m.accuracy * m.num_samples) AS DOUBLE PRECISION) AS accuracy_sum, \
+                CAST(SUM(CASE WHEN m.accuracy IS NULL THEN 0 ELSE m.num_samples END) AS DOUBLE PRECISION) \
+                    AS accuracy_samples \
+             FROM metrics m JOIN rounds r ON r.id = m.round_id WHERE r.task_id = $1 GROUP BY m.round_id",
+        )
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let samples: f64 = r.try_get("samples")?;
+            let accuracy_samples: f64 = r.try_get("accuracy_samples")?;
+            let accuracy_sum: Option<f64> = r.try_get("accuracy_sum")?;
+            let loss_sum: f64 = r.try_get("loss_sum")?;
+            let reports = RoundReports {
+                devices: r.try_get("devices")?,
+                loss: if samples > 0.0 { loss_sum / samples } else { 0.0 },
+                accuracy: accuracy_sum
+                    .filter(|_| accuracy_samples > 0.0)
+                    .map(|sum| sum / accuracy_samples),
+            };
+            out.insert(r.try_get("round_id")?, reports);
+        }
+        Ok(out)
     }
 
     /// Hands out one of the round's `cap` assignments; `None` when the round is full or not open.

@@ -62,6 +62,12 @@ pub enum ApiError {
     UnknownControlModel { task: String, version: Option<i64> },
     #[error("control model versions are published in order: the next is {next}, got {got}")]
     ControlVersionOutOfOrder { next: i64, got: i64 },
+    #[error("task `{task}` is {state}: cannot {action} it")]
+    TaskStateConflict {
+        task: String,
+        state: &'static str,
+        action: &'static str,
+    },
     #[error("invalid task config: {0}")]
     InvalidConfig(String),
     #[error("invalid request: {0}")]
@@ -84,7 +90,7 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
-            ControlVersionOutOfOrder { .. } => StatusCode::CONFLICT,
+            ControlVersionOutOfOrder { .. } | TaskStateConflict { .. } => StatusCode::CONFLICT,
             UnknownTask(_) | UnknownModelVersion { .. } | UnknownToken => StatusCode::NOT_FOUND,
             RoundClosed(_) | UploadInFlight | StaleModelVersion { .. } | RoundClosing(_) => {
                 StatusCode::CONFLICT
@@ -134,6 +140,7 @@ impl ApiError {
             UnknownRound { .. } => "unknown_round",
             UnknownControlModel { .. } => "unknown_control_model",
             ControlVersionOutOfOrder { .. } => "control_version_out_of_order",
+            TaskStateConflict { .. } => "task_state_conflict",
             InvalidConfig(_) => "invalid_config",
             InvalidRequest(_) => "invalid_request",
             ServerBusy { .. } => "server_busy",

@@ -21,6 +21,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
     net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -52,7 +53,7 @@ impl Default for ConnectionLimits {
 pub const READ_BUFFER_LIMIT: usize = 16 * 1024;
 
 /// Accepts connections on `listener` and serves `app` on each until `shutdown` resolves (or the
-/// task is dropped); then stops accepting, lets every connection finish the request it is serving
+/// task is dropped), keeping `open_connections` at the number open; then stops accepting, lets every connection finish the request it is serving
 /// (and close instead of waiting for another), and returns once all have closed. Bound the wait
 /// from outside (see [`crate::RunningServer::drain`]). Accept errors are waited out, not returned
 /// (the `Result` is `axum::serve`'s signature).
@@ -60,6 +61,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    open_connections: Gauge,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let open = Arc::new(Semaphore::new(limits.max_connections));
@@ -80,8 +82,9 @@ pub async fn serve(
             });
         let service = TowerToHyperService::new(app);
         let mut closing = closing_rx.clone();
+        let counted = Counted::new(&open_connections);
         tokio::spawn(async move {
-            let _open = permit;
+            let _open = (permit, counted);
             let connection = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(READ_BUFFER_LIMIT)
                 .timer(TokioTimer::new())
@@ -107,6 +110,22 @@ pub async fn serve(
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = open.acquire_many(all).await;
     Ok(())
+}
+
+/// Counts one open connection in a gauge while alive.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The next connection, once fewer than the limit are open.
@@ -149,7 +168,13 @@ mod tests {
         let app = Router::new().route("/len", post(|body: Bytes| async move { body.len().to_string() }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, app, limits, std::future::pending()));
+        tokio::spawn(serve(
+            listener,
+            app,
+            limits,
+            Gauge::default(),
+            std::future::pending(),
+        ));
         format!("http://{addr}/len")
     }
 

@@ -18,10 +18,12 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod memory;
+pub mod operator;
 pub mod rate_limit;
 pub mod store;
 pub mod strategy;
 pub mod tables;
+pub mod telemetry;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -156,9 +158,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %redact(&url), "fedhive server listening");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(http::serve(listener, app, config.connections, async move {
-        let _ = stopped.await;
-    }));
+    let open_connections = coordinator.telemetry().open_connections();
+    let handle = tokio::spawn(http::serve(
+        listener,
+        app,
+        config.connections,
+        open_connections,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     Ok(RunningServer {
         addr,
         coordinator,

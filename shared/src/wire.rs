@@ -272,7 +272,49 @@ pub struct ErrorBody {
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Running,
+    /// Paused by an operator: no assignments until resumed.
+    Paused,
+    /// Ran all its rounds.
     Finished,
+    /// Stopped by an operator; its model stays at the last committed version.
+    Cancelled,
+}
+
+impl TaskState {
+    /// True when no more rounds will run (finished or cancelled).
+    pub fn is_over(&self) -> bool {
+        matches!(self, TaskState::Finished | TaskState::Cancelled)
+    }
+}
+
+impl StrategyConfig {
+    /// The strategy's `name` as the config spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StrategyConfig::FedAvg { .. } => "fed_avg",
+            StrategyConfig::FedSubAvg { .. } => "fed_sub_avg",
+            StrategyConfig::FedLaAvg { .. } => "fed_la_avg",
+            StrategyConfig::MmPsgd { .. } => "mm_psgd",
+            StrategyConfig::McPsgd { .. } => "mc_psgd",
+            StrategyConfig::DcCcl { .. } => "dc_ccl",
+        }
+    }
+}
+
+/// One task in the operator's list (`GET /v1/tasks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub task_id: String,
+    pub state: TaskState,
+    /// The task config's `model` name and strategy.
+    pub model: String,
+    pub strategy: String,
+    pub model_version: i64,
+    pub committed_rounds: i64,
+    /// Rounds to commit in all (the config's `rounds`).
+    pub rounds: u32,
+    /// Unix milliseconds.
+    pub created_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,6 +338,22 @@ pub struct RoundInfo {
     pub total_samples: i64,
     pub opened_unix: i64,
     pub deadline_unix: i64,
+    /// When the round was committed or abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_unix: Option<i64>,
+    /// What its devices reported about their training, if any did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports: Option<RoundReports>,
+}
+
+/// The training metrics a round's devices reported (`POST /v1/metrics`), weighted by their sample
+/// counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundReports {
+    pub devices: i64,
+    pub loss: f64,
+    /// Over the devices that reported an accuracy.
+    pub accuracy: Option<f64>,
 }
 
 /// Task status for operators and dashboards.
@@ -347,4 +405,35 @@ pub struct ArtifactReceipt {
     /// The round (cloud contribution) or the version (control model) it was stored as.
     pub id: i64,
     pub sha256: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategy_names_are_the_config_tags() {
+        let configs = [
+            StrategyConfig::FedAvg { server_lr: 1.0 },
+            StrategyConfig::FedSubAvg {
+                server_lr: 1.0,
+                form: Default::default(),
+                tables: vec![],
+            },
+            StrategyConfig::FedLaAvg {
+                warmup_rounds: 0,
+                selection_window_ms: 1,
+            },
+            StrategyConfig::DcCcl {
+                cloud_weight: 0.5,
+                without_cloud: WithoutCloud::Abandon,
+                control_model: "m".into(),
+                control_tensors: vec![],
+            },
+        ];
+        for config in configs {
+            let json = serde_json::to_value(&config).unwrap();
+            assert_eq!(json["name"], config.name(), "{config:?}");
+        }
+    }
 }

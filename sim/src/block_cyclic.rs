@@ -34,7 +34,7 @@ use fedhive_client::{
 use fedhive_shared::{
     NamedTensors,
     blocks::{BlockSchedule, ChainChoice, PredictorAverage, RoundBlock},
-    wire::{StrategyConfig, TaskConfig, TaskState, TrainingParams},
+    wire::{StrategyConfig, TaskConfig, TrainingParams},
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -415,7 +415,7 @@ async fn run_federation(
     loop {
         let status = client.task_status(&task_id).await?;
         bar.set_position(status.committed_rounds as u64);
-        if status.state == TaskState::Finished {
+        if status.state.is_over() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -34,7 +34,7 @@ use fedhive_client::{
 use fedhive_cloud::{Worker, WorkerOptions};
 use fedhive_shared::{
     NamedTensors,
-    wire::{StrategyConfig, TaskConfig, TaskState, TrainingParams, WithoutCloud},
+    wire::{StrategyConfig, TaskConfig, TrainingParams, WithoutCloud},
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -503,7 +503,7 @@ async fn wait(
     loop {
         let status = client.task_status(task_id).await?;
         bar.set_position(status.committed_rounds as u64);
-        if status.state == TaskState::Finished {
+        if status.state.is_over() {
             bar.finish_and_clear();
             return Ok(status.committed_rounds);
         }

@@ -21,7 +21,7 @@ use fedhive_client::{
 };
 use fedhive_shared::{
     NamedTensors,
-    wire::{StrategyConfig, TaskConfig, TaskState, TrainingParams},
+    wire::{StrategyConfig, TaskConfig, TrainingParams},
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -167,7 +167,7 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
                 eval.accuracy, eval.loss
             ));
         }
-        if status.state == TaskState::Finished && evaluated == status.model_version {
+        if status.state.is_over() && evaluated == status.model_version {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

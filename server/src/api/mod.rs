@@ -4,8 +4,12 @@
 //! |---|---|---|---|
 //! | GET | /healthz | anyone | liveness |
 //! | GET | /readyz | anyone | readiness: the database answers and the blob store is usable (`503 not_ready` otherwise) |
+//! | GET | /metrics | admin | Prometheus metrics of this server (see [`crate::telemetry`]) |
+//! | GET | /ui | anyone (its data: admin) | read-only dashboard (see [`ui`]) |
 //! | POST | /v1/tasks | admin | create a task: multipart `config` (JSON) + `model` (safetensors) |
+//! | GET | /v1/tasks | admin | every task, newest first (`TaskSummary`) |
 //! | GET | /v1/tasks/{id} | admin | task status |
+//! | POST | /v1/tasks/{id}/pause, /resume, /cancel | admin | stop handing out work, resume, or end the task now (`409 task_state_conflict` when its state does not allow it) |
 //! | GET | /v1/tasks/{id}/rounds | admin | every round with its counts |
 //! | POST | /v1/tasks/{id}/checkin | device (FedLaAvg: `Bearer device_id:secret`) | an assignment, or retry-after, or finished |
 //! | POST | /v1/tasks/{id}/devices | device | FedLaAvg enrolment: a pseudonymous device id and its secret |
@@ -33,7 +37,9 @@ mod common;
 mod dc_ccl;
 mod fedlaavg;
 mod fedsubavg;
+mod observe;
 mod tasks;
+mod ui;
 
 use axum::{Router, extract::DefaultBodyLimit};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -47,7 +53,13 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         .merge(fedsubavg::routes())
         .merge(block_cyclic::routes())
         .merge(dc_ccl::routes())
+        .merge(observe::routes())
+        .merge(ui::routes())
         .layer(DefaultBodyLimit::max(max_model_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::track,
+        ))
         // 5xx answers are logged where they arise (internal errors at `error`); `503 server_busy`
         // is routine pacing under load, not a failure to log thousands of times.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))

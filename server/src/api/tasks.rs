@@ -12,7 +12,8 @@ use axum::{
 };
 use bytes::Bytes;
 use fedhive_shared::wire::{
-    CheckinResponse, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
+    CheckinResponse, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, TaskSummary,
+    UploadReceipt,
 };
 use serde::Deserialize;
 
@@ -23,8 +24,11 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/v1/tasks", post(create_task))
+        .route("/v1/tasks", post(create_task).get(list_tasks))
         .route("/v1/tasks/{task_id}", get(task_status))
+        .route("/v1/tasks/{task_id}/pause", post(pause))
+        .route("/v1/tasks/{task_id}/resume", post(resume))
+        .route("/v1/tasks/{task_id}/cancel", post(cancel))
         .route("/v1/tasks/{task_id}/rounds", get(task_rounds))
         .route("/v1/tasks/{task_id}/checkin", post(checkin))
         .route("/v1/tasks/{task_id}/model", get(model))
@@ -84,6 +88,41 @@ async fn task_status(
 ) -> Result<Json<TaskStatus>, ApiError> {
     require_admin(&state, &headers)?;
     Ok(Json(state.coordinator.status(&task_id).await?))
+}
+
+async fn list_tasks(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<TaskSummary>>, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(state.coordinator.tasks().await?))
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Json<TaskStatus>, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(state.coordinator.set_paused(&task_id, true).await?))
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Json<TaskStatus>, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(state.coordinator.set_paused(&task_id, false).await?))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Json<TaskStatus>, ApiError> {
+    require_admin(&state, &headers)?;
+    Ok(Json(state.coordinator.cancel(&task_id).await?))
 }
 
 async fn task_rounds(

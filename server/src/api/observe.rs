@@ -1,0 +1,94 @@
+//! `GET /metrics`, and the middleware that times every request and counts its body bytes.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{MatchedPath, Request, State},
+    http::{HeaderMap, HeaderValue, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+
+use super::common::{AppState, require_admin};
+use crate::{error::ApiError, telemetry};
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+/// The server's metrics (operator token, like every operator endpoint: task ids and load are not
+/// for the internet).
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    require_admin(&state, &headers)?;
+    let text = state.coordinator.render_metrics();
+    let content_type = HeaderValue::from_static(telemetry::CONTENT_TYPE);
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+/// Times the request and counts its body bytes in and out, labelled by route template.
+pub(super) async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_string();
+    let method = request.method().as_str().to_string();
+    let telemetry = state.coordinator.telemetry();
+    let request = request.map(|body| {
+        Body::new(Counted {
+            inner: body,
+            bytes: telemetry.request_body_counter(&route, &method),
+        })
+    });
+    let response = next.run(request).await;
+    telemetry.request(&route, &method, response.status().as_u16(), started.elapsed());
+    response.map(|body| {
+        Body::new(Counted {
+            inner: body,
+            bytes: telemetry.response_body_counter(&route, &method),
+        })
+    })
+}
+
+/// A body that adds the length of each data frame to a counter as it passes.
+struct Counted {
+    inner: Body,
+    bytes: Counter,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.inc_by(data.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
