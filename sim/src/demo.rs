@@ -89,6 +89,34 @@ pub struct DemoReport {
     pub updates_late: u32,
 }
 
+/// The demo's FedAvg task: K per round, at least half of K to commit, over-selection 1.3,
+/// 120 s deadlines.
+pub fn fedavg_task(
+    kind: ModelKind,
+    rounds: u32,
+    devices_per_round: u32,
+    local_epochs: u32,
+    batch_size: u32,
+    learning_rate: f32,
+) -> TaskConfig {
+    TaskConfig {
+        model: kind.name().to_string(),
+        tensors: tensor_specs(kind),
+        strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
+        training: TrainingParams {
+            local_epochs,
+            max_local_steps: 0,
+            batch_size,
+            learning_rate,
+        },
+        devices_per_round,
+        min_devices_per_round: devices_per_round.div_ceil(2),
+        over_selection: 1.3,
+        round_deadline_secs: 120,
+        rounds,
+    }
+}
+
 pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
     let kind: ModelKind = options.model.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -105,22 +133,14 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         crate::LocalServer::start(options.database_url.clone(), 100, Duration::from_millis(50)).await?;
     let client = local.client.clone();
 
-    let task = TaskConfig {
-        model: kind.name().to_string(),
-        tensors: tensor_specs(kind),
-        strategy: StrategyConfig::FedAvg { server_lr: 1.0 },
-        training: TrainingParams {
-            local_epochs: options.local_epochs,
-            max_local_steps: 0,
-            batch_size: options.batch_size,
-            learning_rate: options.learning_rate,
-        },
-        devices_per_round: options.devices_per_round,
-        min_devices_per_round: options.devices_per_round.div_ceil(2),
-        over_selection: 1.3,
-        round_deadline_secs: 120,
-        rounds: options.rounds,
-    };
+    let task = fedavg_task(
+        kind,
+        options.rounds,
+        options.devices_per_round,
+        options.local_epochs,
+        options.batch_size,
+        options.learning_rate,
+    );
     let created = client
         .create_task(&task, initial_weights(kind, options.seed).encode())
         .await?;

@@ -8,6 +8,7 @@ pub mod block_cyclic;
 pub mod dc_ccl;
 pub mod demo;
 pub mod hot_cold;
+pub mod join;
 
 /// The values clap gives a command's options when none is passed, so a scenario's `Default` and its
 /// command line cannot disagree.

@@ -10,6 +10,7 @@ use fedhive_sim::{
     dc_ccl::{DcCclOptions, run_dc_ccl},
     demo::{DemoOptions, run_demo},
     hot_cold::{HotColdOptions, run_hot_cold},
+    join::{DevicesOptions, TaskFilesOptions, run_devices, write_task_files},
 };
 
 #[derive(Parser)]
@@ -43,6 +44,12 @@ enum Command {
     /// against cloud-only, device-only and a pooled-data oracle, on several seeds; prints one JSON
     /// summary.
     DcCcl(DcCclOptions),
+    /// Writes a FedAvg task config (`task.json`) and its initial model (`init.safetensors`) for
+    /// `fedhive task create`.
+    TaskFiles(TaskFilesOptions),
+    /// Simulated devices (non-IID Fashion-MNIST shares) that join a task on a running server and
+    /// train until it is over; prints one JSON line.
+    Devices(DevicesOptions),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +58,16 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
+            Command::TaskFiles(options) => {
+                let (config, model) = write_task_files(&options)?;
+                println!("wrote {} and {}", config.display(), model.display());
+                anyhow::Ok(())
+            }
+            Command::Devices(options) => {
+                let report = run_devices(&options).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                anyhow::Ok(())
+            }
             Command::Demo(options) => {
                 let report = run_demo(&options, true).await?;
                 println!("{}", serde_json::to_string(&report)?);
