@@ -14,13 +14,23 @@ use bytes::Bytes;
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    latency: crate::telemetry::StorageLatency,
 }
 
 impl BlobStore {
     pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root)?;
-        Ok(BlobStore { root })
+        Ok(BlobStore {
+            root,
+            latency: Default::default(),
+        })
+    }
+
+    /// Times this store's reads and writes into a server's metrics.
+    pub fn with_latency(mut self, latency: crate::telemetry::StorageLatency) -> Self {
+        self.latency = latency;
+        self
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -31,9 +41,12 @@ impl BlobStore {
     /// Stores `data` under `key`, replacing any previous blob, durably.
     pub async fn put(&self, key: &str, data: Bytes) -> std::io::Result<()> {
         let path = self.path(key);
-        tokio::task::spawn_blocking(move || write_durably(&path, &data))
-            .await
-            .map_err(std::io::Error::other)?
+        let write = async {
+            tokio::task::spawn_blocking(move || write_durably(&path, &data))
+                .await
+                .map_err(std::io::Error::other)?
+        };
+        self.latency.time("blobs", "put", write).await
     }
 
     /// Whether the store can be used: its root is a directory that is not read-only.
@@ -49,7 +62,8 @@ impl BlobStore {
     }
 
     pub async fn get(&self, key: &str) -> std::io::Result<Bytes> {
-        Ok(Bytes::from(tokio::fs::read(self.path(key)).await?))
+        let read = tokio::fs::read(self.path(key));
+        Ok(Bytes::from(self.latency.time("blobs", "get", read).await?))
     }
 
     /// Removes one blob (missing is fine).
@@ -85,7 +99,8 @@ impl BlobStore {
 
     /// Removes every blob under the folder `prefix` (missing is fine).
     pub async fn delete_prefix(&self, prefix: &str) -> std::io::Result<()> {
-        match tokio::fs::remove_dir_all(self.path(prefix)).await {
+        let remove = tokio::fs::remove_dir_all(self.path(prefix));
+        match self.latency.time("blobs", "delete_prefix", remove).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }

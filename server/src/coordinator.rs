@@ -239,6 +239,11 @@ impl Coordinator {
         strategies: Registry,
     ) -> Self {
         let uploads = UploadAdmission::new(options.max_concurrent_uploads, options.max_queued_uploads);
+        let telemetry = Telemetry::new();
+        let (db, blobs) = (
+            db.with_latency(telemetry.storage_latency()),
+            blobs.with_latency(telemetry.storage_latency()),
+        );
         Coordinator {
             store: Store::new(db, blobs),
             strategies,
@@ -246,7 +251,7 @@ impl Coordinator {
             accumulators: Arc::default(),
             in_flight: Mutex::default(),
             uploads,
-            telemetry: Telemetry::new(),
+            telemetry,
         }
     }
 

@@ -18,6 +18,7 @@ use sqlx::{
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: AnyPool,
+    latency: crate::telemetry::StorageLatency,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +191,10 @@ impl Db {
         } else {
             return Err(DbError::UnsupportedUrl(url.to_string()));
         };
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            latency: Default::default(),
+        })
     }
 
     /// The pool, for strategy modules that keep their own tables (see [`crate::strategy`]).
@@ -202,6 +206,58 @@ impl Db {
     pub async fn ping(&self) -> Result<(), DbError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
+        self.latency.time("database", "task", self.task_query(id)).await
+    }
+
+    pub async fn active_round(&self, task_id: &str) -> Result<Option<RoundRow>, DbError> {
+        self.latency
+            .time("database", "active_round", self.active_round_query(task_id))
+            .await
+    }
+
+    pub async fn round(&self, id: i64) -> Result<Option<RoundRow>, DbError> {
+        self.latency.time("database", "round", self.round_query(id)).await
+    }
+
+    pub async fn accept_update(
+        &self,
+        round_id: i64,
+        k: i64,
+        update: &UpdateRow,
+        now_ms: i64,
+    ) -> Result<Option<UpdateRow>, DbError> {
+        self.latency
+            .time(
+                "database",
+                "accept_update",
+                self.accept_update_query(round_id, k, update, now_ms),
+            )
+            .await
+    }
+
+    pub async fn finish_round(
+        &self,
+        round: &RoundRow,
+        outcome: RoundOutcome,
+        next: Option<NextRound>,
+        now_ms: i64,
+    ) -> Result<bool, DbError> {
+        self.latency
+            .time(
+                "database",
+                "finish_round",
+                self.finish_round_query(round, outcome, next, now_ms),
+            )
+            .await
+    }
+
+    /// Times this database's hot queries into a server's metrics.
+    pub fn with_latency(mut self, latency: crate::telemetry::StorageLatency) -> Self {
+        self.latency = latency;
+        self
     }
 
     pub async fn close(&self) {
@@ -226,7 +282,7 @@ impl Db {
         Ok(())
     }
 
-    pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
+    async fn task_query(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
         let row = sqlx::query(sql("SELECT {cols} FROM tasks WHERE id = $1", TASK_COLUMNS))
             .bind(id)
             .fetch_optional(&self.pool)
@@ -290,7 +346,7 @@ impl Db {
     }
 
     /// The task's round that is open or closing, if any.
-    pub async fn active_round(&self, task_id: &str) -> Result<Option<RoundRow>, DbError> {
+    async fn active_round_query(&self, task_id: &str) -> Result<Option<RoundRow>, DbError> {
         let row = sqlx::query(sql(
             "SELECT {cols} FROM rounds WHERE task_id = $1 AND state IN ('open', 'closing')",
             ROUND_COLUMNS,
@@ -301,7 +357,7 @@ impl Db {
         Ok(row.as_ref().map(round_row).transpose()?)
     }
 
-    pub async fn round(&self, id: i64) -> Result<Option<RoundRow>, DbError> {
+    async fn round_query(&self, id: i64) -> Result<Option<RoundRow>, DbError> {
         let row = sqlx::query(sql("SELECT {cols} FROM rounds WHERE id = $1", ROUND_COLUMNS))
             .bind(id)
             .fetch_optional(&self.pool)
@@ -361,6 +417,22 @@ impl Db {
         token_hash: &str,
         now_ms: i64,
     ) -> Result<Option<i64>, DbError> {
+        self.latency
+            .time(
+                "database",
+                "assign",
+                self.assign_query(round_id, cap, token_hash, now_ms),
+            )
+            .await
+    }
+
+    async fn assign_query(
+        &self,
+        round_id: i64,
+        cap: i64,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<i64>, DbError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "UPDATE rounds SET assigned = assigned + 1 \
@@ -407,7 +479,7 @@ impl Db {
     /// Records an accepted update if the round is still open and below `k` updates. Returns the stored
     /// row, or `None` when the round no longer accepts uploads. Exactly once: the counter update and
     /// the row insert commit together, and the token hash is the row's primary key.
-    pub async fn accept_update(
+    async fn accept_update_query(
         &self,
         round_id: i64,
         k: i64,
@@ -471,7 +543,7 @@ impl Db {
 
     /// Ends a closing round, moves the task's model version on a commit, and opens the next round
     /// (or finishes the task), in one transaction. False if another finaliser got there first.
-    pub async fn finish_round(
+    async fn finish_round_query(
         &self,
         round: &RoundRow,
         outcome: RoundOutcome,

@@ -16,6 +16,7 @@
 //! | `fedhive_http_request_body_bytes_total`, `..._response_body_bytes_total` | route, method | bytes in and out |
 //! | `fedhive_upload_stage_duration_seconds` | stage = queue, read, hash, decode, store, accept, fold | an accepted upload's stages: `store` is the blob store's durable write, `accept` the database transaction |
 //! | `fedhive_round_finalize_duration_seconds` | | closing, summing and committing a round (database and blob store included) |
+//! | `fedhive_storage_duration_seconds` | store = database, blobs; op | the database's hot queries (task, round, active_round, assign, accept_update, finish_round) and blob put, get, delete_prefix |
 //! | `fedhive_upload_slots`, `fedhive_upload_slots_busy`, `fedhive_upload_queue_depth` | | upload admission |
 //! | `fedhive_open_connections` | | TCP connections open |
 //! | `process_resident_memory_bytes` | | RSS (Linux) |
@@ -65,6 +66,12 @@ struct Route {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StorageOp {
+    store: &'static str,
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Stage {
     stage: &'static str,
 }
@@ -78,6 +85,25 @@ fn latency_histogram() -> Histogram {
 
 fn histograms<L: Clone + std::hash::Hash + Eq>() -> Histograms<L> {
     Family::new_with_constructor(latency_histogram)
+}
+
+/// Times database and blob-store operations into the server's metrics; the default (for a `Db` or
+/// `BlobStore` used outside a server) times nothing.
+#[derive(Clone, Debug, Default)]
+pub struct StorageLatency(Option<Histograms<StorageOp>>);
+
+impl StorageLatency {
+    /// Runs `work`, recording how long it took under `store` and `op`.
+    pub async fn time<T>(&self, store: &'static str, op: &'static str, work: impl Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let out = work.await;
+        if let Some(histograms) = &self.0 {
+            histograms
+                .get_or_create(&StorageOp { store, op })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        out
+    }
 }
 
 /// An accepted upload's stages, in the order they run (see [`crate::coordinator`]).
@@ -103,6 +129,7 @@ pub struct Telemetry {
     response_bytes: Family<Route, Counter>,
     upload_stages: Histograms<Stage>,
     finalize_duration: Histogram,
+    storage: Histograms<StorageOp>,
     upload_slots: Gauge,
     upload_slots_busy: Gauge,
     upload_queue_depth: Gauge,
@@ -129,6 +156,7 @@ impl Telemetry {
             response_bytes: Family::default(),
             upload_stages: histograms(),
             finalize_duration: latency_histogram(),
+            storage: histograms(),
             upload_slots: Gauge::default(),
             upload_slots_busy: Gauge::default(),
             upload_queue_depth: Gauge::default(),
@@ -172,6 +200,11 @@ impl Telemetry {
             "fedhive_round_finalize_duration_seconds",
             "Time to finalise a round (sums, database and blob store)",
             t.finalize_duration.clone(),
+        );
+        r.register(
+            "fedhive_storage_duration_seconds",
+            "Database queries and blob-store operations",
+            t.storage.clone(),
         );
         r.register(
             "fedhive_upload_slots",
@@ -295,6 +328,11 @@ impl Telemetry {
                 method: method.into(),
             })
             .clone()
+    }
+
+    /// A handle that times storage operations into this registry.
+    pub fn storage_latency(&self) -> StorageLatency {
+        StorageLatency(Some(self.storage.clone()))
     }
 
     /// The gauge of open connections, for the accept loop to keep current.

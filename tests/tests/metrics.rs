@@ -166,6 +166,20 @@ async fn metrics_count_the_federation(backend: Backend) {
         sample(&text, "fedhive_round_finalize_duration_seconds_count"),
         2.0
     );
+    let storage = |store: &str, op: &str| {
+        let series = format!(r#"fedhive_storage_duration_seconds_count{{store="{store}",op="{op}"}}"#);
+        sample(&text, &series)
+    };
+    assert_eq!(
+        storage("database", "accept_update"),
+        4.0,
+        "one transaction per accepted update"
+    );
+    assert_eq!(storage("database", "finish_round"), 2.0);
+    assert!(
+        storage("blobs", "put") >= 4.0,
+        "the accepted updates' blobs at least"
+    );
     assert_eq!(sample(&text, "fedhive_upload_slots_busy"), 0.0);
     assert!(sample(&text, "fedhive_upload_slots") >= 1.0);
     assert!(sample(&text, "fedhive_open_connections") >= 1.0, "this request's");
