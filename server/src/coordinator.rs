@@ -116,13 +116,11 @@ impl Lap {
 
 /// An operator's action that the task's state does not allow.
 fn conflict(state: &TaskState, task: String, action: &'static str) -> ApiError {
-    let state = match state {
-        TaskState::Running => "running",
-        TaskState::Paused => "paused",
-        TaskState::Finished => "finished",
-        TaskState::Cancelled => "cancelled",
-    };
-    ApiError::TaskStateConflict { task, state, action }
+    ApiError::TaskStateConflict {
+        task,
+        state: state.name(),
+        action,
+    }
 }
 
 /// Milliseconds rounded to 0.1, for logs.

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use fedhive_shared::wire::{
-    ErrorBody, RoundInfo, RoundState, TaskConfig, TaskCreated, TaskState, TaskStatus, TaskSummary,
+    ErrorBody, RoundInfo, RoundState, TaskConfig, TaskCreated, TaskStatus, TaskSummary,
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -173,7 +173,7 @@ pub async fn task(args: TaskArgs) -> anyhow::Result<()> {
             let rows = tasks.iter().map(|t| {
                 vec![
                     t.task_id.clone(),
-                    state_name(&t.state).into(),
+                    t.state.name().into(),
                     t.strategy.clone(),
                     t.model.clone(),
                     t.model_version.to_string(),
@@ -294,7 +294,7 @@ async fn change(api: &Api, json: bool, task_id: &str, action: &str) -> anyhow::R
     println!(
         "task {} is {} (model version {})",
         status.task_id,
-        state_name(&status.state),
+        status.state.name(),
         status.model_version
     );
     Ok(())
@@ -303,7 +303,7 @@ async fn change(api: &Api, json: bool, task_id: &str, action: &str) -> anyhow::R
 fn print_status(s: &TaskStatus) {
     let c = &s.config;
     println!("task        {}", s.task_id);
-    println!("state       {}", state_name(&s.state));
+    println!("state       {}", s.state.name());
     println!("strategy    {}", c.strategy.name());
     println!("model       {} ({} tensors)", c.model, c.tensors.len());
     println!("version     {}", s.model_version);
@@ -348,15 +348,6 @@ fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
         println!("{}", cells.join("  ").trim_end());
-    }
-}
-
-fn state_name(state: &TaskState) -> &'static str {
-    match state {
-        TaskState::Running => "running",
-        TaskState::Paused => "paused",
-        TaskState::Finished => "finished",
-        TaskState::Cancelled => "cancelled",
     }
 }
 

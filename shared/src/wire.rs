@@ -285,6 +285,16 @@ impl TaskState {
     pub fn is_over(&self) -> bool {
         matches!(self, TaskState::Finished | TaskState::Cancelled)
     }
+
+    /// The state as the API spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskState::Running => "running",
+            TaskState::Paused => "paused",
+            TaskState::Finished => "finished",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
 }
 
 impl StrategyConfig {
@@ -434,6 +444,18 @@ mod tests {
         for config in configs {
             let json = serde_json::to_value(&config).unwrap();
             assert_eq!(json["name"], config.name(), "{config:?}");
+        }
+    }
+
+    #[test]
+    fn task_state_names_are_the_wire_names() {
+        for state in [
+            TaskState::Running,
+            TaskState::Paused,
+            TaskState::Finished,
+            TaskState::Cancelled,
+        ] {
+            assert_eq!(serde_json::to_value(&state).unwrap(), state.name());
         }
     }
 }
