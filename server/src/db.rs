@@ -108,6 +108,7 @@ impl RoundRow {
 }
 
 const ROUND_COLUMNS: &str = "id, task_id, seq, state, base_version, assigned, accepted, total_samples, opened_ms, deadline_ms, closed_ms";
+const TASK_COLUMNS: &str = "id, config, state, halt, model_version, committed_rounds, created_ms";
 const UPDATE_COLUMNS: &str = "token_hash, round_id, num_samples, sha256, blob_key, accepted_seq";
 
 fn round_row(r: &AnyRow) -> Result<RoundRow, sqlx::Error> {
@@ -156,9 +157,7 @@ fn task_row(r: &AnyRow) -> Result<TaskRow, DbError> {
     })
 }
 
-const TASK_COLUMNS: &str = "id, config, state, halt, model_version, committed_rounds, created_ms";
-
-/// SQL with the shared round columns spliced in. Only compile-time constants are spliced.
+/// SQL with a shared column list spliced in. Only compile-time constants are spliced.
 fn sql(template: &'static str, columns: &'static str) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(template.replace("{cols}", columns))
 }
@@ -208,52 +207,6 @@ impl Db {
         Ok(())
     }
 
-    pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
-        self.latency.time("database", "task", self.task_query(id)).await
-    }
-
-    pub async fn active_round(&self, task_id: &str) -> Result<Option<RoundRow>, DbError> {
-        self.latency
-            .time("database", "active_round", self.active_round_query(task_id))
-            .await
-    }
-
-    pub async fn round(&self, id: i64) -> Result<Option<RoundRow>, DbError> {
-        self.latency.time("database", "round", self.round_query(id)).await
-    }
-
-    pub async fn accept_update(
-        &self,
-        round_id: i64,
-        k: i64,
-        update: &UpdateRow,
-        now_ms: i64,
-    ) -> Result<Option<UpdateRow>, DbError> {
-        self.latency
-            .time(
-                "database",
-                "accept_update",
-                self.accept_update_query(round_id, k, update, now_ms),
-            )
-            .await
-    }
-
-    pub async fn finish_round(
-        &self,
-        round: &RoundRow,
-        outcome: RoundOutcome,
-        next: Option<NextRound>,
-        now_ms: i64,
-    ) -> Result<bool, DbError> {
-        self.latency
-            .time(
-                "database",
-                "finish_round",
-                self.finish_round_query(round, outcome, next, now_ms),
-            )
-            .await
-    }
-
     /// Times this database's hot queries into a server's metrics.
     pub fn with_latency(mut self, latency: crate::telemetry::StorageLatency) -> Self {
         self.latency = latency;
@@ -282,12 +235,16 @@ impl Db {
         Ok(())
     }
 
-    async fn task_query(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
-        let row = sqlx::query(sql("SELECT {cols} FROM tasks WHERE id = $1", TASK_COLUMNS))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(task_row).transpose()
+    pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
+        self.latency
+            .time("database", "task", async {
+                let row = sqlx::query(sql("SELECT {cols} FROM tasks WHERE id = $1", TASK_COLUMNS))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(task_row).transpose()
+            })
+            .await
     }
 
     /// Every task, newest first.
@@ -346,23 +303,31 @@ impl Db {
     }
 
     /// The task's round that is open or closing, if any.
-    async fn active_round_query(&self, task_id: &str) -> Result<Option<RoundRow>, DbError> {
-        let row = sqlx::query(sql(
-            "SELECT {cols} FROM rounds WHERE task_id = $1 AND state IN ('open', 'closing')",
-            ROUND_COLUMNS,
-        ))
-        .bind(task_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(round_row).transpose()?)
+    pub async fn active_round(&self, task_id: &str) -> Result<Option<RoundRow>, DbError> {
+        self.latency
+            .time("database", "active_round", async {
+                let row = sqlx::query(sql(
+                    "SELECT {cols} FROM rounds WHERE task_id = $1 AND state IN ('open', 'closing')",
+                    ROUND_COLUMNS,
+                ))
+                .bind(task_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.as_ref().map(round_row).transpose()?)
+            })
+            .await
     }
 
-    async fn round_query(&self, id: i64) -> Result<Option<RoundRow>, DbError> {
-        let row = sqlx::query(sql("SELECT {cols} FROM rounds WHERE id = $1", ROUND_COLUMNS))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(round_row).transpose()?)
+    pub async fn round(&self, id: i64) -> Result<Option<RoundRow>, DbError> {
+        self.latency
+            .time("database", "round", async {
+                let row = sqlx::query(sql("SELECT {cols} FROM rounds WHERE id = $1", ROUND_COLUMNS))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.as_ref().map(round_row).transpose()?)
+            })
+            .await
     }
 
     pub async fn rounds(&self, task_id: &str) -> Result<Vec<RoundRow>, DbError> {
@@ -418,42 +383,30 @@ impl Db {
         now_ms: i64,
     ) -> Result<Option<i64>, DbError> {
         self.latency
-            .time(
-                "database",
-                "assign",
-                self.assign_query(round_id, cap, token_hash, now_ms),
-            )
+            .time("database", "assign", async {
+                let mut tx = self.pool.begin().await?;
+                let row = sqlx::query(
+                    "UPDATE rounds SET assigned = assigned + 1 \
+                 WHERE id = $1 AND state = 'open' AND assigned < $2 AND deadline_ms > $3 RETURNING assigned",
+                )
+                .bind(round_id)
+                .bind(cap)
+                .bind(now_ms)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                sqlx::query("INSERT INTO assignments (token_hash, round_id, created_ms) VALUES ($1, $2, $3)")
+                    .bind(token_hash)
+                    .bind(round_id)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Some(row.try_get("assigned")?))
+            })
             .await
-    }
-
-    async fn assign_query(
-        &self,
-        round_id: i64,
-        cap: i64,
-        token_hash: &str,
-        now_ms: i64,
-    ) -> Result<Option<i64>, DbError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "UPDATE rounds SET assigned = assigned + 1 \
-             WHERE id = $1 AND state = 'open' AND assigned < $2 AND deadline_ms > $3 RETURNING assigned",
-        )
-        .bind(round_id)
-        .bind(cap)
-        .bind(now_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        sqlx::query("INSERT INTO assignments (token_hash, round_id, created_ms) VALUES ($1, $2, $3)")
-            .bind(token_hash)
-            .bind(round_id)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(row.try_get("assigned")?))
     }
 
     /// The round an upload token belongs to.
@@ -479,45 +432,49 @@ impl Db {
     /// Records an accepted update if the round is still open and below `k` updates. Returns the stored
     /// row, or `None` when the round no longer accepts uploads. Exactly once: the counter update and
     /// the row insert commit together, and the token hash is the row's primary key.
-    async fn accept_update_query(
+    pub async fn accept_update(
         &self,
         round_id: i64,
         k: i64,
         update: &UpdateRow,
         now_ms: i64,
     ) -> Result<Option<UpdateRow>, DbError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "UPDATE rounds SET accepted = accepted + 1, total_samples = total_samples + $1 \
-             WHERE id = $2 AND state = 'open' AND accepted < $3 RETURNING accepted",
-        )
-        .bind(update.num_samples)
-        .bind(round_id)
-        .bind(k)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let stored = UpdateRow {
-            accepted_seq: row.try_get("accepted")?,
-            ..update.clone()
-        };
-        sqlx::query(
-            "INSERT INTO updates (token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&stored.token_hash)
-        .bind(round_id)
-        .bind(stored.num_samples)
-        .bind(&stored.sha256)
-        .bind(&stored.blob_key)
-        .bind(stored.accepted_seq)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Some(stored))
+        self.latency
+            .time("database", "accept_update", async {
+            let mut tx = self.pool.begin().await?;
+            let row = sqlx::query(
+                "UPDATE rounds SET accepted = accepted + 1, total_samples = total_samples + $1 \
+                 WHERE id = $2 AND state = 'open' AND accepted < $3 RETURNING accepted",
+            )
+            .bind(update.num_samples)
+            .bind(round_id)
+            .bind(k)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let stored = UpdateRow {
+                accepted_seq: row.try_get("accepted")?,
+                ..update.clone()
+            };
+            sqlx::query(
+                "INSERT INTO updates (token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&stored.token_hash)
+            .bind(round_id)
+            .bind(stored.num_samples)
+            .bind(&stored.sha256)
+            .bind(&stored.blob_key)
+            .bind(stored.accepted_seq)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Some(stored))
+            })
+            .await
     }
 
     /// The round's accepted updates, in token-hash order.
@@ -543,58 +500,62 @@ impl Db {
 
     /// Ends a closing round, moves the task's model version on a commit, and opens the next round
     /// (or finishes the task), in one transaction. False if another finaliser got there first.
-    async fn finish_round_query(
+    pub async fn finish_round(
         &self,
         round: &RoundRow,
         outcome: RoundOutcome,
         next: Option<NextRound>,
         now_ms: i64,
     ) -> Result<bool, DbError> {
-        let mut tx = self.pool.begin().await?;
-        let state = match outcome {
-            RoundOutcome::Committed { .. } => "committed",
-            RoundOutcome::Abandoned => "abandoned",
-        };
-        let done =
-            sqlx::query("UPDATE rounds SET state = $1, closed_ms = $2 WHERE id = $3 AND state = 'closing'")
-                .bind(state)
-                .bind(now_ms)
-                .bind(round.id)
-                .execute(&mut *tx)
-                .await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        if let RoundOutcome::Committed { new_version } = outcome {
-            sqlx::query(
-                "UPDATE tasks SET model_version = $1, committed_rounds = committed_rounds + 1 WHERE id = $2",
-            )
-            .bind(new_version)
-            .bind(&round.task_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        match next {
-            Some(n) => {
-                insert_round(
-                    &mut tx,
-                    &round.task_id,
-                    n.seq,
-                    n.base_version,
-                    n.opened_ms,
-                    n.deadline_ms,
-                )
-                .await?
-            }
-            None => {
-                sqlx::query("UPDATE tasks SET state = 'finished' WHERE id = $1")
-                    .bind(&round.task_id)
+        self.latency
+            .time("database", "finish_round", async {
+            let mut tx = self.pool.begin().await?;
+            let state = match outcome {
+                RoundOutcome::Committed { .. } => "committed",
+                RoundOutcome::Abandoned => "abandoned",
+            };
+            let done =
+                sqlx::query("UPDATE rounds SET state = $1, closed_ms = $2 WHERE id = $3 AND state = 'closing'")
+                    .bind(state)
+                    .bind(now_ms)
+                    .bind(round.id)
                     .execute(&mut *tx)
                     .await?;
+            if done.rows_affected() != 1 {
+                return Ok(false);
             }
-        }
-        tx.commit().await?;
-        Ok(true)
+            if let RoundOutcome::Committed { new_version } = outcome {
+                sqlx::query(
+                    "UPDATE tasks SET model_version = $1, committed_rounds = committed_rounds + 1 WHERE id = $2",
+                )
+                .bind(new_version)
+                .bind(&round.task_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            match next {
+                Some(n) => {
+                    insert_round(
+                        &mut tx,
+                        &round.task_id,
+                        n.seq,
+                        n.base_version,
+                        n.opened_ms,
+                        n.deadline_ms,
+                    )
+                    .await?
+                }
+                None => {
+                    sqlx::query("UPDATE tasks SET state = 'finished' WHERE id = $1")
+                        .bind(&round.task_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(true)
+            })
+            .await
     }
 
     /// Stores a device's metrics for its round; a repeat for the same token is ignored.
