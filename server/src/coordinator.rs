@@ -375,18 +375,7 @@ impl Coordinator {
         info!(task = %task_id, "task cancelled by an operator");
         if let Some(round) = round {
             self.telemetry.round_finished(task_id, false);
-            self.accumulators
-                .lock()
-                .expect("accumulator lock")
-                .remove(&round.id);
-            if let Err(e) = self
-                .store
-                .blobs
-                .delete_prefix(&format!("updates/{}", round.id))
-                .await
-            {
-                warn!(round = round.id, error = %e, "could not remove the round's update blobs");
-            }
+            self.forget_round(round.id).await;
         }
         self.status(task_id).await
     }
@@ -762,6 +751,12 @@ impl Coordinator {
                 .after_commit(&self.store, &task, &round, hold, first)
                 .await?;
         }
+        self.forget_round(round_id).await;
+        Ok(())
+    }
+
+    /// Drops what an ended round no longer needs: its in-memory sums and its update blobs.
+    async fn forget_round(&self, round_id: i64) {
         self.accumulators
             .lock()
             .expect("accumulator lock")
@@ -774,7 +769,6 @@ impl Coordinator {
         {
             warn!(round = round_id, error = %e, "could not remove the round's update blobs");
         }
-        Ok(())
     }
 
     /// The round's sums for the strategy's commit: the in-memory ones if they hold exactly the
