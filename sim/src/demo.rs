@@ -13,8 +13,9 @@ use std::{
 use anyhow::Context;
 use fedhive_client::{
     backend::Backend,
-    data::{Split, default_data_dir, load_fashion_mnist},
-    device::{Device, DeviceReport},
+    client::FedhiveClient,
+    data::{Dataset, Split, default_data_dir, load_fashion_mnist},
+    device::{Device, DeviceError, DeviceReport},
     model::{ModelKind, initial_weights, tensor_specs},
     partition,
     training::evaluate,
@@ -25,6 +26,7 @@ use fedhive_shared::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use tokio::task::JoinHandle;
 
 /// Demo settings (all have defaults that reach >= 80% test accuracy on 2 CPU cores).
 #[derive(Debug, Clone, clap::Args)]
@@ -117,6 +119,42 @@ pub fn fedavg_task(
     }
 }
 
+/// Spawns `count` SDK devices on `task_id`, each holding one Dirichlet(`alpha`) label-skewed share
+/// of `train` and running the device loop until the task is over.
+pub fn spawn_devices(
+    client: &FedhiveClient,
+    task_id: &str,
+    device: &burn::tensor::Device,
+    train: &Dataset,
+    count: usize,
+    alpha: f64,
+    seed: u64,
+) -> Vec<JoinHandle<Result<DeviceReport, DeviceError>>> {
+    partition::dirichlet(&train.labels, count, alpha, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let data = Arc::new(train.subset(part));
+            let mut d = Device::new(client.clone(), task_id, device.clone(), data, seed + i as u64);
+            tokio::spawn(async move { d.run().await })
+        })
+        .collect()
+}
+
+/// Waits for every device and adds up what they did.
+pub async fn join_devices(
+    devices: Vec<JoinHandle<Result<DeviceReport, DeviceError>>>,
+) -> anyhow::Result<DeviceReport> {
+    let mut totals = DeviceReport::default();
+    for handle in devices {
+        let r = handle.await??;
+        totals.rounds_trained += r.rounds_trained;
+        totals.updates_accepted += r.updates_accepted;
+        totals.updates_late += r.updates_late;
+    }
+    Ok(totals)
+}
+
 pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
     let kind: ModelKind = options.model.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -146,19 +184,15 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         .await?;
     let task_id = created.task_id;
 
-    let parts = partition::dirichlet(&train.labels, options.devices, options.alpha, options.seed);
-    let mut devices = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
-        let data = Arc::new(train.subset(part));
-        let mut d = Device::new(
-            client.clone(),
-            &task_id,
-            device.clone(),
-            data,
-            options.seed + i as u64,
-        );
-        devices.push(tokio::spawn(async move { d.run().await }));
-    }
+    let devices = spawn_devices(
+        &client,
+        &task_id,
+        &device,
+        &train,
+        options.devices,
+        options.alpha,
+        options.seed,
+    );
 
     let bar = if show_progress {
         ProgressBar::new(u64::from(options.rounds))
@@ -193,12 +227,7 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish_and_clear();
-    let mut totals = DeviceReport::default();
-    for handle in devices {
-        let r = handle.await??;
-        totals.updates_accepted += r.updates_accepted;
-        totals.updates_late += r.updates_late;
-    }
+    let totals = join_devices(devices).await?;
     local.server.shutdown().await;
     Ok(DemoReport {
         final_accuracy: accuracy_per_round.last().copied().unwrap_or(0.0),

@@ -3,20 +3,18 @@
 //! hold a non-IID share of Fashion-MNIST and run the SDK's device loop until the task is over. The
 //! README's guide uses both.
 
-use std::{path::PathBuf, sync::Arc};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use fedhive_client::{
     backend::Backend,
     client::FedhiveClient,
     data::{Split, default_data_dir, load_fashion_mnist},
-    device::Device,
     model::{ModelKind, initial_weights},
-    partition,
 };
 use serde::Serialize;
 
-use crate::demo::fedavg_task;
+use crate::demo::{fedavg_task, join_devices, spawn_devices};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TaskFilesOptions {
@@ -90,30 +88,21 @@ pub async fn run_devices(options: &DevicesOptions) -> anyhow::Result<DevicesRepo
     let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
     let train = load_fashion_mnist(&data_dir, Split::Train).context("loading Fashion-MNIST")?;
     let client = FedhiveClient::new(&options.server)?;
-    let parts = partition::dirichlet(&train.labels, options.devices, options.alpha, options.seed);
-    let mut running = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
-        let mut d = Device::new(
-            client.clone(),
-            &options.task,
-            device.clone(),
-            Arc::new(train.subset(part)),
-            options.seed + i as u64,
-        );
-        running.push(tokio::spawn(async move { d.run().await }));
-    }
-    let mut report = DevicesReport {
+    let devices = spawn_devices(
+        &client,
+        &options.task,
+        &device,
+        &train,
+        options.devices,
+        options.alpha,
+        options.seed,
+    );
+    let totals = join_devices(devices).await?;
+    Ok(DevicesReport {
         task: options.task.clone(),
         devices: options.devices,
-        rounds_trained: 0,
-        updates_accepted: 0,
-        updates_late: 0,
-    };
-    for device in running {
-        let done = device.await??;
-        report.rounds_trained += done.rounds_trained;
-        report.updates_accepted += done.updates_accepted;
-        report.updates_late += done.updates_late;
-    }
-    Ok(report)
+        rounds_trained: totals.rounds_trained,
+        updates_accepted: totals.updates_accepted,
+        updates_late: totals.updates_late,
+    })
 }
