@@ -25,7 +25,10 @@ pub enum Backend {
 pub enum BackendError {
     #[error("unknown backend `{0}` (expected `flex` or `wgpu`)")]
     Unknown(String),
-    #[error("backend `{0}` was not compiled in; rebuild fedhive-client with `--features {0}`")]
+    #[error(
+        "backend `{0}` was not compiled in; rebuild with the `{0}` cargo feature \
+         (e.g. `cargo run -p fedhive-sim --features {0} -- ...`)"
+    )]
     NotCompiled(&'static str),
     #[error("wgpu found no usable adapter: {0}")]
     WgpuInit(String),

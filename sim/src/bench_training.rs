@@ -27,14 +27,20 @@ use fedhive_client::{
 use fedhive_shared::wire::TrainingParams;
 use serde::{Deserialize, Serialize};
 
+const COMPILED_BACKENDS: &str = if cfg!(feature = "wgpu") {
+    "flex,wgpu"
+} else {
+    "flex"
+};
+
 /// What `bench-training` measures.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchTrainingOptions {
     /// Models, comma-separated.
     #[arg(long, default_value = "mlp,cnn", value_delimiter = ',')]
     pub models: Vec<String>,
-    /// Backends, comma-separated.
-    #[arg(long, default_value = "flex,wgpu", value_delimiter = ',')]
+    /// Backends, comma-separated (default: every backend this build has; wgpu needs `--features wgpu`).
+    #[arg(long, default_value = COMPILED_BACKENDS, value_delimiter = ',')]
     pub backends: Vec<String>,
     #[command(flatten)]
     pub round: RoundOptions,
