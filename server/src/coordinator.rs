@@ -25,7 +25,7 @@ use std::{
 use bytes::Bytes;
 use fedhive_shared::{
     TensorSpec,
-    fedavg::{AggregateError, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
+    fedavg::{AggregateError, MAX_ROUND_SAMPLES, check_sample_count},
     wire::{
         CheckinResponse, RoundInfo, TaskConfig, TaskCreated, TaskState, TaskStatus, TaskSummary,
         UploadReceipt,
@@ -526,9 +526,7 @@ impl Coordinator {
         if round.state != "open" || now_ms() >= round.deadline_ms || round.accepted >= k {
             return Err(ApiError::RoundClosed(round_id));
         }
-        if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
-            return Err(AggregateError::BadSampleCount(num_samples).into());
-        }
+        check_sample_count(num_samples)?;
         let (decoder, config, checked) = (strategy.clone(), task.config.clone(), body.clone());
         let update = tokio::task::spawn_blocking(move || decoder.decode_update(&config, &checked)).await??;
         strategy.check_update(&self.store, &task, &update).await?;
@@ -643,6 +641,8 @@ impl Coordinator {
                 "`loss` must be finite and `accuracy` within [0, 1]; got loss {loss}, accuracy {accuracy:?}"
             )));
         }
+        // The report weighs the round's mean loss and accuracy, like an update's count weighs it.
+        check_sample_count(num_samples)?;
         let (token_hash, round_id) = self.token_round(token).await?;
         self.store
             .db

@@ -86,12 +86,14 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            Unauthorized | MissingToken | DeviceUnauthorized(_) | WorkerUnauthorized(_) => {
+            // An upload token that names no assignment is a wrong credential, like a wrong admin
+            // token (it was 404 before 2026-12-04; the code `unknown_token` is unchanged).
+            Unauthorized | MissingToken | UnknownToken | DeviceUnauthorized(_) | WorkerUnauthorized(_) => {
                 StatusCode::UNAUTHORIZED
             }
             NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
             ControlVersionOutOfOrder { .. } | TaskStateConflict { .. } => StatusCode::CONFLICT,
-            UnknownTask(_) | UnknownModelVersion { .. } | UnknownToken => StatusCode::NOT_FOUND,
+            UnknownTask(_) | UnknownModelVersion { .. } => StatusCode::NOT_FOUND,
             RoundClosed(_) | UploadInFlight | StaleModelVersion { .. } | RoundClosing(_) => {
                 StatusCode::CONFLICT
             }

@@ -26,6 +26,7 @@ pub const LOSS_CHAIN: &str = "loss/chain";
 /// Which blocks make up a cycle and when each one is active.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum BlockSchedule {
     /// Simulation: block `m` lasts `rounds` committed rounds, then the next block starts; after the
     /// last block the next cycle starts with the first. Abandoned rounds do not advance the schedule.
@@ -51,6 +52,7 @@ fn one_day() -> u64 {
 
 /// A block of a round-count schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoundBlock {
     pub name: String,
     pub rounds: u32,
@@ -58,6 +60,7 @@ pub struct RoundBlock {
 
 /// A block of a wall-clock schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClockBlock {
     pub name: String,
     /// Local start time within the cycle, `"HH:MM"` or `"HH:MM:SS"` (hours may exceed 23 in cycles
@@ -68,6 +71,7 @@ pub struct ClockBlock {
 /// Where a round sits in the schedule. `cycle` counts from 0 (wall clock: cycles since the task's
 /// first round opened), `round_in_block` from 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlockPosition {
     pub cycle: i64,
     pub block: usize,
@@ -237,6 +241,7 @@ pub fn parse_start(s: &str) -> Result<u64, String> {
 
 /// The block part of a device's assignment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlockAssignment {
     /// The round's block: the device trains on the data of this block.
     pub name: String,
@@ -254,6 +259,7 @@ pub struct BlockAssignment {
 
 /// One committed round of a block-cyclic task, as `/v1/tasks/{id}/blocks` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlockRoundInfo {
     pub round_id: i64,
     pub block: String,
@@ -270,6 +276,7 @@ pub struct BlockRoundInfo {
 
 /// A block's predictor and chain as they stand.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlockInfo {
     pub name: String,
     /// `r_m`: committed rounds of this block over all cycles (0: no predictor yet).
@@ -282,6 +289,7 @@ pub struct BlockInfo {
 
 /// Schedule state of a block-cyclic task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlockStatus {
     /// The block meant for now, whose predictor `/v1/tasks/{id}/predictor` serves: by the clock
     /// (wall-clock schedules), else the open round's block or the next round's.
@@ -296,6 +304,7 @@ pub struct BlockStatus {
 /// Which chain an MC-PSGD round feeds into the block's predictor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ChainChoice {
     /// The block-mixed chain `x` (always, in MM-PSGD).
     X,
@@ -320,6 +329,7 @@ pub fn choose(mean_loss_x: f64, mean_loss_chain: f64) -> ChainChoice {
 /// [`All`]: PredictorAverage::All
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PredictorAverage {
     /// Running mean over every round of the block, across cycles (the paper's rule).
     #[default]

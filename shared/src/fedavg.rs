@@ -34,6 +34,14 @@ pub enum AggregateError {
     RoundSampleLimit(u64, u64),
 }
 
+/// A sample count one update (or one device's report) may claim: 1 to [`MAX_UPDATE_SAMPLES`].
+pub fn check_sample_count(num_samples: u64) -> Result<(), AggregateError> {
+    if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
+        return Err(AggregateError::BadSampleCount(num_samples));
+    }
+    Ok(())
+}
+
 /// Up to this many samples per update, `|Delta * n * 2^FRACTION_BITS| <= 2^51 - 2^31` for every
 /// accepted value (`|Delta| <= 2^7`), inside the range where [`fold::fast`] is exact.
 const FAST_FOLD_MAX_SAMPLES: u64 = (1 << (51 - FRACTION_BITS - 7)) - 1;
@@ -123,9 +131,7 @@ impl FedAvgAccumulator {
         num_samples: u64,
         values_of: impl Fn(&str) -> Cow<'a, [f32]>,
     ) -> Result<(), AggregateError> {
-        if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
-            return Err(AggregateError::BadSampleCount(num_samples));
-        }
+        check_sample_count(num_samples)?;
         if self.total_samples + num_samples > MAX_ROUND_SAMPLES {
             return Err(AggregateError::RoundSampleLimit(self.total_samples, num_samples));
         }

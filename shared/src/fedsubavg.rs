@@ -37,6 +37,7 @@ use crate::{
 /// Which FedSubAvg coefficient a task uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SubAvgForm {
     /// `N / h_m` with uniform `1/K` weights (the paper's analysis).
     #[default]
@@ -47,6 +48,7 @@ pub enum SubAvgForm {
 
 /// Devices and their total samples: of the whole population, or of those holding one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Heat {
     pub devices: u64,
     pub samples: u64,

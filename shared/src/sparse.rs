@@ -338,13 +338,17 @@ impl SparseTensors {
 /// A device's feature set: the rows of each table its local data touches (its submodel `R_i`), and
 /// its sample count. Body of `PUT /v1/tasks/{id}/devices/{device_id}/features`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FeatureSet {
+    /// 1 to 2^24, like an update's.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16_777_216))]
     pub num_samples: u64,
     pub rows: BTreeMap<String, Vec<u64>>,
 }
 
 /// Answer to an enrolment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Enrolment {
     pub device_id: String,
     /// False when the device was already enrolled with exactly this feature set and sample count.
@@ -356,6 +360,7 @@ pub struct Enrolment {
 /// Body of `POST /v1/tasks/{id}/submodel` (the answer is a sparse safetensors body) and of the
 /// operator's `POST /v1/tasks/{id}/heat`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RowsRequest {
     /// Model version the device was assigned; the current one when absent.
     #[serde(default)]
@@ -365,6 +370,7 @@ pub struct RowsRequest {
 
 /// Heat of some rows, for operators and tests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeatReport {
     pub population: Heat,
     /// Per table, the heat of each requested row, in request order.

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// Name and shape of one model tensor, as declared in a task's config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,

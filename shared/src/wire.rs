@@ -12,6 +12,7 @@ use crate::{
 /// Aggregation strategy of a task and its hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StrategyConfig {
     /// FedAvg: `x += server_lr * sum_i (n_i/m) Delta_i`.
     FedAvg {
@@ -82,6 +83,7 @@ pub enum StrategyConfig {
 /// DC-CCL: what a round whose deadline passed without the cloud worker's contribution does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum WithoutCloud {
     /// Abandon the round (the model stays; the next round opens).
     #[default]
@@ -130,6 +132,7 @@ fn default_selection_window_ms() -> u64 {
 /// What a device uploads for its assignment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum UploadKind {
     /// `x_after - x_before` (FedAvg).
     #[default]
@@ -142,6 +145,7 @@ pub enum UploadKind {
 /// The secret is shown once; the device presents `device_id:device_secret` as its bearer token
 /// when it checks in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceCredentials {
     pub device_id: String,
     pub device_secret: String,
@@ -149,6 +153,7 @@ pub struct DeviceCredentials {
 
 /// An enrolled device as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceInfo {
     pub device_id: String,
     /// `seq` of the latest committed round that applied this device's update (`R_i`); `None` if
@@ -165,6 +170,7 @@ impl DeviceCredentials {
 
 /// Hyperparameters handed to every device of a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TrainingParams {
     /// Local epochs over the device's data.
     pub local_epochs: u32,
@@ -177,6 +183,7 @@ pub struct TrainingParams {
 
 /// What an operator sends to create a task (the initial weights travel beside it as safetensors).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskConfig {
     /// Model family the devices instantiate (e.g. `"mlp"`, `"cnn"`).
     pub model: String,
@@ -199,6 +206,7 @@ pub struct TaskConfig {
 /// Answer to a check-in: train now, come back later, or stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum CheckinResponse {
     Assigned(Assignment),
     RetryAfter { retry_after_ms: u64, reason: String },
@@ -207,6 +215,7 @@ pub enum CheckinResponse {
 
 /// A device's place in a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assignment {
     pub task_id: String,
     pub round_id: i64,
@@ -231,6 +240,7 @@ pub struct Assignment {
 
 /// DC-CCL: which control model `F_m` a device trains the co-model against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ControlModelRef {
     /// Model family of `F_m`.
     pub model: String,
@@ -240,6 +250,7 @@ pub struct ControlModelRef {
 
 /// Acknowledgement of an accepted update (returned again, unchanged, for a retried identical upload).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UploadReceipt {
     pub round_id: i64,
     pub accepted_updates: i64,
@@ -249,8 +260,11 @@ pub struct UploadReceipt {
 
 /// Training metrics a device reports after its upload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MetricsReport {
     pub loss: f32,
+    /// 1 to 2^24, like an update's.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16_777_216))]
     pub num_samples: u64,
     #[serde(default)]
     pub accuracy: Option<f32>,
@@ -258,6 +272,7 @@ pub struct MetricsReport {
 
 /// Error body of every 4xx/5xx answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// Stable, greppable code (`"shape_mismatch"`, `"round_closed"`, ...).
     pub error: String,
@@ -270,6 +285,7 @@ pub struct ErrorBody {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TaskState {
     Running,
     /// Paused by an operator: no assignments until resumed.
@@ -313,6 +329,7 @@ impl StrategyConfig {
 
 /// One task in the operator's list (`GET /v1/tasks`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskSummary {
     pub task_id: String,
     pub state: TaskState,
@@ -329,6 +346,7 @@ pub struct TaskSummary {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RoundState {
     Open,
     Committed,
@@ -337,6 +355,7 @@ pub enum RoundState {
 
 /// A round as the status endpoints report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoundInfo {
     pub round_id: i64,
     /// 1-based attempt number within the task (abandoned attempts count too).
@@ -359,6 +378,7 @@ pub struct RoundInfo {
 /// The training metrics a round's devices reported (`POST /v1/metrics`), weighted by their sample
 /// counts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoundReports {
     pub devices: i64,
     pub loss: f64,
@@ -368,6 +388,7 @@ pub struct RoundReports {
 
 /// Task status for operators and dashboards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskStatus {
     pub task_id: String,
     pub state: TaskState,
@@ -379,6 +400,7 @@ pub struct TaskStatus {
 
 /// Returned when a task is created.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskCreated {
     pub task_id: String,
     pub model_version: i64,
@@ -390,6 +412,7 @@ pub struct TaskCreated {
 
 /// DC-CCL: what the cloud worker needs to know about its task (`GET /v1/tasks/{id}/cloud`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CloudStatus {
     pub task_id: String,
     pub state: TaskState,
@@ -411,6 +434,7 @@ pub struct CloudStatus {
 /// Acknowledgement of the cloud's contribution to a round, or of a published control model
 /// (returned again, unchanged, for a retried identical body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactReceipt {
     /// The round (cloud contribution) or the version (control model) it was stored as.
     pub id: i64,

@@ -238,7 +238,7 @@ async fn bad_uploads_change_nothing(backend: Backend) {
         (
             "unknown token",
             upload(&http, &base, "not-a-token", "1", good.clone()),
-            StatusCode::NOT_FOUND,
+            StatusCode::UNAUTHORIZED,
             "unknown_token",
         ),
         (
@@ -280,7 +280,7 @@ async fn bad_uploads_change_nothing(backend: Backend) {
             http.post(format!("{base}/v1/metrics"))
                 .bearer_auth("nope")
                 .json(&serde_json::json!({"loss": 0.1, "num_samples": 1})),
-            StatusCode::NOT_FOUND,
+            StatusCode::UNAUTHORIZED,
             "unknown_token",
         ),
     ];

@@ -1,40 +1,51 @@
 //! MM-PSGD and MC-PSGD's routes: the predictor of a block, a block's chain, the schedule status.
 
 use axum::{
-    Json, Router,
-    extract::{Path, Query, State},
+    Json,
+    extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
 };
-use fedhive_shared::blocks::BlockStatus;
+use fedhive_shared::{blocks::BlockStatus, wire::ErrorBody};
 use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{AppState, require_admin};
+use super::common::{ApiPath, ApiQuery, AppState, require_admin};
 use crate::{error::ApiError, strategy::block_cyclic::BlockCyclic};
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/tasks/{task_id}/predictor", get(predictor))
-        .route("/v1/tasks/{task_id}/blocks/{block}/chain", get(chain))
-        .route("/v1/tasks/{task_id}/blocks", get(block_status))
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(predictor))
+        .routes(routes!(chain))
+        .routes(routes!(block_status))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PredictorQuery {
+    /// A block of the schedule (default: the block meant for now).
     block: Option<String>,
 }
 
 /// The predictor of the block meant for now (or of `?block=`), as safetensors. Headers name the block
 /// (`fedhive-block`) and its `r_m` (`fedhive-block-rounds`; 0 means the block has no committed round
 /// yet and the current global model stands in); the ETag changes whenever the predictor does.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/predictor", tag = "block_cyclic",
+    params(("task_id" = String, Path), PredictorQuery),
+    responses(
+        (status = 200, description = "the predictor (safetensors)", body = Vec<u8>, content_type = "application/octet-stream",
+            headers(("ETag" = String), ("fedhive-block" = String), ("fedhive-block-rounds" = String))),
+        (status = 304, description = "not modified (`If-None-Match` matched)"),
+        (status = 400, description = "`invalid_request` (the query)", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_block_cyclic`, `unknown_block`", body = ErrorBody),
+    ))]
 async fn predictor(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
-    query: Result<Query<PredictorQuery>, axum::extract::rejection::QueryRejection>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PredictorQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let served = state
         .strategy::<BlockCyclic>()?
         .predictor(state.coordinator.store(), &task_id, query.block.as_deref())
@@ -66,17 +77,26 @@ async fn predictor(
     Ok((common, content_type, served.bytes).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ChainQuery {
+    /// The chain version of the device's assignment (0: the task's initial model).
     version: i64,
 }
 
+/// MC-PSGD: a version of a block's chain `y_m` (safetensors), for a device assigned to train it.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/blocks/{block}/chain", tag = "block_cyclic",
+    params(("task_id" = String, Path), ("block" = String, Path), ChainQuery),
+    responses(
+        (status = 200, description = "the chain (safetensors)", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 400, description = "`invalid_request` (the query)", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_block_cyclic`, `unknown_block`, `unknown_chain_version`", body = ErrorBody),
+    ))]
 async fn chain(
     State(state): State<AppState>,
-    Path((task_id, block)): Path<(String, String)>,
-    query: Result<Query<ChainQuery>, axum::extract::rejection::QueryRejection>,
+    ApiPath((task_id, block)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<ChainQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let bytes = state
         .strategy::<BlockCyclic>()?
         .chain(state.coordinator.store(), &task_id, &block, query.version)
@@ -88,10 +108,18 @@ async fn chain(
     Ok((content_type, bytes).into_response())
 }
 
+/// The schedule's position, `r_m` of every block and the history of committed rounds.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/blocks", tag = "block_cyclic", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, body = BlockStatus),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_block_cyclic`", body = ErrorBody),
+    ))]
 async fn block_status(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<BlockStatus>, ApiError> {
     require_admin(&state, &headers)?;
     let status = state

@@ -5,11 +5,12 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     Json,
     body::Body,
-    extract::rejection::JsonRejection,
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    extract::{FromRequest, FromRequestParts, Path, Query, Request},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 
 use crate::{coordinator::Coordinator, error::ApiError, store::constant_time_eq, strategy::Strategy};
 
@@ -47,10 +48,48 @@ pub(crate) fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(),
     }
 }
 
-/// A JSON body, or `400 invalid_request` naming what is wrong with it.
-pub(crate) fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(t)| t)
-        .map_err(|e| ApiError::InvalidRequest(e.body_text()))
+/// axum's `Path`, `Query` and `Json` extractors refuse with a plain-text body; these wrap them so a
+/// malformed path segment, query string or JSON body is a `400 invalid_request` JSON error like
+/// every other refusal, naming what is wrong.
+pub(crate) struct ApiPath<T>(pub T);
+
+/// See [`ApiPath`].
+pub(crate) struct ApiQuery<T>(pub T);
+
+/// See [`ApiPath`].
+pub(crate) struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(ApiError::InvalidRequest(e.body_text())),
+        }
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => Err(ApiError::InvalidRequest(e.body_text())),
+        }
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(e) => Err(ApiError::InvalidRequest(e.body_text())),
+        }
+    }
 }
 
 impl AppState {

@@ -1,37 +1,35 @@
 //! DC-CCL's routes: the cloud worker's (its round, its contribution, publishing control models;
 //! all with the task's worker token) and the devices' control model download.
 
-use axum::{
-    Json, Router,
-    body::Body,
-    extract::{Path, Query, State},
-    http::HeaderMap,
-    response::Response,
-    routing::{get, put},
-};
-use fedhive_shared::wire::{ArtifactReceipt, CloudStatus};
+use axum::{Json, body::Body, extract::State, http::HeaderMap, response::Response};
+use fedhive_shared::wire::{ArtifactReceipt, CloudStatus, ErrorBody};
 use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{AppState, bearer, read_body, versioned_blob};
+use super::common::{ApiPath, ApiQuery, AppState, bearer, read_body, versioned_blob};
 use crate::{error::ApiError, strategy::dc_ccl::DcCcl};
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/tasks/{task_id}/cloud", get(cloud_status))
-        .route(
-            "/v1/tasks/{task_id}/rounds/{round_id}/cloud-update",
-            put(cloud_update),
-        )
-        .route(
-            "/v1/tasks/{task_id}/control-model/{version}",
-            put(publish_control),
-        )
-        .route("/v1/tasks/{task_id}/control-model", get(control_model))
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(cloud_status))
+        .routes(routes!(cloud_update))
+        .routes(routes!(publish_control))
+        .routes(routes!(control_model))
 }
 
+/// What the cloud worker needs: the round in progress, whether it contributed to it, the latest
+/// control model version.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/cloud", tag = "dc_ccl", security(("worker_token" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, body = CloudStatus),
+        (status = 401, description = "`worker_unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_dc_ccl`", body = ErrorBody),
+    ))]
 async fn cloud_status(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<CloudStatus>, ApiError> {
     let dc = state.strategy::<DcCcl>()?;
@@ -40,10 +38,25 @@ async fn cloud_status(
     Ok(Json(dc.cloud_status(store, &task).await?))
 }
 
-/// The cloud's delta of `F_s` for a round (safetensors, checked like a device's update).
+/// The cloud's delta of `F_s` for a round (safetensors, checked like a device's update), once per
+/// round: a retry with the same bytes gets the stored receipt.
+#[utoipa::path(put, path = "/v1/tasks/{task_id}/rounds/{round_id}/cloud-update", tag = "dc_ccl",
+    security(("worker_token" = [])),
+    params(("task_id" = String, Path), ("round_id" = i64, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "safetensors"),
+    responses(
+        (status = 200, body = ArtifactReceipt),
+        (status = 400, description = "`invalid_request` (the path), `bad_body`", body = ErrorBody),
+        (status = 401, description = "`worker_unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_dc_ccl`, `unknown_round`", body = ErrorBody),
+        (status = 408, description = "`body_timeout`", body = ErrorBody),
+        (status = 409, description = "`round_closed`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 422, description = "`conflicting_retry` or a tensor code (`missing_tensor`, `shape_mismatch`, ...)", body = ErrorBody),
+    ))]
 async fn cloud_update(
     State(state): State<AppState>,
-    Path((task_id, round_id)): Path<(String, i64)>,
+    ApiPath((task_id, round_id)): ApiPath<(String, i64)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ArtifactReceipt>, ApiError> {
@@ -64,10 +77,25 @@ async fn cloud_update(
     Ok(Json(receipt))
 }
 
-/// A new control model version `F_m` (safetensors of the task's `control_tensors`).
+/// A new control model version `F_m` (safetensors of the task's `control_tensors`); versions are
+/// published in order and never change.
+#[utoipa::path(put, path = "/v1/tasks/{task_id}/control-model/{version}", tag = "dc_ccl",
+    security(("worker_token" = [])),
+    params(("task_id" = String, Path), ("version" = i64, Path, description = "the next version (1 first)")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "safetensors"),
+    responses(
+        (status = 200, body = ArtifactReceipt),
+        (status = 400, description = "`invalid_request` (the path), `bad_body`", body = ErrorBody),
+        (status = 401, description = "`worker_unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_dc_ccl`", body = ErrorBody),
+        (status = 408, description = "`body_timeout`", body = ErrorBody),
+        (status = 409, description = "`control_version_out_of_order`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 422, description = "`conflicting_retry` or a tensor code (`missing_tensor`, `shape_mismatch`, ...)", body = ErrorBody),
+    ))]
 async fn publish_control(
     State(state): State<AppState>,
-    Path((task_id, version)): Path<(String, i64)>,
+    ApiPath((task_id, version)): ApiPath<(String, i64)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ArtifactReceipt>, ApiError> {
@@ -84,19 +112,29 @@ async fn publish_control(
     Ok(Json(dc.publish_control_model(store, &task, version, body).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct VersionQuery {
+    /// A published version (default: the latest); a pinned version may be cached for good.
     version: Option<i64>,
 }
 
 /// The control model `F_m` devices train beside (latest, or `?version=N`, cacheable for good).
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/control-model", tag = "dc_ccl",
+    params(("task_id" = String, Path), VersionQuery),
+    responses(
+        (status = 200, description = "the control model (safetensors)", body = Vec<u8>, content_type = "application/octet-stream",
+            headers(("ETag" = String), ("fedhive-control-version" = String), ("Cache-Control" = String))),
+        (status = 304, description = "not modified (`If-None-Match` matched)"),
+        (status = 400, description = "`invalid_request` (the query)", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_dc_ccl`, `unknown_control_model`", body = ErrorBody),
+    ))]
 async fn control_model(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
-    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<VersionQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let dc = state.strategy::<DcCcl>()?;
     let (version, bytes) = dc
         .control_model(state.coordinator.store(), &task_id, query.version)

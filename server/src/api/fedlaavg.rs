@@ -1,27 +1,33 @@
 //! FedLaAvg's routes: device enrolment and the operators' device list.
 
 use axum::{
-    Json, Router,
-    extract::{Path, State},
+    Json,
+    extract::State,
     http::{HeaderMap, StatusCode},
-    routing::post,
 };
-use fedhive_shared::wire::{DeviceCredentials, DeviceInfo};
+use fedhive_shared::wire::{DeviceCredentials, DeviceInfo, ErrorBody};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{AppState, require_admin};
+use super::common::{ApiPath, AppState, require_admin};
 use crate::{error::ApiError, strategy::fedlaavg::FedLaAvg};
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new().route(
-        "/v1/tasks/{task_id}/devices",
-        post(enrol_device).get(task_devices),
-    )
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(enrol_device, task_devices))
 }
 
-/// Open like check-in: a deployment that must restrict who enrols puts app attestation in front.
+/// Enrols a new device: a pseudonymous id and a secret, shown only now; the device checks in with
+/// `Authorization: Bearer <device_id>:<device_secret>`. Open like check-in: a deployment that must
+/// restrict who enrols puts app attestation in front.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/devices", tag = "fedlaavg",
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 201, body = DeviceCredentials),
+        (status = 400, description = "`invalid_request`: the task does not use FedLaAvg", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+    ))]
 async fn enrol_device(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<DeviceCredentials>), ApiError> {
     Ok((
         StatusCode::CREATED,
@@ -34,10 +40,18 @@ async fn enrol_device(
     ))
 }
 
+/// The task's enrolled devices with the last round that applied each one's update.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/devices", tag = "fedlaavg", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, body = Vec<DeviceInfo>),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+    ))]
 async fn task_devices(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
     require_admin(&state, &headers)?;
     let devices = state

@@ -9,30 +9,44 @@
 //! Sparse updates go to `PUT /v1/updates` like dense ones; the task's strategy decides the format.
 
 use axum::{
-    Json, Router,
-    extract::{Path, State, rejection::JsonRejection},
+    Json,
+    extract::State,
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
-    routing::{post, put},
 };
-use fedhive_shared::sparse::{Enrolment, FeatureSet, HeatReport, RowsRequest};
+use fedhive_shared::{
+    sparse::{Enrolment, FeatureSet, HeatReport, RowsRequest},
+    wire::ErrorBody,
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{AppState, json, require_admin};
+use super::common::{ApiJson, ApiPath, AppState, require_admin};
 use crate::{error::ApiError, strategy::fedsubavg::FedSubAvg};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/tasks/{task_id}/devices/{device_id}/features", put(enrol))
-        .route("/v1/tasks/{task_id}/submodel", post(submodel))
-        .route("/v1/tasks/{task_id}/heat", post(heat))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(enrol))
+        .routes(routes!(submodel))
+        .routes(routes!(heat))
 }
 
+/// Enrols (or re-enrols) a device's feature set: the rows of each table its data touches and its
+/// sample count. The heat of each row counts the devices that hold it.
+#[utoipa::path(put, path = "/v1/tasks/{task_id}/devices/{device_id}/features", tag = "fedsubavg",
+    params(("task_id" = String, Path), ("device_id" = String, Path, description = "the app's pseudonymous id of the device")),
+    request_body = FeatureSet,
+    responses(
+        (status = 200, body = Enrolment),
+        (status = 400, description = "`invalid_request` (the body, the device id or a row id), `not_fedsubavg`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+        (status = 409, description = "`round_closing`: feature sets are frozen while a round is finalised; retry shortly", body = ErrorBody),
+        (status = 422, description = "`bad_num_samples`, `unknown_row`, `duplicate_row`, `too_many_rows`, or a tensor code (an unknown table)", body = ErrorBody),
+    ))]
 async fn enrol(
     State(state): State<AppState>,
-    Path((task_id, device_id)): Path<(String, String)>,
-    body: Result<Json<FeatureSet>, JsonRejection>,
+    ApiPath((task_id, device_id)): ApiPath<(String, String)>,
+    ApiJson(features): ApiJson<FeatureSet>,
 ) -> Result<Json<Enrolment>, ApiError> {
-    let features = json(body)?;
     Ok(Json(
         state
             .strategy::<FedSubAvg>()?
@@ -41,12 +55,24 @@ async fn enrol(
     ))
 }
 
+/// The dense tensors and the requested rows of each table, at the device's model version, as
+/// sparse safetensors.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/submodel", tag = "fedsubavg",
+    params(("task_id" = String, Path)),
+    request_body = RowsRequest,
+    responses(
+        (status = 200, description = "sparse safetensors", body = Vec<u8>, content_type = "application/octet-stream",
+            headers(("fedhive-model-version" = String))),
+        (status = 400, description = "`invalid_request` (the body), `not_fedsubavg`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `unknown_model_version`", body = ErrorBody),
+        (status = 409, description = "`stale_model_version`: check in again", body = ErrorBody),
+        (status = 422, description = "`unknown_row`, `duplicate_row`, `too_many_rows`, or a tensor code (an unknown table)", body = ErrorBody),
+    ))]
 async fn submodel(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
-    body: Result<Json<RowsRequest>, JsonRejection>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiJson(request): ApiJson<RowsRequest>,
 ) -> Result<Response, ApiError> {
-    let request = json(body)?;
     let (version, bytes) = state
         .strategy::<FedSubAvg>()?
         .submodel(state.coordinator.store(), &task_id, request)
@@ -62,14 +88,24 @@ async fn submodel(
     Ok((headers, bytes).into_response())
 }
 
+/// The enrolled population and the heat of the requested rows (for operators and tests).
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/heat", tag = "fedsubavg", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    request_body = RowsRequest,
+    responses(
+        (status = 200, body = HeatReport),
+        (status = 400, description = "`invalid_request` (the body), `not_fedsubavg`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+        (status = 422, description = "`unknown_row`, `duplicate_row`, `too_many_rows`, or a tensor code (an unknown table)", body = ErrorBody),
+    ))]
 async fn heat(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
-    body: Result<Json<RowsRequest>, JsonRejection>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiJson(request): ApiJson<RowsRequest>,
 ) -> Result<Json<HeatReport>, ApiError> {
     require_admin(&state, &headers)?;
-    let request = json(body)?;
     Ok(Json(
         state
             .strategy::<FedSubAvg>()?

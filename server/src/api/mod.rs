@@ -6,6 +6,7 @@
 //! | GET | /readyz | anyone | readiness: the database answers and the blob store is usable (`503 not_ready` otherwise) |
 //! | GET | /metrics | admin | Prometheus metrics of this server (see [`crate::telemetry`]) |
 //! | GET | /ui | anyone (its data: admin) | read-only dashboard (see [`ui`]) |
+//! | GET | /openapi.json | anyone | this API's OpenAPI 3.1 description (see [`openapi`]) |
 //! | POST | /v1/tasks | admin | create a task: multipart `config` (JSON) + `model` (safetensors) |
 //! | GET | /v1/tasks | admin | every task, newest first (`TaskSummary`) |
 //! | GET | /v1/tasks/{id} | admin | task status |
@@ -38,16 +39,20 @@ mod dc_ccl;
 mod fedlaavg;
 mod fedsubavg;
 mod observe;
+mod openapi;
 mod tasks;
 mod ui;
 
 use axum::{Router, extract::DefaultBodyLimit};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use common::AppState;
 
-pub fn router(state: AppState, max_model_bytes: usize) -> Router {
-    Router::new()
+/// Every route, each with its OpenAPI description.
+fn described_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(tasks::routes())
         .merge(fedlaavg::routes())
         .merge(fedsubavg::routes())
@@ -55,6 +60,17 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         .merge(dc_ccl::routes())
         .merge(observe::routes())
         .merge(ui::routes())
+}
+
+/// The API's OpenAPI document (what `GET /openapi.json` serves).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    described_routes().into_openapi()
+}
+
+pub fn router(state: AppState, max_model_bytes: usize) -> Router {
+    let (routes, document) = described_routes().split_for_parts();
+    routes
+        .merge(openapi::route(&document))
         .layer(DefaultBodyLimit::max(max_model_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

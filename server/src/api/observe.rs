@@ -7,32 +7,58 @@ use std::{
 };
 
 use axum::{
-    Router,
     body::Body,
     extract::{MatchedPath, Request, State},
-    http::{HeaderMap, HeaderValue, header},
+    http::{HeaderMap, HeaderValue, Method, header},
     middleware::Next,
     response::{IntoResponse, Response},
-    routing::get,
 };
 use bytes::Bytes;
+use fedhive_shared::wire::ErrorBody;
 use http_body::{Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{AppState, require_admin};
 use crate::{error::ApiError, telemetry};
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new().route("/metrics", get(metrics))
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(metrics))
 }
 
 /// The server's metrics (operator token, like every operator endpoint: task ids and load are not
 /// for the internet).
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(("admin" = [])),
+    responses(
+        (status = 200, description = "Prometheus (OpenMetrics) text", body = String,
+            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require_admin(&state, &headers)?;
     let text = state.coordinator.render_metrics();
     let content_type = HeaderValue::from_static(telemetry::CONTENT_TYPE);
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+/// The `method` label: the standard methods by name, any other (a client may send any token as its
+/// method) as `other`, so clients cannot grow the number of series.
+fn method_label(method: &Method) -> &'static str {
+    static STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::CONNECT,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PATCH,
+    ];
+    STANDARD
+        .iter()
+        .find(|m| *m == method)
+        .map_or("other", Method::as_str)
 }
 
 /// Times the request and counts its body bytes in and out, labelled by route template.
@@ -43,7 +69,7 @@ pub(super) async fn track(State(state): State<AppState>, request: Request, next:
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_string();
-    let method = request.method().as_str().to_string();
+    let method = method_label(request.method()).to_string();
     let telemetry = state.coordinator.telemetry();
     let request = request.map(|body| {
         Body::new(Counted {
@@ -90,5 +116,20 @@ impl http_body::Body for Counted {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_outside_the_standard_ones_share_one_label() {
+        assert_eq!(method_label(&Method::PUT), "PUT");
+        assert_eq!(method_label(&Method::from_bytes(b"QUERY").unwrap()), "other");
+        assert_eq!(
+            method_label(&Method::from_bytes(b"X-ANYTHING-1").unwrap()),
+            "other"
+        );
     }
 }

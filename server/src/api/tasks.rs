@@ -3,52 +3,87 @@
 use std::net::SocketAddr;
 
 use axum::{
-    Extension, Json, Router,
+    Extension, Json,
     body::Body,
-    extract::{ConnectInfo, Multipart, Path, Query, State, rejection::JsonRejection},
+    extract::{ConnectInfo, Multipart, State, multipart::MultipartRejection},
     http::{HeaderMap, StatusCode},
     response::Response,
-    routing::{get, post, put},
 };
 use bytes::Bytes;
 use fedhive_shared::wire::{
-    CheckinResponse, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, TaskSummary,
+    CheckinResponse, ErrorBody, MetricsReport, RoundInfo, TaskConfig, TaskCreated, TaskStatus, TaskSummary,
     UploadReceipt,
 };
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{AppState, bearer, read_body, require_admin, versioned_blob};
+use super::common::{ApiJson, ApiPath, ApiQuery, AppState, bearer, read_body, require_admin, versioned_blob};
 use crate::error::ApiError;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/v1/tasks", post(create_task).get(list_tasks))
-        .route("/v1/tasks/{task_id}", get(task_status))
-        .route("/v1/tasks/{task_id}/pause", post(pause))
-        .route("/v1/tasks/{task_id}/resume", post(resume))
-        .route("/v1/tasks/{task_id}/cancel", post(cancel))
-        .route("/v1/tasks/{task_id}/rounds", get(task_rounds))
-        .route("/v1/tasks/{task_id}/checkin", post(checkin))
-        .route("/v1/tasks/{task_id}/model", get(model))
-        .route("/v1/updates", put(upload))
-        .route("/v1/metrics", post(metrics))
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(create_task, list_tasks))
+        .routes(routes!(task_status))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(cancel))
+        .routes(routes!(task_rounds))
+        .routes(routes!(checkin))
+        .routes(routes!(model))
+        .routes(routes!(upload))
+        .routes(routes!(metrics))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
 }
 
 /// `200 ready` when the database answers and the blob store is usable; `503 not_ready` naming
 /// which is not (for load balancers and orchestrators).
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "`ready`", body = String, content_type = "text/plain"),
+    (status = 503, description = "`not_ready`: the database or the blob store does not answer", body = ErrorBody),
+))]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     state.coordinator.ready().await?;
     Ok("ready")
 }
 
+/// The multipart body of `POST /v1/tasks`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the multipart fields; the handler reads them one by one
+struct CreateTaskForm {
+    /// The task's configuration (JSON).
+    config: TaskConfig,
+    /// The initial model: safetensors with exactly the config's `tensors`.
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+    model: Vec<u8>,
+}
+
+/// Creates a task from its config and initial model; both are checked with the same rules as
+/// `fedhive task create` applies before uploading.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", security(("admin" = [])),
+    request_body(content = inline(CreateTaskForm), content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "created", body = TaskCreated),
+        (status = 400, description = "`invalid_request` (a field missing or unexpected), `bad_body` (not multipart)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 422, description = "`invalid_config`, `missing_tensor`, `unexpected_tensor`, `shape_mismatch`, `dtype_mismatch`, `non_finite_value`, `malformed_tensors`", body = ErrorBody),
+    ))]
 async fn create_task(
     State(state): State<AppState>,
     headers: HeaderMap,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<TaskCreated>), ApiError> {
     require_admin(&state, &headers)?;
+    let mut multipart = multipart.map_err(|e| ApiError::BadBody(e.body_text()))?;
     let mut config: Option<TaskConfig> = None;
     let mut model: Option<Bytes> = None;
     while let Some(field) = multipart
@@ -81,15 +116,29 @@ async fn create_task(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+/// A task's state, model version, config and open round.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}", tag = "tasks", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, body = TaskStatus),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+    ))]
 async fn task_status(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
     require_admin(&state, &headers)?;
     Ok(Json(state.coordinator.status(&task_id).await?))
 }
 
+/// Every task, newest first.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", security(("admin" = [])),
+    responses(
+        (status = 200, body = Vec<TaskSummary>),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn list_tasks(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -98,64 +147,124 @@ async fn list_tasks(
     Ok(Json(state.coordinator.tasks().await?))
 }
 
+/// Stops handing out work (check-ins are told to come back); the open round runs to its end.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/pause", tag = "tasks", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, description = "the task after the change", body = TaskStatus),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+        (status = 409, description = "`task_state_conflict`: the task is not running", body = ErrorBody),
+    ))]
 async fn pause(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
     require_admin(&state, &headers)?;
     Ok(Json(state.coordinator.set_paused(&task_id, true).await?))
 }
 
+/// Hands out work again after a pause.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/resume", tag = "tasks", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, description = "the task after the change", body = TaskStatus),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+        (status = 409, description = "`task_state_conflict`: the task is not paused", body = ErrorBody),
+    ))]
 async fn resume(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
     require_admin(&state, &headers)?;
     Ok(Json(state.coordinator.set_paused(&task_id, false).await?))
 }
 
+/// Ends the task now: the open round is abandoned, the model stays at its last committed version.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/cancel", tag = "tasks", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, description = "the task after the change", body = TaskStatus),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+        (status = 409, description = "`task_state_conflict`: the task is already over", body = ErrorBody),
+    ))]
 async fn cancel(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
     require_admin(&state, &headers)?;
     Ok(Json(state.coordinator.cancel(&task_id).await?))
 }
 
+/// Every round of the task with its counts and the metrics its devices reported.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/rounds", tag = "tasks", security(("admin" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, body = Vec<RoundInfo>),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+    ))]
 async fn task_rounds(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<Vec<RoundInfo>>, ApiError> {
     require_admin(&state, &headers)?;
     Ok(Json(state.coordinator.rounds(&task_id).await?))
 }
 
+/// A device asks for work: an assignment (train this model version, upload with this token before
+/// the deadline), a time to come back, or the news that the task is over.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/checkin", tag = "devices",
+    security((), ("device" = [])),
+    params(("task_id" = String, Path)),
+    responses(
+        (status = 200, body = CheckinResponse),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`device_unauthorized` (FedLaAvg: enrol first, then check in with the credentials)", body = ErrorBody),
+        (status = 404, description = "`unknown_task`", body = ErrorBody),
+        (status = 429, description = "`rate_limited` (with `--rate-limit-per-address`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds"))),
+    ))]
 async fn checkin(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    Path(task_id): Path<String>,
+    ApiPath(task_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<CheckinResponse>, ApiError> {
     state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
     Ok(Json(state.coordinator.checkin(&task_id, bearer(&headers)).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ModelQuery {
+    /// A committed model version (default: the latest). A pinned version may be cached for good.
+    #[param(minimum = 0)]
     version: Option<i64>,
 }
 
+/// The task's model as safetensors. `ETag` is the version: `If-None-Match` with it answers `304`.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/model", tag = "devices",
+    params(("task_id" = String, Path), ModelQuery),
+    responses(
+        (status = 200, description = "the model (safetensors)", body = Vec<u8>, content_type = "application/octet-stream",
+            headers(("ETag" = String), ("fedhive-model-version" = String), ("Cache-Control" = String))),
+        (status = 304, description = "not modified (`If-None-Match` matched)"),
+        (status = 400, description = "`invalid_request` (the query)", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `unknown_model_version`", body = ErrorBody),
+    ))]
 async fn model(
     State(state): State<AppState>,
-    Path(task_id): Path<String>,
-    query: Result<Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ModelQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let (version, bytes) = state.coordinator.model(&task_id, query.version).await?;
     let pinned = query.version.is_some();
     Ok(versioned_blob(
@@ -167,21 +276,42 @@ async fn model(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct UploadQuery {
+    /// Samples the device trained on (the update's FedAvg weight), 1 to 2^24.
+    #[param(minimum = 1, maximum = 16_777_216)]
     num_samples: u64,
 }
 
+/// A device's update for its assignment: safetensors of `Delta = x_after - x_before` (FedSubAvg:
+/// the sparse rows; MC-PSGD: also the chain and the two losses). Counted exactly once: a retry with
+/// the same token and bytes gets the stored receipt.
+#[utoipa::path(put, path = "/v1/updates", tag = "devices", security(("upload_token" = [])),
+    params(UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "safetensors"),
+    responses(
+        (status = 200, description = "accepted (or the receipt of the same upload before)", body = UploadReceipt),
+        (status = 400, description = "`invalid_request` (the query), `bad_body`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `unknown_token` (the token names no assignment)", body = ErrorBody),
+        (status = 408, description = "`body_timeout`: nothing was recorded; send it again", body = ErrorBody),
+        (status = 409, description = "`round_closed` (late, full, abandoned or past its deadline), `upload_in_flight` (the same token is still uploading), `stale_model_version`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 422, description = "`missing_tensor`, `unexpected_tensor`, `shape_mismatch`, `dtype_mismatch`, `non_finite_value`, `value_out_of_range`, `malformed_tensors`, `bad_num_samples`, `round_sample_limit`, `conflicting_retry`", body = ErrorBody),
+        (status = 429, description = "`rate_limited` (with `--rate-limit-per-address`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 503, description = "`server_busy`: send the same upload again after `retry_after_ms`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds"))),
+    ))]
 async fn upload(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
-    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
     body: Body,
 ) -> Result<Json<UploadReceipt>, ApiError> {
     state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
     let token = bearer(&headers).ok_or(ApiError::MissingToken)?.to_string();
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let coordinator = state.coordinator.clone();
     let timeout = state.body_read_timeout;
     let read_body = |limit: usize| read_body(body, &headers, limit, timeout);
@@ -198,13 +328,22 @@ async fn upload(
     Ok(Json(receipt))
 }
 
+/// The training metrics of the device's assignment (its loss and accuracy on its own data), for
+/// the round's report.
+#[utoipa::path(post, path = "/v1/metrics", tag = "devices", security(("upload_token" = [])),
+    request_body = MetricsReport,
+    responses(
+        (status = 204, description = "recorded"),
+        (status = 400, description = "`invalid_request` (the JSON body)", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `unknown_token` (the token names no assignment)", body = ErrorBody),
+        (status = 422, description = "`bad_num_samples`", body = ErrorBody),
+    ))]
 async fn metrics(
     State(state): State<AppState>,
     headers: HeaderMap,
-    report: Result<Json<MetricsReport>, JsonRejection>,
+    ApiJson(report): ApiJson<MetricsReport>,
 ) -> Result<StatusCode, ApiError> {
     let token = bearer(&headers).ok_or(ApiError::MissingToken)?;
-    let Json(report) = report.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     state
         .coordinator
         .report_metrics(token, report.loss, report.num_samples, report.accuracy)

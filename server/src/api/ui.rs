@@ -4,11 +4,10 @@
 //! written to its logs) or types into the page; it is kept for the browser tab only.
 
 use axum::{
-    Router,
     http::{HeaderValue, header},
     response::IntoResponse,
-    routing::get,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::AppState;
 
@@ -19,13 +18,22 @@ const SCRIPT: &str = include_str!("ui/app.js");
 const POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; \
                       img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/ui", get(|| async { asset("text/html; charset=utf-8", PAGE) }))
-        .route(
-            "/ui/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
-        )
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(page)).routes(routes!(script))
+}
+
+/// The dashboard's page.
+#[utoipa::path(get, path = "/ui", tag = "operations",
+    responses((status = 200, description = "HTML", body = String, content_type = "text/html; charset=utf-8")))]
+async fn page() -> impl IntoResponse {
+    asset("text/html; charset=utf-8", PAGE)
+}
+
+/// The dashboard's script.
+#[utoipa::path(get, path = "/ui/app.js", tag = "operations",
+    responses((status = 200, description = "JavaScript", body = String, content_type = "text/javascript; charset=utf-8")))]
+async fn script() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {

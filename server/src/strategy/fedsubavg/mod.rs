@@ -29,7 +29,7 @@ use std::{
 use bytes::Bytes;
 use fedhive_shared::{
     NamedTensors,
-    fedavg::{AggregateError, DELTA_LIMIT, MAX_UPDATE_SAMPLES},
+    fedavg::{DELTA_LIMIT, check_sample_count},
     fedsubavg::{Heat, SubAvgAccumulator, SubAvgForm},
     sparse::{
         Enrolment, FeatureSet, HeatReport, MAX_ROWS_PER_UPDATE, RowsRequest, SparseError, SparseTensors,
@@ -266,9 +266,7 @@ impl FedSubAvg {
     ) -> Result<Enrolment, ApiError> {
         check_device_id(device_id)?;
         let (_, model) = self.sparse_task(store, task_id).await?;
-        if features.num_samples == 0 || features.num_samples > MAX_UPDATE_SAMPLES {
-            return Err(AggregateError::BadSampleCount(features.num_samples).into());
-        }
+        check_sample_count(features.num_samples)?;
         let rows = checked_rows(&model, &features.rows)?;
         // Heat must not move while a round is being finalised (a re-run must see the same heat).
         let _frozen = store.finalize_lock.lock().await;

@@ -1,0 +1,261 @@
+//! The API against its own description: schemathesis (PyPI) reads `GET /openapi.json` from a live
+//! server and sends what it generates from it (examples, boundary values, random and malformed
+//! input, and stateful sequences it infers from the schemas, e.g. a task id from one answer used in
+//! the next request), with every check it has: no 5xx, only documented statuses, content types,
+//! headers and bodies that match the description, schema-invalid input refused, missing credentials
+//! refused. Both databases.
+//!
+//! schemathesis is a Python program: `FEDHIVE_SCHEMATHESIS` names it (`.ci/run` installs a pinned
+//! version in a virtual environment and sets it), else `schemathesis` on the `PATH`.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use bytes::Bytes;
+use fedhive_e2e::{
+    ADMIN_TOKEN, Backend, ServerProcess, TestDb, assign, on_both_databases, small_specs, small_task,
+    small_tensors, wait_for_version,
+};
+use fedhive_shared::{
+    blocks::{BlockSchedule, RoundBlock},
+    wire::StrategyConfig,
+};
+
+on_both_databases!(schemathesis_finds_no_failure);
+
+/// The version `.ci/run` installs; the findings in docs/api.md ("schemathesis") are from it.
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+fn schemathesis_program() -> String {
+    std::env::var("FEDHIVE_SCHEMATHESIS").unwrap_or_else(|_| "schemathesis".to_string())
+}
+
+/// What exists on the server before schemathesis starts, for it to find.
+struct Population {
+    /// One task of each strategy (FedAvg twice: one finished, one with an open round).
+    tasks: Vec<String>,
+    /// The DC-CCL task's cloud-worker token.
+    worker_token: String,
+    /// An upload token of the open FedAvg round.
+    upload_token: String,
+}
+
+/// The run's settings. Path parameters come from dictionaries of what exists most of the time, so
+/// that requests reach real tasks and blocks (random ids only ever meet `404`); the DC-CCL worker's
+/// routes get its token and the device routes an upload token, the rest the operator token.
+fn config(population: &Population) -> String {
+    let ids = population
+        .tasks
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"seed = 20261204
+workers = 1
+# A request to a server on loopback answers in milliseconds; a hang is a failure.
+request-timeout = 10
+headers = {{ Authorization = "Bearer {admin}" }}
+
+[generation]
+max-examples = 25
+
+[dictionaries.tasks]
+values = [{ids}]
+
+[dictionaries.blocks]
+values = ["day", "night"]
+
+[parameters]
+"path.task_id" = {{ dictionary = "tasks", probability = 0.7 }}
+"path.block" = {{ dictionary = "blocks", probability = 0.7 }}
+
+# Schema-valid is not the same as acceptable here: a `format: binary` body that is not the task's
+# safetensors, a config that breaks a rule no schema states (a tensor shape, a strategy's
+# constraints), a token that names no assignment, a task of another strategy, a task in a state
+# that forbids the action, an integer written as `260.0`. Each of those is a documented 4xx with an
+# error code (docs/api.md, "schemathesis"), so here they count as answers to valid input.
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "304", "400", "401", "404", "409", "413", "422"]
+
+[[operations]]
+include-tag = "dc_ccl"
+headers = {{ Authorization = "Bearer {worker}" }}
+
+[[operations]]
+include-path-regex = "^/v1/(updates|metrics)$"
+headers = {{ Authorization = "Bearer {upload}" }}
+"#,
+        admin = ADMIN_TOKEN,
+        worker = population.worker_token,
+        upload = population.upload_token,
+    )
+}
+
+/// A task of every strategy; the FedAvg ones with a committed round and an open one.
+async fn populate(server: &ServerProcess) -> Population {
+    let client = server.raw_client();
+    let create = |strategy: StrategyConfig| {
+        let client = client.clone();
+        async move {
+            let mut config = small_task(2, 2, 50, 600);
+            config.strategy = strategy;
+            client
+                .create_task(&config, small_tensors(|_| 0.0).encode())
+                .await
+                .unwrap()
+        }
+    };
+    let finished = client
+        .create_task(&small_task(1, 1, 1, 120), small_tensors(|_| 0.0).encode())
+        .await
+        .unwrap()
+        .task_id;
+    let assignment = assign(&client, &finished).await;
+    let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
+    client
+        .upload_update(&assignment.upload_token, 10, update)
+        .await
+        .unwrap();
+    wait_for_version(&client, &finished, 1, Duration::from_secs(30)).await;
+
+    let running = create(StrategyConfig::FedAvg { server_lr: 1.0 }).await.task_id;
+    let upload_token = assign(&client, &running).await.upload_token;
+    let schedule = BlockSchedule::Rounds {
+        blocks: ["day", "night"]
+            .map(|name| RoundBlock {
+                name: name.into(),
+                rounds: 1,
+            })
+            .to_vec(),
+    };
+    let dc_ccl = create(StrategyConfig::DcCcl {
+        cloud_weight: 0.5,
+        without_cloud: Default::default(),
+        control_model: "test".into(),
+        control_tensors: small_specs()[..1].to_vec(),
+    })
+    .await;
+    let mut tasks = vec![finished, running, dc_ccl.task_id];
+    for strategy in [
+        StrategyConfig::FedSubAvg {
+            server_lr: 1.0,
+            form: Default::default(),
+            tables: vec!["w".into()],
+        },
+        StrategyConfig::FedLaAvg {
+            warmup_rounds: 0,
+            selection_window_ms: 1_000,
+        },
+        StrategyConfig::MmPsgd {
+            server_lr: 1.0,
+            schedule: schedule.clone(),
+            predictor_average: Default::default(),
+        },
+        StrategyConfig::McPsgd {
+            server_lr: 1.0,
+            schedule,
+            chain_learning_rate: None,
+            predictor_average: Default::default(),
+        },
+    ] {
+        tasks.push(create(strategy).await.task_id);
+    }
+    Population {
+        tasks,
+        worker_token: dc_ccl.worker_token.expect("a DC-CCL task has a worker token"),
+        upload_token,
+    }
+}
+
+async fn run_schemathesis(base_url: &str, dir: &Path, population: &Population) -> (bool, String) {
+    let config_file = dir.join("schemathesis.toml");
+    std::fs::write(&config_file, config(population)).unwrap();
+    let program = schemathesis_program();
+    let output = tokio::process::Command::new(&program)
+        .arg("--config-file")
+        .arg(&config_file)
+        .arg("--no-color")
+        .arg("run")
+        .arg(format!("{base_url}/openapi.json"))
+        .args(["--checks", "all"])
+        .arg("--report-dir")
+        .arg(dir.join("report"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "could not run `{program}` ({e}); install it with `pip install {SCHEMATHESIS}` or set \
+                 FEDHIVE_SCHEMATHESIS to its path"
+            )
+        });
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// How many requests to `route` with `method` the server answered with a 2xx, from its own metrics.
+fn successes(metrics: &str, method: &str, route: &str) -> u64 {
+    let prefix = format!(
+        "fedhive_http_request_duration_seconds_count{{route=\"{route}\",method=\"{method}\",status=\"2"
+    );
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn schemathesis_finds_no_failure(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(&dir.path().join("data"), &db).await.unwrap();
+    let population = populate(&server).await;
+
+    let document: serde_json::Value = reqwest::get(format!("{}/openapi.json", server.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = document["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 26, "described paths: {:?}", paths.keys());
+
+    let (passed, output) = run_schemathesis(&server.base_url, dir.path(), &population).await;
+    println!("{output}");
+    assert!(passed, "schemathesis found failures ({backend:?}):\n{output}");
+    assert!(
+        output.contains("Tested: 28"),
+        "schemathesis did not test all 28 operations:\n{output}"
+    );
+
+    // The generated traffic got past the refusals into each strategy's working paths (the server
+    // counts its answers by route and status).
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", server.base_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (method, route) in [
+        ("POST", "/v1/tasks/{task_id}/checkin"),
+        ("GET", "/v1/tasks/{task_id}/model"),
+        ("GET", "/v1/tasks/{task_id}/rounds"),
+        ("GET", "/v1/tasks/{task_id}/cloud"),
+        ("GET", "/v1/tasks/{task_id}/devices"),
+        ("GET", "/v1/tasks/{task_id}/predictor"),
+        ("GET", "/v1/tasks/{task_id}/blocks"),
+    ] {
+        assert!(
+            successes(&metrics, method, route) > 0,
+            "no 2xx answer to {method} {route} in:\n{metrics}"
+        );
+    }
+}
