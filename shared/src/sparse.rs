@@ -303,7 +303,11 @@ impl SparseTensors {
                 },
             );
         }
-        for (name, view) in st.tensors() {
+        // In name order: safetensors lists tensors in hash order, and the same body must be refused
+        // with the same message every time.
+        let mut views = st.tensors();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in views {
             if let Some((table, _)) = name.split_once(PART_SEPARATOR) {
                 if tables.contains_key(table) && (name == ids_key(table) || name == rows_key(table)) {
                     continue;

@@ -193,18 +193,17 @@ impl NamedTensors {
     }
 }
 
-/// Parses safetensors bytes into views of their tensors, refusing the first that is not F32.
+/// Parses safetensors bytes into views of their tensors, refusing the first (by name) that is not
+/// F32. safetensors lists tensors in hash order, different from one parse to the next; checking in
+/// name order refuses the same body with the same message every time (found by fuzzing).
 fn f32_views(bytes: &[u8]) -> Result<BTreeMap<String, TensorView<'_>>, TensorError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
-    let mut views = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(TensorError::DtypeMismatch {
-                name,
-                found: format!("{:?}", view.dtype()),
-            });
-        }
-        views.insert(name, view);
+    let views: BTreeMap<String, TensorView<'_>> = st.tensors().into_iter().collect();
+    if let Some((name, view)) = views.iter().find(|(_, view)| view.dtype() != Dtype::F32) {
+        return Err(TensorError::DtypeMismatch {
+            name: name.clone(),
+            found: format!("{:?}", view.dtype()),
+        });
     }
     Ok(views)
 }
@@ -444,6 +443,34 @@ mod tests {
         let view = TensorView::new(Dtype::F64, vec![1], &data).unwrap();
         let bytes = safetensors::serialize(vec![("w", view)], None).unwrap();
         assert_eq!(NamedTensors::decode(&bytes).unwrap_err().code(), "dtype_mismatch");
+    }
+
+    /// Found by `fuzz/` (tensors_roundtrip): with several non-F32 tensors, the one named in the
+    /// refusal followed safetensors' hash order, so the same body got different messages.
+    #[test]
+    fn the_same_body_is_refused_the_same_way_every_time() {
+        let (a, b, c) = ([0u8; 4], [0u8; 4], [0u8; 4]);
+        let bytes = safetensors::serialize(
+            vec![
+                ("w", TensorView::new(Dtype::I32, vec![1], &a).unwrap()),
+                ("b", TensorView::new(Dtype::U32, vec![1], &b).unwrap()),
+                ("e", TensorView::new(Dtype::F32, vec![1], &c).unwrap()),
+            ],
+            None,
+        )
+        .unwrap();
+        let specs = [("b", 1), ("e", 1), ("w", 1)].map(|(name, n)| TensorSpec {
+            name: name.into(),
+            shape: vec![n],
+        });
+        let expected = TensorError::DtypeMismatch {
+            name: "b".into(),
+            found: "U32".into(),
+        };
+        for _ in 0..32 {
+            assert_eq!(NamedTensors::decode(&bytes).unwrap_err(), expected);
+            assert_eq!(TensorLayout::check(&bytes, &specs, 1.0).unwrap_err(), expected);
+        }
     }
 
     proptest::proptest! {
