@@ -55,11 +55,7 @@ fn main() {
         };
         let mut seed = vec![i as u8];
         seed.extend_from_slice(&body);
-        write(
-            &corpus.join("upload"),
-            &format!("{}", config.strategy.name()),
-            &seed,
-        );
+        write(&corpus.join("upload"), config.strategy.name(), &seed);
         let mut task = serde_json::to_vec(config).unwrap();
         task.push(0);
         task.extend_from_slice(&tensors(&config.tensors).encode());
