@@ -33,7 +33,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// Enrols (or re-enrols) a device's feature set: the rows of each table its data touches and its
 /// sample count. The heat of each row counts the devices that hold it.
 #[utoipa::path(put, path = "/v1/tasks/{task_id}/devices/{device_id}/features", tag = "fedsubavg",
-    params(("task_id" = String, Path), ("device_id" = String, Path, description = "the app's pseudonymous id of the device")),
+    params(("task_id" = String, Path), ("device_id" = String, Path, description = "the app's pseudonymous id of the device", pattern = "^[A-Za-z0-9._-]{1,128}$")),
     request_body = FeatureSet,
     responses(
         (status = 200, body = Enrolment),
