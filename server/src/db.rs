@@ -568,18 +568,31 @@ impl Db {
         accuracy: Option<f64>,
         now_ms: i64,
     ) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO metrics (token_hash, round_id, loss, num_samples, accuracy, created_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_hash) DO NOTHING",
-        )
-        .bind(token_hash)
-        .bind(round_id)
-        .bind(loss)
-        .bind(num_samples)
-        .bind(accuracy)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        // No NULL is ever bound: through sqlx's Any driver on PostgreSQL, a statement first run with
+        // `accuracy` NULL and then with a number on the same connection failed with "incorrect
+        // binary data format in bind parameter 5" (found by schemathesis; tests/tests/metrics_reports.rs).
+        let query = match accuracy {
+            Some(accuracy) => sqlx::query(
+                "INSERT INTO metrics (token_hash, round_id, loss, num_samples, accuracy, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_hash) DO NOTHING",
+            )
+            .bind(token_hash)
+            .bind(round_id)
+            .bind(loss)
+            .bind(num_samples)
+            .bind(accuracy)
+            .bind(now_ms),
+            None => sqlx::query(
+                "INSERT INTO metrics (token_hash, round_id, loss, num_samples, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (token_hash) DO NOTHING",
+            )
+            .bind(token_hash)
+            .bind(round_id)
+            .bind(loss)
+            .bind(num_samples)
+            .bind(now_ms),
+        };
+        query.execute(&self.pool).await?;
         Ok(())
     }
 }
