@@ -11,7 +11,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiPath, ApiQuery, AppState, require_admin};
+use super::common::{ApiPath, ApiQuery, AppState, etag_matches, require_admin};
 use crate::{error::ApiError, strategy::block_cyclic::BlockCyclic};
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -63,11 +63,7 @@ async fn predictor(
             header_value(&served.rounds.to_string()),
         ),
     ];
-    let not_modified = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
-    if not_modified {
+    if etag_matches(&headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, common).into_response());
     }
     let content_type = [(

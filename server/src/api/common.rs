@@ -116,6 +116,14 @@ impl AppState {
     }
 }
 
+/// Whether the request's `If-None-Match` lists `etag` (quoted, as sent in `ETag`).
+pub(crate) fn etag_matches(request: &HeaderMap, etag: &str) -> bool {
+    request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+}
+
 /// A versioned, immutable blob (a model or control model): the version is its ETag (and the
 /// `version_header`), `If-None-Match` with it answers `304`. A request for an explicit version may
 /// be cached for good; the latest is revalidated.
@@ -133,10 +141,7 @@ pub(crate) fn versioned_blob(
     };
     let etag = format!("\"{version}\"");
     let etag_value = HeaderValue::from_str(&etag).expect("digits and quotes are a valid header");
-    let not_modified = request
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let not_modified = etag_matches(request, &etag);
     let common = [
         (header::ETAG, etag_value.clone()),
         (HeaderName::from_static(version_header), etag_value),

@@ -62,11 +62,6 @@ fn described_routes() -> OpenApiRouter<AppState> {
         .merge(ui::routes())
 }
 
-/// The API's OpenAPI document (what `GET /openapi.json` serves).
-pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    described_routes().into_openapi()
-}
-
 pub fn router(state: AppState, max_model_bytes: usize) -> Router {
     let (routes, document) = described_routes().split_for_parts();
     routes

@@ -4,14 +4,13 @@
 //! schemas come from `fedhive-shared` (feature `openapi`). CI runs schemathesis against it
 //! (`tests/tests/openapi.rs`).
 
-use std::sync::Arc;
-
 use axum::{
     Router,
     http::{HeaderValue, header},
     response::IntoResponse,
     routing::get,
 };
+use bytes::Bytes;
 use utoipa::{
     Modify, OpenApi,
     openapi::security::{Http, HttpAuthScheme, SecurityScheme},
@@ -72,10 +71,8 @@ impl Modify for Credentials {
 
 /// The route serving `document` (rendered once).
 pub(super) fn route<S: Clone + Send + Sync + 'static>(document: &utoipa::openapi::OpenApi) -> Router<S> {
-    let json: Arc<str> = document
-        .to_json()
-        .expect("the OpenAPI document serialises")
-        .into();
+    // Rendered once; each answer shares the bytes.
+    let json = Bytes::from(document.to_json().expect("the OpenAPI document serialises"));
     Router::new().route(
         "/openapi.json",
         get(move || {
@@ -83,7 +80,7 @@ pub(super) fn route<S: Clone + Send + Sync + 'static>(document: &utoipa::openapi
             async move {
                 (
                     [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-                    json.to_string(),
+                    json,
                 )
                     .into_response()
             }
