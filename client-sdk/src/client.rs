@@ -16,6 +16,8 @@ use fedhive_shared::wire::{
 };
 use reqwest::{Method, RequestBuilder, StatusCode, header};
 
+pub use fedhive_tls::{ClientTls, Identity, SpkiPin};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("request to the fedhive server failed: {0}")]
@@ -24,6 +26,8 @@ pub enum ClientError {
     Api { status: StatusCode, body: ErrorBody },
     #[error("server answered {status} with an unreadable body: {text}")]
     Unexpected { status: StatusCode, text: String },
+    #[error("TLS settings: {0}")]
+    Tls(#[from] fedhive_tls::TlsError),
 }
 
 impl ClientError {
@@ -45,6 +49,7 @@ impl ClientError {
                     || body.error == "round_closing"
             }
             ClientError::Unexpected { status, .. } => status.is_server_error(),
+            ClientError::Tls(_) => false,
         }
     }
 }
@@ -88,14 +93,23 @@ pub struct FedhiveClient {
 }
 
 impl FedhiveClient {
-    /// `base_url` like `http://127.0.0.1:8080`.
+    /// `base_url` like `https://fl.example.com` or `http://127.0.0.1:8080`; an `https` server's
+    /// certificate must chain to the public roots (see [`FedhiveClient::with_tls`] for others).
     pub fn new(base_url: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
+        Self::with_tls(base_url, &ClientTls::default())
+    }
+
+    /// A client that checks the server's certificate as `tls` says: a CA of the deployment's own,
+    /// pins on the server's key, a client certificate (the cloud worker's, an operator's).
+    pub fn with_tls(base_url: &str, tls: &ClientTls) -> Result<Self, ClientError> {
+        let mut http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120))
-            .build()?;
+            .timeout(Duration::from_secs(120));
+        if !tls.is_default() {
+            http = http.tls_backend_preconfigured(tls.rustls_config()?);
+        }
         Ok(FedhiveClient {
-            http,
+            http: http.build()?,
             base: base_url.trim_end_matches('/').to_string(),
             retry: RetryPolicy::default(),
             admin_token: None,

@@ -27,6 +27,8 @@ struct Cli {
     /// The fedhive server, e.g. http://127.0.0.1:8080.
     #[arg(long)]
     server: String,
+    #[command(flatten)]
+    tls: fedhive_tls::ClientTlsArgs,
     #[arg(long)]
     task: String,
     /// The task's worker token (from the task's creation answer).
@@ -91,7 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         learning_rate,
     };
     let worker = Worker {
-        client: FedhiveClient::new(&cli.server)?,
+        client: FedhiveClient::with_tls(&cli.server, &cli.tls.load()?)?,
         task_id: cli.task.clone(),
         token: cli.token.clone(),
         device: backend.device().context("opening the training backend")?,

@@ -87,6 +87,20 @@ pub struct ServeArgs {
     /// Requests one address may send at once before the rate applies (default: 2 s of the rate).
     #[arg(long)]
     pub rate_limit_burst: Option<f64>,
+    /// Serve HTTPS with this PEM certificate chain (leaf first); SIGHUP reloads it and the key.
+    #[arg(long, env = "FEDHIVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "FEDHIVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates of operators' and the cloud worker's client certificates: their routes
+    /// then need one (devices need none).
+    #[arg(long, env = "FEDHIVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback address (behind a TLS-terminating proxy); without it,
+    /// TLS, or --insecure-dev, the server refuses to start there.
+    #[arg(long, env = "FEDHIVE_ALLOW_PLAIN_HTTP")]
+    pub allow_plain_http: bool,
 }
 
 impl ServeArgs {
@@ -106,6 +120,15 @@ impl ServeArgs {
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
         };
         config.body_read_timeout = Duration::from_secs(self.body_read_timeout_secs.max(1));
+        config.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsSettings {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            _ => None,
+        };
+        config.allow_plain_http = self.allow_plain_http;
         config.rate_limit = (self.rate_limit_per_address > 0.0).then(|| crate::rate_limit::RateLimit {
             per_second: self.rate_limit_per_address,
             burst: self
@@ -239,6 +262,9 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => {
                 let grace = Duration::from_secs(args.shutdown_grace_secs);
                 let mut server = crate::start(args.into_config()).await?;
+                if let Some(tls) = server.tls.clone() {
+                    tokio::spawn(tls.reload_on_sighup());
+                }
                 let signal = tokio::select! {
                     served = &mut server.handle => return Ok(served??),
                     signal = shutdown_signal() => signal,

@@ -56,6 +56,10 @@ pub enum ApiError {
     NotDcCcl(String),
     #[error("missing or wrong cloud-worker token for task `{0}`")]
     WorkerUnauthorized(String),
+    #[error(
+        "this route is for operators and the cloud worker, who must present a client certificate signed by the server's client CA (--tls-client-ca)"
+    )]
+    ClientCertificateRequired,
     #[error("round {round} is not a round of task `{task}`")]
     UnknownRound { task: String, round: i64 },
     #[error("task `{task}` has no control model{}", .version.map(|v| format!(" version {v}")).unwrap_or_default())]
@@ -88,9 +92,12 @@ impl ApiError {
         match self {
             // An upload token that names no assignment is a wrong credential, like a wrong admin
             // token (it was 404 before 2026-12-04; the code `unknown_token` is unchanged).
-            Unauthorized | MissingToken | UnknownToken | DeviceUnauthorized(_) | WorkerUnauthorized(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            Unauthorized
+            | MissingToken
+            | UnknownToken
+            | DeviceUnauthorized(_)
+            | WorkerUnauthorized(_)
+            | ClientCertificateRequired => StatusCode::UNAUTHORIZED,
             NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
             ControlVersionOutOfOrder { .. } | TaskStateConflict { .. } => StatusCode::CONFLICT,
             UnknownTask(_) | UnknownModelVersion { .. } => StatusCode::NOT_FOUND,
@@ -139,6 +146,7 @@ impl ApiError {
             UnknownChainVersion { .. } => "unknown_chain_version",
             NotDcCcl(_) => "not_dc_ccl",
             WorkerUnauthorized(_) => "worker_unauthorized",
+            ClientCertificateRequired => "client_certificate_required",
             UnknownRound { .. } => "unknown_round",
             UnknownControlModel { .. } => "unknown_control_model",
             ControlVersionOutOfOrder { .. } => "control_version_out_of_order",

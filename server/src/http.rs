@@ -11,23 +11,32 @@
 //! request's header block must arrive within a time limit (slowloris), and past a number of open
 //! connections the loop stops accepting until one closes (the kernel's backlog queues the rest).
 //!
+//! With TLS ([`crate::tls`]) each connection's handshake comes first, within the same time limit as
+//! a header block; the limits above then hold for the decrypted stream as they do in the clear.
+//!
 //! Shutdown is graceful: the loop stops accepting, and each connection finishes the request it is
 //! serving (an upload in flight is read, checked and acknowledged) and then closes.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::ConnectInfo};
+use hyper::{Request, body::Incoming};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
 use prometheus_client::metrics::gauge::Gauge;
+use sha2::{Digest, Sha256};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
 };
-use tower::ServiceExt;
+use tokio_rustls::TlsAcceptor;
+use tower::{ServiceExt, util::MapRequest};
 use tracing::{debug, warn};
+
+use crate::tls::ClientCertificate;
 
 /// Limits of the accept loop.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +61,7 @@ impl Default for ConnectionLimits {
 /// header block).
 pub const READ_BUFFER_LIMIT: usize = 16 * 1024;
 
-/// Accepts connections on `listener` and serves `app` on each until `shutdown` resolves (or the
+/// Accepts connections on `listener` (over TLS with `tls`) and serves `app` on each until `shutdown` resolves (or the
 /// task is dropped), keeping `open_connections` at the number open; then stops accepting, lets every connection finish the request it is serving
 /// (and close instead of waiting for another), and returns once all have closed. Bound the wait
 /// from outside (see [`crate::RunningServer::drain`]). Accept errors are waited out, not returned
@@ -60,6 +69,7 @@ pub const READ_BUFFER_LIMIT: usize = 16 * 1024;
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    tls: Option<TlsAcceptor>,
     limits: ConnectionLimits,
     open_connections: Gauge,
     shutdown: impl Future<Output = ()>,
@@ -73,35 +83,31 @@ pub async fn serve(
             accepted = accept(&listener, &open) => accepted,
         };
         let (stream, peer, permit) = accepted;
-        // Handlers see the peer's address as axum's `ConnectInfo` (per-address rate limits).
-        let app = app
-            .clone()
-            .map_request(move |mut request: axum::extract::Request<_>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request
-            });
-        let service = TowerToHyperService::new(app);
-        let mut closing = closing_rx.clone();
+        let app = app.clone();
+        let tls = tls.clone();
+        let closing = closing_rx.clone();
         let counted = Counted::new(&open_connections);
         tokio::spawn(async move {
             let _open = (permit, counted);
-            let connection = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(READ_BUFFER_LIMIT)
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                _ = async { closing.wait_for(|closing| *closing).await.map(|_| ()) } => {
-                    // Finish the request in progress, then close.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+            let Some(tls) = tls else {
+                return serve_connection(stream, with_peer(app, peer, None), limits, closing).await;
             };
-            if let Err(e) = ended {
-                debug!(error = %e, "connection ended with an error");
-            }
+            // The handshake gets the header block's time limit: a client that opens a connection
+            // and sends nothing holds no slot for longer over TLS than in the clear.
+            let stream = match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return debug!("TLS handshake timed out"),
+            };
+            let certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| ClientCertificate {
+                    fingerprint: Sha256::digest(leaf.as_ref()).into(),
+                });
+            serve_connection(stream, with_peer(app, peer, certificate), limits, closing).await
         });
     }
     drop(listener);
@@ -110,6 +116,53 @@ pub async fn serve(
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = open.acquire_many(all).await;
     Ok(())
+}
+
+/// `app` with the peer's address as axum's `ConnectInfo` (per-address rate limits) and its verified
+/// client certificate, if any, in each request's extensions.
+fn with_peer(
+    app: Router,
+    peer: SocketAddr,
+    certificate: Option<ClientCertificate>,
+) -> TowerToHyperService<MapRequest<Router, impl FnMut(Request<Incoming>) -> Request<Incoming> + Clone>> {
+    TowerToHyperService::new(app.map_request(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(certificate) = &certificate {
+            request.extensions_mut().insert(certificate.clone());
+        }
+        request
+    }))
+}
+
+/// Serves HTTP/1 on one connection (plain or TLS) until it closes, or, once `closing` turns true,
+/// until the request in progress is answered.
+async fn serve_connection<S>(
+    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    service: S,
+    limits: ConnectionLimits,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) where
+    S: hyper::service::HttpService<Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(READ_BUFFER_LIMIT)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        _ = async { closing.wait_for(|closing| *closing).await.map(|_| ()) } => {
+            // Finish the request in progress, then close.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
+        debug!(error = %e, "connection ended with an error");
+    }
 }
 
 /// Counts one open connection in a gauge while alive.
@@ -171,6 +224,7 @@ mod tests {
         tokio::spawn(serve(
             listener,
             app,
+            None,
             limits,
             Gauge::default(),
             std::future::pending(),

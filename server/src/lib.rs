@@ -24,6 +24,7 @@ pub mod store;
 pub mod strategy;
 pub mod tables;
 pub mod telemetry;
+pub mod tls;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -54,6 +55,11 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// Per-address limit on check-ins and uploads (`None`: off; see [`rate_limit`]).
     pub rate_limit: Option<rate_limit::RateLimit>,
+    /// Serve HTTPS with this certificate (`None`: plain HTTP).
+    pub tls: Option<tls::TlsSettings>,
+    /// Serve plain HTTP on an address other than loopback: for a server behind a TLS-terminating
+    /// proxy. Without it (or `insecure_dev`) such a server does not start.
+    pub allow_plain_http: bool,
 }
 
 impl ServerConfig {
@@ -70,6 +76,8 @@ impl ServerConfig {
             connections: http::ConnectionLimits::default(),
             body_read_timeout: Duration::from_secs(60),
             rate_limit: None,
+            tls: None,
+            allow_plain_http: false,
         }
     }
 
@@ -87,6 +95,8 @@ pub struct RunningServer {
     pub handle: JoinHandle<std::io::Result<()>>,
     /// The round ticker (deadlines, finalisation), which runs beside the HTTP server.
     pub ticker: JoinHandle<()>,
+    /// The TLS certificate being served, to reload (SIGHUP); `None` for plain HTTP.
+    pub tls: Option<Arc<tls::ServerTls>>,
     /// Tells the accept loop to stop accepting and drain (see [`RunningServer::drain`]).
     stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -126,6 +136,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             "no admin token: pass --admin-token (or FEDHIVE_ADMIN_TOKEN), or --insecure-dev for a local demo"
         );
     }
+    if config.tls.is_none()
+        && !config.listen.ip().is_loopback()
+        && !config.allow_plain_http
+        && !config.insecure_dev
+    {
+        anyhow::bail!(
+            "refusing plain HTTP on {}, which is not a loopback address: pass --tls-cert and --tls-key, or \
+             --allow-plain-http behind a TLS-terminating proxy (or --insecure-dev for a local demo)",
+            config.listen
+        );
+    }
+    let tls = match &config.tls {
+        None => None,
+        Some(settings) => Some(Arc::new(
+            tls::ServerTls::load(settings.clone()).context("loading the TLS certificate")?,
+        )),
+    };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let url = config.database_url();
@@ -150,18 +177,21 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         rate_limit: config
             .rate_limit
             .map(|limit| Arc::new(rate_limit::RateLimiter::new(limit))),
+        client_certificates: tls.as_ref().is_some_and(|tls| tls.verifies_clients()),
     };
     let app = api::router(state, config.max_model_bytes);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = %redact(&url), "fedhive server listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, database = %redact(&url), "fedhive server listening");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let open_connections = coordinator.telemetry().open_connections();
     let handle = tokio::spawn(http::serve(
         listener,
         app,
+        tls.as_ref().map(|tls| tls.acceptor()),
         config.connections,
         open_connections,
         async move {
@@ -173,6 +203,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         coordinator,
         handle,
         ticker,
+        tls,
         stop,
     })
 }

@@ -33,6 +33,8 @@ pub struct Connection {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: fedhive_tls::ClientTlsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,9 +99,12 @@ struct Api {
 
 impl Api {
     fn new(connection: &Connection) -> anyhow::Result<Api> {
-        let http = reqwest::Client::builder()
-            .build()
-            .context("building the HTTP client")?;
+        let tls = connection.tls.load()?;
+        let mut http = reqwest::Client::builder();
+        if !tls.is_default() {
+            http = http.tls_backend_preconfigured(tls.rustls_config()?);
+        }
+        let http = http.build().context("building the HTTP client")?;
         Ok(Api {
             http,
             base: connection.server.trim_end_matches('/').to_string(),

@@ -25,6 +25,8 @@ pub struct AppState {
     pub body_read_timeout: std::time::Duration,
     /// Per-address limit on check-ins and uploads (`None`: off).
     pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
+    /// Operator and cloud-worker routes need a verified client certificate (`--tls-client-ca`).
+    pub client_certificates: bool,
 }
 
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {

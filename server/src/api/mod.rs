@@ -34,6 +34,7 @@
 //! its own ([`fedlaavg`], [`fedsubavg`], [`block_cyclic`], [`dc_ccl`]), which call that strategy directly.
 
 mod block_cyclic;
+mod client_certificate;
 mod common;
 mod dc_ccl;
 mod fedlaavg;
@@ -42,6 +43,8 @@ mod observe;
 mod openapi;
 mod tasks;
 mod ui;
+
+use std::sync::Arc;
 
 use axum::{Router, extract::DefaultBodyLimit};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -64,8 +67,15 @@ fn described_routes() -> OpenApiRouter<AppState> {
 
 pub fn router(state: AppState, max_model_bytes: usize) -> Router {
     let (routes, document) = described_routes().split_for_parts();
+    let mut routes = routes.merge(openapi::route(&document));
+    if state.client_certificates {
+        let guarded = Arc::new(client_certificate::guarded_routes(&document));
+        routes = routes.route_layer(axum::middleware::from_fn_with_state(
+            guarded,
+            client_certificate::require,
+        ));
+    }
     routes
-        .merge(openapi::route(&document))
         .layer(DefaultBodyLimit::max(max_model_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
