@@ -11,7 +11,10 @@ use bytes::Bytes;
 use fedhive_shared::wire::{Assignment, CheckinResponse, ErrorBody, UploadReceipt};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use reqwest::{StatusCode, header};
-use tokio::{io::AsyncWriteExt, sync::watch};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    sync::watch,
+};
 
 use crate::stats::{Counters, Endpoint, PendingUpload, Stats};
 
@@ -34,11 +37,19 @@ pub struct DeviceOptions {
     pub duplicate_rate: f64,
 }
 
+/// How a raw connection to an HTTPS server starts its TLS session.
+pub struct RawTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
 /// What every device task shares.
 pub struct Fleet {
     pub http: reqwest::Client,
     pub base_url: String,
     pub addr: SocketAddr,
+    /// Set when the server speaks HTTPS: how a raw connection starts its TLS session.
+    pub raw_tls: Option<RawTls>,
     pub task_id: String,
     pub bodies: Arc<Vec<Bytes>>,
     pub options: DeviceOptions,
@@ -218,7 +229,11 @@ impl Fleet {
         );
         let half = &body[..body.len() / 2];
         let sent = async {
-            let mut stream = tokio::net::TcpStream::connect(self.addr).await?;
+            let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+            let mut stream: Box<dyn AsyncWrite + Unpin + Send> = match &self.raw_tls {
+                None => Box::new(tcp),
+                Some(tls) => Box::new(tls.connector.connect(tls.server_name.clone(), tcp).await?),
+            };
             stream.write_all(head.as_bytes()).await?;
             stream.write_all(half).await?;
             stream.flush().await?;

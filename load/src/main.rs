@@ -6,9 +6,11 @@
 //! devices for `--duration-secs`. It ends with a table and one JSON line (the last line on
 //! stdout), and exits non-zero if the server's per-round accepted counts differ from the receipts
 //! the devices got. `fedhive-load serve` is the `fedhive serve` server itself (what `run` spawns
-//! unless `--server-bin` names another binary).
+//! unless `--server-bin` names another binary). `--tls` runs either over HTTPS; `fedhive-load
+//! handshakes` measures new connections per second (docs/performance.md has both costs).
 
 mod device;
+mod handshakes;
 mod report;
 mod server;
 mod stats;
@@ -29,6 +31,7 @@ use fedhive_shared::{
     NamedTensors,
     wire::{RoundInfo, RoundState, TaskCreated, TaskStatus},
 };
+use fedhive_tls::{ClientTls, dev_ca::DevCa};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{SeedableRng, rngs::SmallRng};
 use tokio::sync::watch;
@@ -58,6 +61,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Run the fedhive server (same as `fedhive serve`; what `run` starts by default).
     Serve(Box<fedhive_server::cli::ServeArgs>),
+    /// Measure new connections per second: `--devices` clients each open a connection, ask
+    /// `/healthz` and close it, for `--duration-secs` (with `--tls`, a TLS handshake each).
+    Handshakes(Box<RunArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -151,12 +157,33 @@ struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Start the server with HTTPS (a certificate for `localhost` from a CA made for the run) and
+    /// talk to it over TLS.
+    #[arg(long)]
+    tls: bool,
+    /// How to check an `https` --server-url.
+    #[command(flatten)]
+    client_tls: fedhive_tls::ClientTlsArgs,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Handshakes(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.threads.max(1))
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match runtime.block_on(handshakes::measure(&args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fedhive-load: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(args.threads.max(1))
@@ -201,6 +228,8 @@ fn serve(args: fedhive_server::cli::ServeArgs) -> ExitCode {
 /// The server under test and what it takes to clean up after it.
 struct Target {
     base_url: String,
+    /// How the harness's clients check the server.
+    client_tls: ClientTls,
     addr: std::net::SocketAddr,
     admin_token: String,
     pid: Option<u32>,
@@ -208,6 +237,17 @@ struct Target {
     process: Option<ServerProcess>,
     postgres: Option<FreshPostgres>,
     _data_dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    /// Stops the started server and drops its PostgreSQL database.
+    async fn cleanup(mut self) -> anyhow::Result<()> {
+        drop(self.process.take());
+        if let Some(pg) = self.postgres.take() {
+            pg.drop_database().await?;
+        }
+        Ok(())
+    }
 }
 
 async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
@@ -219,12 +259,14 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         let base_url = url.trim_end_matches('/').to_string();
         let host = base_url
             .strip_prefix("http://")
-            .context("--server-url must be http://HOST:PORT")?;
+            .or_else(|| base_url.strip_prefix("https://"))
+            .context("--server-url must be http://HOST:PORT or https://HOST:PORT")?;
         let addr = tokio::net::lookup_host(host)
             .await?
             .next()
             .context("resolving --server-url")?;
         return Ok(Target {
+            client_tls: args.client_tls.load()?,
             base_url,
             addr,
             admin_token,
@@ -250,6 +292,20 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         None => None,
     };
     let admin_token = format!("{:032x}", rand::random::<u128>());
+    let (tls_files, client_tls) = if args.tls {
+        let ca = DevCa::new("fedhive-load CA");
+        let issued = ca.issue(&["localhost"]);
+        let (cert, key) = (data_dir.join("tls-cert.pem"), data_dir.join("tls-key.pem"));
+        std::fs::write(&cert, &issued.cert_pem)?;
+        std::fs::write(&key, &issued.key_pem)?;
+        let trust = ClientTls {
+            ca_pem: Some(ca.cert_pem()),
+            ..ClientTls::default()
+        };
+        (Some((cert, key)), trust)
+    } else {
+        (None, ClientTls::default())
+    };
     let options = SpawnOptions {
         binary: args.server_bin.clone(),
         data_dir: data_dir.join("server"),
@@ -261,8 +317,10 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         tick_ms: 200,
         log_filter: args.server_log.clone(),
         log_path: data_dir.join("server.log"),
+        tls: tls_files,
     };
-    let process = ServerProcess::spawn(&options).await?;
+    let process =
+        ServerProcess::spawn(&options, &http_client(reqwest::Client::builder(), &client_tls)?).await?;
     eprintln!(
         "fedhive-load: server pid {} on {}, log {}",
         process.pid(),
@@ -270,7 +328,8 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         options.log_path.display()
     );
     Ok(Target {
-        base_url: format!("http://{}", process.addr),
+        base_url: process.base_url.clone(),
+        client_tls,
         addr: process.addr,
         admin_token,
         pid: Some(process.pid()),
@@ -279,6 +338,29 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         postgres,
         _data_dir: tempdir,
     })
+}
+
+/// `builder` checking the server's certificate as `tls` says.
+fn http_client(builder: reqwest::ClientBuilder, tls: &ClientTls) -> anyhow::Result<reqwest::Client> {
+    let builder = if tls.is_default() {
+        builder
+    } else {
+        builder.tls_backend_preconfigured(tls.rustls_config()?)
+    };
+    Ok(builder.build()?)
+}
+
+/// For the devices that vanish mid-upload over a raw connection: the TLS connector and the
+/// server's name, when the target speaks HTTPS.
+fn raw_tls(target: &Target) -> anyhow::Result<Option<device::RawTls>> {
+    let Some(rest) = target.base_url.strip_prefix("https://") else {
+        return Ok(None);
+    };
+    let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host).to_string();
+    Ok(Some(device::RawTls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(target.client_tls.rustls_config()?)),
+        server_name: rustls_pki_types::ServerName::try_from(host).context("the server's host name")?,
+    }))
 }
 
 async fn create_task(
@@ -339,20 +421,23 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let update_bytes = bodies[0].len() as u64;
 
     let mut target = start_target(&args).await?;
-    let admin_http = reqwest::Client::new();
+    let admin_http = http_client(reqwest::Client::builder(), &target.client_tls)?;
     let task = create_task(&admin_http, &target, &shape).await?;
 
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(args.request_timeout_secs))
-        .connect_timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .build()?;
+    let http = http_client(
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(args.request_timeout_secs))
+            .connect_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true),
+        &target.client_tls,
+    )?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stats = Arc::new(Stats::default());
     let fleet = Arc::new(Fleet {
         http,
         base_url: target.base_url.clone(),
         addr: target.addr,
+        raw_tls: raw_tls(&target)?,
         task_id: task.task_id.clone(),
         bodies: Arc::new(bodies),
         options: DeviceOptions {
@@ -567,10 +652,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     print!("{}", report.table());
     println!("{}", serde_json::to_string(&report)?);
 
-    drop(target.process.take());
-    if let Some(pg) = target.postgres.take() {
-        pg.drop_database().await?;
-    }
+    target.cleanup().await?;
     Ok(report.exactly_once.ok && report.events.duplicates_different == 0)
 }
 

@@ -100,12 +100,16 @@ pub struct SpawnOptions {
     /// `RUST_LOG` of the server; its stderr goes to `log_path`.
     pub log_filter: String,
     pub log_path: PathBuf,
+    /// Serve HTTPS with this certificate and key (PEM files); the harness's clients trust its CA.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// A server process the harness started; killed when dropped.
 pub struct ServerProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` (the name in the run's certificate).
+    pub base_url: String,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -113,7 +117,8 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl ServerProcess {
-    pub async fn spawn(options: &SpawnOptions) -> anyhow::Result<ServerProcess> {
+    /// Starts the server and waits until `http` gets an answer from it.
+    pub async fn spawn(options: &SpawnOptions, http: &reqwest::Client) -> anyhow::Result<ServerProcess> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut cmd = match &options.binary {
             Some(bin) => Command::new(bin),
@@ -145,9 +150,20 @@ impl ServerProcess {
         if let Some(url) = &options.database_url {
             cmd.arg("--database-url").arg(url);
         }
+        if let Some((cert, key)) = &options.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
         let child = cmd.spawn().context("starting the server")?;
-        let mut server = ServerProcess { child, addr };
-        server.wait_ready(&options.log_path).await?;
+        let base_url = match options.tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
+        let mut server = ServerProcess {
+            child,
+            addr,
+            base_url,
+        };
+        server.wait_ready(&options.log_path, http).await?;
         Ok(server)
     }
 
@@ -155,10 +171,9 @@ impl ServerProcess {
         self.child.id()
     }
 
-    async fn wait_ready(&mut self, log: &Path) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, log: &Path, http: &reqwest::Client) -> anyhow::Result<()> {
         let started = Instant::now();
-        let http = reqwest::Client::new();
-        let url = format!("http://{}/healthz", self.addr);
+        let url = format!("{}/healthz", self.base_url);
         loop {
             if let Ok(resp) = http.get(&url).send().await
                 && resp.status().is_success()

@@ -168,39 +168,15 @@ mod tests {
     use std::time::Duration;
 
     use axum::{Extension, Router, routing::get};
-    use fedhive_tls::{ClientTls, Identity, SpkiPin};
+    use fedhive_tls::{
+        ClientTls, Identity,
+        dev_ca::{DevCa, Issued},
+    };
     use prometheus_client::metrics::gauge::Gauge;
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     use tokio::net::TcpListener;
 
     use super::*;
     use crate::http::{ConnectionLimits, serve};
-
-    /// A certificate authority made for one test.
-    struct TestCa(CertifiedIssuer<'static, KeyPair>);
-
-    impl TestCa {
-        fn new(name: &str) -> TestCa {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            TestCa(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
-        }
-
-        fn pem(&self) -> Vec<u8> {
-            self.0.pem().into_bytes()
-        }
-
-        /// A new key and a certificate for `names` signed by this CA: (certificate PEM, key PEM, pin).
-        fn issue(&self, names: &[&str]) -> (Vec<u8>, Vec<u8>, SpkiPin) {
-            let key = KeyPair::generate().unwrap();
-            let params =
-                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-            let cert = params.signed_by(&key, &self.0).unwrap();
-            let pin = SpkiPin::of_certificate(cert.der()).unwrap();
-            (cert.pem().into_bytes(), key.serialize_pem().into_bytes(), pin)
-        }
-    }
 
     /// TLS material on disk, as the server reads it.
     struct Files {
@@ -220,15 +196,11 @@ mod tests {
             path
         }
 
-        fn settings(
-            &self,
-            (cert, key, _): &(Vec<u8>, Vec<u8>, SpkiPin),
-            client_ca: Option<&TestCa>,
-        ) -> TlsSettings {
+        fn settings(&self, issued: &Issued, client_ca: Option<&DevCa>) -> TlsSettings {
             TlsSettings {
-                cert: self.write("cert.pem", cert),
-                key: self.write("key.pem", key),
-                client_ca: client_ca.map(|ca| self.write("client-ca.pem", &ca.pem())),
+                cert: self.write("cert.pem", &issued.cert_pem),
+                key: self.write("key.pem", &issued.key_pem),
+                client_ca: client_ca.map(|ca| self.write("client-ca.pem", &ca.cert_pem())),
             }
         }
     }
@@ -266,9 +238,9 @@ mod tests {
             .unwrap()
     }
 
-    fn trusting(ca: &TestCa) -> ClientTls {
+    fn trusting(ca: &DevCa) -> ClientTls {
         ClientTls {
-            ca_pem: Some(ca.pem()),
+            ca_pem: Some(ca.cert_pem()),
             ..ClientTls::default()
         }
     }
@@ -279,7 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn https_is_served_to_clients_that_trust_the_ca_and_no_others() {
-        let ca = TestCa::new("fedhive test CA");
+        let ca = DevCa::new("fedhive test CA");
         let files = Files::new();
         let tls = ServerTls::load(files.settings(&ca.issue(&["localhost"]), None)).unwrap();
         let url = start(&tls, ConnectionLimits::default()).await;
@@ -287,7 +259,7 @@ mod tests {
         // The public roots do not include the test CA; another CA is not the test CA.
         let public = get_text(&client(ClientTls::default()), &url).await.unwrap_err();
         assert!(public.is_connect(), "{public:?}");
-        let other = get_text(&client(trusting(&TestCa::new("another CA"))), &url).await;
+        let other = get_text(&client(trusting(&DevCa::new("another CA"))), &url).await;
         assert!(other.is_err());
         // Plain HTTP on the TLS port gets no HTTP answer.
         let plain = reqwest::Client::new()
@@ -300,11 +272,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_limited_to_tls_12_is_served() {
-        let ca = TestCa::new("fedhive test CA");
+        let ca = DevCa::new("fedhive test CA");
         let files = Files::new();
         let tls = ServerTls::load(files.settings(&ca.issue(&["localhost"]), None)).unwrap();
         let url = start(&tls, ConnectionLimits::default()).await;
-        let roots = fedhive_tls::root_store_from_pem(&ca.pem(), "CA").unwrap();
+        let roots = fedhive_tls::root_store_from_pem(&ca.cert_pem(), "CA").unwrap();
         let mut config = rustls::ClientConfig::builder_with_provider(fedhive_tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS12])
             .unwrap()
@@ -322,7 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pin_on_another_key_is_refused() {
-        let ca = TestCa::new("fedhive test CA");
+        let ca = DevCa::new("fedhive test CA");
         let files = Files::new();
         let served = ca.issue(&["localhost"]);
         let tls = ServerTls::load(files.settings(&served, None)).unwrap();
@@ -333,15 +305,15 @@ mod tests {
                 ..trusting(&ca)
             })
         };
-        assert_eq!(get_text(&pinned(served.2), &url).await.unwrap(), "anonymous");
+        assert_eq!(get_text(&pinned(served.pin), &url).await.unwrap(), "anonymous");
         // Same CA, same name, another key: the pin refuses it.
-        let (_, _, other_pin) = ca.issue(&["localhost"]);
+        let other_pin = ca.issue(&["localhost"]).pin;
         assert!(get_text(&pinned(other_pin), &url).await.is_err());
     }
 
     #[tokio::test]
     async fn a_reload_serves_the_new_certificate_to_new_connections_and_a_bad_one_keeps_the_old() {
-        let ca = TestCa::new("fedhive test CA");
+        let ca = DevCa::new("fedhive test CA");
         let files = Files::new();
         let first = ca.issue(&["localhost"]);
         let tls = ServerTls::load(files.settings(&first, None)).unwrap();
@@ -352,37 +324,37 @@ mod tests {
                 ..trusting(&ca)
             })
         };
-        assert!(get_text(&pinned(first.2), &url).await.is_ok());
+        assert!(get_text(&pinned(first.pin), &url).await.is_ok());
 
         let second = ca.issue(&["localhost"]);
         files.settings(&second, None);
         tls.reload().unwrap();
-        assert!(get_text(&pinned(second.2), &url).await.is_ok());
-        assert!(get_text(&pinned(first.2), &url).await.is_err());
+        assert!(get_text(&pinned(second.pin), &url).await.is_ok());
+        assert!(get_text(&pinned(first.pin), &url).await.is_err());
 
         // A key that does not belong to the certificate: refused, the second stays.
-        files.write("key.pem", &first.1);
+        files.write("key.pem", &first.key_pem);
         let err = tls.reload().unwrap_err();
         assert!(err.to_string().contains("key.pem"), "{err}");
         files.write("cert.pem", b"half a file");
         assert!(tls.reload().is_err());
-        assert!(get_text(&pinned(second.2), &url).await.is_ok());
+        assert!(get_text(&pinned(second.pin), &url).await.is_ok());
     }
 
     #[tokio::test]
     async fn client_certificates_from_the_client_ca_are_verified_and_reach_the_handlers() {
-        let ca = TestCa::new("fedhive test CA");
-        let operators = TestCa::new("operators");
+        let ca = DevCa::new("fedhive test CA");
+        let operators = DevCa::new("operators");
         let files = Files::new();
         let tls = ServerTls::load(files.settings(&ca.issue(&["localhost"]), Some(&operators))).unwrap();
         assert!(tls.verifies_clients());
         let url = start(&tls, ConnectionLimits::default()).await;
-        let with_identity = |issuer: &TestCa| {
-            let (cert_chain_pem, key_pem, _) = issuer.issue(&["operator.example"]);
+        let with_identity = |issuer: &DevCa| {
+            let issued = issuer.issue(&["operator.example"]);
             client(ClientTls {
                 identity: Some(Identity {
-                    cert_chain_pem,
-                    key_pem,
+                    cert_chain_pem: issued.cert_pem,
+                    key_pem: issued.key_pem,
                 }),
                 ..trusting(&ca)
             })
@@ -395,7 +367,7 @@ mod tests {
         assert_eq!(get_text(&client(trusting(&ca)), &url).await.unwrap(), "anonymous");
         // A certificate from a CA the server does not trust for clients ends the handshake.
         assert!(
-            get_text(&with_identity(&TestCa::new("stranger")), &url)
+            get_text(&with_identity(&DevCa::new("stranger")), &url)
                 .await
                 .is_err()
         );
@@ -404,7 +376,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_never_starts_its_handshake_is_cut_off() {
         use tokio::io::AsyncReadExt;
-        let ca = TestCa::new("fedhive test CA");
+        let ca = DevCa::new("fedhive test CA");
         let files = Files::new();
         let tls = ServerTls::load(files.settings(&ca.issue(&["localhost"]), None)).unwrap();
         let limits = ConnectionLimits {

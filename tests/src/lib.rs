@@ -13,11 +13,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use fedhive_client::client::{FedhiveClient, RetryPolicy};
+use fedhive_client::client::{ClientTls, FedhiveClient, RetryPolicy};
 use fedhive_shared::{
     NamedTensors, Tensor, TensorSpec,
     wire::{Assignment, CheckinResponse, StrategyConfig, TaskConfig, TrainingParams},
 };
+pub use fedhive_tls::dev_ca::DevCa;
 use sqlx::{Connection, Executor};
 
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
@@ -110,6 +111,10 @@ pub struct ServerProcess {
     pub data_dir: PathBuf,
     database_url: Option<String>,
     port: u16,
+    /// How clients check this server (the test CA for an HTTPS server).
+    pub client_tls: ClientTls,
+    /// The flags it was started with (a restart keeps them).
+    flags: Vec<String>,
 }
 
 /// The `fedhive-e2e-server` binary: cargo builds a package's binaries for its integration tests and
@@ -137,12 +142,35 @@ fn free_port() -> u16 {
 impl ServerProcess {
     /// Starts the server on `data_dir` (and `db`'s URL) and waits until it answers.
     pub async fn start(data_dir: &Path, db: &TestDb) -> anyhow::Result<ServerProcess> {
-        Self::start_on(data_dir, db.url.clone(), free_port(), &[]).await
+        Self::start_on(data_dir, db.url.clone(), free_port(), &[], ClientTls::default()).await
     }
 
     /// Like [`ServerProcess::start`], with extra `fedhive serve` flags.
     pub async fn start_with(data_dir: &Path, db: &TestDb, flags: &[&str]) -> anyhow::Result<ServerProcess> {
-        Self::start_on(data_dir, db.url.clone(), free_port(), flags).await
+        Self::start_on(data_dir, db.url.clone(), free_port(), flags, ClientTls::default()).await
+    }
+
+    /// Like [`ServerProcess::start_with`], serving HTTPS as `https://localhost:PORT` with a
+    /// certificate from `ca` (its files written under `data_dir`), which the clients trust.
+    pub async fn start_https(
+        data_dir: &Path,
+        db: &TestDb,
+        ca: &DevCa,
+        flags: &[&str],
+    ) -> anyhow::Result<ServerProcess> {
+        let issued = ca.issue(&["localhost"]);
+        let (cert, key) = (data_dir.join("tls-cert.pem"), data_dir.join("tls-key.pem"));
+        std::fs::create_dir_all(data_dir)?;
+        std::fs::write(&cert, &issued.cert_pem)?;
+        std::fs::write(&key, &issued.key_pem)?;
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let mut all = vec!["--tls-cert", &cert, "--tls-key", &key];
+        all.extend_from_slice(flags);
+        let client_tls = ClientTls {
+            ca_pem: Some(ca.cert_pem()),
+            ..ClientTls::default()
+        };
+        Self::start_on(data_dir, db.url.clone(), free_port(), &all, client_tls).await
     }
 
     async fn start_on(
@@ -150,7 +178,9 @@ impl ServerProcess {
         database_url: Option<String>,
         port: u16,
         flags: &[&str],
+        client_tls: ClientTls,
     ) -> anyhow::Result<ServerProcess> {
+        let https = flags.contains(&"--tls-cert");
         let mut cmd = Command::new(server_binary());
         cmd.arg("serve")
             .arg("--listen")
@@ -170,10 +200,16 @@ impl ServerProcess {
         let child = cmd.spawn().context("spawning the server binary")?;
         let mut server = ServerProcess {
             child,
-            base_url: format!("http://127.0.0.1:{port}"),
+            base_url: if https {
+                format!("https://localhost:{port}")
+            } else {
+                format!("http://127.0.0.1:{port}")
+            },
             data_dir: data_dir.to_path_buf(),
             database_url,
             port,
+            client_tls,
+            flags: flags.iter().map(|flag| flag.to_string()).collect(),
         };
         server.wait_ready().await?;
         Ok(server)
@@ -181,7 +217,11 @@ impl ServerProcess {
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let http = reqwest::Client::new();
+        let mut http = reqwest::Client::builder();
+        if !self.client_tls.is_default() {
+            http = http.tls_backend_preconfigured(self.client_tls.rustls_config()?);
+        }
+        let http = http.build()?;
         loop {
             if let Ok(resp) = http.get(format!("{}/healthz", self.base_url)).send().await
                 && resp.status().is_success()
@@ -206,11 +246,16 @@ impl ServerProcess {
 
     /// SIGTERM: the server drains (stops accepting, finishes requests in flight) and exits.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal named `name` (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("running kill");
-        assert!(status.success(), "kill -TERM failed");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Waits for the process to exit by itself (panics after `timeout`).
@@ -230,14 +275,22 @@ impl ServerProcess {
 
     /// Starts a new process on the same data dir, database and port.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let fresh = Self::start_on(&self.data_dir, self.database_url.clone(), self.port, &[]).await?;
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        let fresh = Self::start_on(
+            &self.data_dir,
+            self.database_url.clone(),
+            self.port,
+            &flags,
+            self.client_tls.clone(),
+        )
+        .await?;
         *self = fresh;
         Ok(())
     }
 
     /// A client with the admin token.
     pub fn client(&self) -> FedhiveClient {
-        FedhiveClient::new(&self.base_url)
+        FedhiveClient::with_tls(&self.base_url, &self.client_tls)
             .unwrap()
             .with_admin_token(ADMIN_TOKEN)
     }

@@ -7,6 +7,9 @@
 //! CA signed it. The cloud worker and operators may present a client certificate
 //! ([`ClientTls::identity`]).
 
+#[cfg(feature = "dev-ca")]
+pub mod dev_ca;
+
 use std::{fmt, str::FromStr, sync::Arc};
 
 use rustls::{
