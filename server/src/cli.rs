@@ -27,6 +27,10 @@ pub enum Command {
     Task(crate::operator::TaskArgs),
     /// Download a task's model from a running server.
     Model(crate::operator::ModelArgs),
+    /// Create, list or revoke named operator tokens on a running server (admin token only).
+    Token(crate::operator::TokenArgs),
+    /// Show a running server's audit log of operator actions, newest first.
+    Audit(crate::operator::AuditArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,7 +48,8 @@ pub struct ServeArgs {
     /// Database URL (sqlite://PATH or postgres://USER@HOST/DB); default: SQLite under --data-dir.
     #[arg(long, env = "FEDHIVE_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Bearer token required by operator endpoints.
+    /// The bootstrap admin token: every operator endpoint, and the only credential that creates,
+    /// lists and revokes named tokens (`fedhive token ...`).
     #[arg(long, env = "FEDHIVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Serve operator endpoints without a token (local demos only).
@@ -254,7 +259,9 @@ pub fn main() -> ExitCode {
     match &cli.command {
         Command::Serve(args) => init_tracing_as(args.log_format),
         // The operator commands print their results; logs only on request.
-        Command::Task(_) | Command::Model(_) => init_tracing_with_default("warn"),
+        Command::Task(_) | Command::Model(_) | Command::Token(_) | Command::Audit(_) => {
+            init_tracing_with_default("warn")
+        }
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
@@ -283,6 +290,8 @@ pub fn main() -> ExitCode {
             }
             Command::Task(args) => crate::operator::task(args).await,
             Command::Model(args) => crate::operator::model(args).await,
+            Command::Token(args) => crate::operator::token(args).await,
+            Command::Audit(args) => crate::operator::audit(args).await,
         }
     });
     match result {

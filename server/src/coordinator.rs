@@ -34,6 +34,7 @@ use fedhive_shared::{
 use tracing::{info, warn};
 
 use crate::{
+    access::{Action, AuditRecord, Principal},
     admission::UploadAdmission,
     blobs::BlobStore,
     db::{Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
@@ -292,8 +293,14 @@ impl Coordinator {
         self.store.task(task_id).await
     }
 
-    /// Creates a task from its config and initial weights (safetensors), and opens round 1.
-    pub async fn create_task(&self, config: TaskConfig, model: Bytes) -> Result<TaskCreated, ApiError> {
+    /// Creates a task from its config and initial weights (safetensors), and opens round 1;
+    /// `by`'s audit line commits with it.
+    pub async fn create_task(
+        &self,
+        config: TaskConfig,
+        model: Bytes,
+        by: &Principal,
+    ) -> Result<TaskCreated, ApiError> {
         let strategy = self.strategies.for_config(&config)?;
         let (checker, checked, for_check) = (strategy.clone(), model.clone(), config.clone());
         tokio::task::spawn_blocking(move || check_task(checker.as_ref(), &for_check, &checked)).await??;
@@ -304,7 +311,11 @@ impl Coordinator {
         let worker_token = strategy
             .issue_task_credentials(&self.store, &task_id, &config)
             .await?;
-        self.store.db.create_task(&task_id, &config, now_ms()).await?;
+        let audit = AuditRecord::ok(by, Action::TaskCreate, &task_id);
+        self.store
+            .db
+            .create_task(&task_id, &config, &audit, now_ms())
+            .await?;
         self.telemetry.round_opened(&task_id);
         info!(task = %task_id, model = %config.model, rounds = config.rounds, k = config.devices_per_round, "task created");
         Ok(TaskCreated {
@@ -351,10 +362,26 @@ impl Coordinator {
     /// Pauses a running task: check-ins are told to come back later and the ticker leaves its
     /// round alone (uploads for assignments already handed out are still taken until the round's
     /// deadline). On resume a round past its deadline is finalised at once and the next opens.
-    pub async fn set_paused(&self, task_id: &str, paused: bool) -> Result<TaskStatus, ApiError> {
+    /// `by`'s audit line commits with the change.
+    pub async fn set_paused(
+        &self,
+        task_id: &str,
+        paused: bool,
+        by: &Principal,
+    ) -> Result<TaskStatus, ApiError> {
         let task = self.task(task_id).await?;
-        if !self.store.db.set_paused(task_id, paused).await? {
-            let action = if paused { "pause" } else { "resume" };
+        let (action, audited) = if paused {
+            ("pause", Action::TaskPause)
+        } else {
+            ("resume", Action::TaskResume)
+        };
+        let audit = AuditRecord::ok(by, audited, task_id);
+        if !self
+            .store
+            .db
+            .set_paused(task_id, paused, &audit, now_ms())
+            .await?
+        {
             return Err(conflict(&self.task(task_id).await?.state, task.id, action));
         }
         info!(task = %task_id, paused, "task paused or resumed by an operator");
@@ -363,12 +390,14 @@ impl Coordinator {
 
     /// Cancels a task: it finishes now with its last committed model, its open round is abandoned
     /// (its uploads are refused as late) and devices that check in are told it has finished.
-    pub async fn cancel(&self, task_id: &str) -> Result<TaskStatus, ApiError> {
+    /// `by`'s audit line commits with it.
+    pub async fn cancel(&self, task_id: &str, by: &Principal) -> Result<TaskStatus, ApiError> {
         let task = self.task(task_id).await?;
         // Not while a round of it is being finalised.
         let finalizing = self.store.finalize_lock.lock().await;
         let round = self.store.db.active_round(task_id).await?;
-        if !self.store.db.cancel_task(task_id, now_ms()).await? {
+        let audit = AuditRecord::ok(by, Action::TaskCancel, task_id);
+        if !self.store.db.cancel_task(task_id, &audit, now_ms()).await? {
             return Err(conflict(&self.task(task_id).await?.state, task.id, "cancel"));
         }
         drop(finalizing);

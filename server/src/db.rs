@@ -14,6 +14,8 @@ use sqlx::{
     any::{AnyPoolOptions, AnyRow},
 };
 
+use crate::access::{AuditRecord, db::insert_audit};
+
 /// Pool plus the dialect it speaks.
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -217,8 +219,14 @@ impl Db {
         self.pool.close().await;
     }
 
-    /// Inserts a task and opens its first round, atomically.
-    pub async fn create_task(&self, id: &str, config: &TaskConfig, now_ms: i64) -> Result<(), DbError> {
+    /// Inserts a task and opens its first round, with the audit line of its creation, atomically.
+    pub async fn create_task(
+        &self,
+        id: &str,
+        config: &TaskConfig,
+        audit: &AuditRecord,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO tasks (id, config, state, model_version, committed_rounds, created_ms) \
@@ -231,6 +239,7 @@ impl Db {
         .await?;
         let deadline = now_ms + config.round_deadline_secs as i64 * 1000;
         insert_round(&mut tx, id, 1, 0, now_ms, deadline).await?;
+        insert_audit(&mut tx, audit, now_ms).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -258,20 +267,33 @@ impl Db {
         rows.iter().map(task_row).collect()
     }
 
-    /// Pauses a running task or resumes a paused one; false if it was in neither state.
-    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<bool, DbError> {
+    /// Pauses a running task or resumes a paused one, with the audit line, in one transaction;
+    /// false (and nothing written) if it was in neither state.
+    pub async fn set_paused(
+        &self,
+        id: &str,
+        paused: bool,
+        audit: &AuditRecord,
+        now_ms: i64,
+    ) -> Result<bool, DbError> {
         let query = if paused {
             "UPDATE tasks SET halt = 'paused' WHERE id = $1 AND state = 'running' AND halt IS NULL"
         } else {
             "UPDATE tasks SET halt = NULL WHERE id = $1 AND state = 'running' AND halt = 'paused'"
         };
-        let done = sqlx::query(query).bind(id).execute(&self.pool).await?;
-        Ok(done.rows_affected() == 1)
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(query).bind(id).execute(&mut *tx).await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit, now_ms).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
-    /// Cancels a task that has not finished, abandoning its open round, in one transaction; false
-    /// if it had already finished or been cancelled.
-    pub async fn cancel_task(&self, id: &str, now_ms: i64) -> Result<bool, DbError> {
+    /// Cancels a task that has not finished, abandoning its open round, with the audit line, in one
+    /// transaction; false (and nothing written) if it had already finished or been cancelled.
+    pub async fn cancel_task(&self, id: &str, audit: &AuditRecord, now_ms: i64) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE tasks SET state = 'finished', halt = 'cancelled' WHERE id = $1 AND state = 'running'",
@@ -290,6 +312,7 @@ impl Db {
         .bind(id)
         .execute(&mut *tx)
         .await?;
+        insert_audit(&mut tx, audit, now_ms).await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -10,8 +10,14 @@ use fedhive_shared::{TensorError, fedavg::AggregateError, sparse::SparseError, w
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("missing or wrong admin bearer token")]
+    #[error("missing, unknown or revoked operator token")]
     Unauthorized,
+    #[error("{who} may not do this: it needs {needed}")]
+    Forbidden { who: String, needed: String },
+    #[error("no operator token is named `{0}`")]
+    UnknownOperatorToken(String),
+    #[error("the token name `{0}` is taken (names are not reused, even after a revocation)")]
+    TokenNameTaken(String),
     #[error("task `{0}` does not exist")]
     UnknownTask(String),
     #[error("model version {version} of task `{task}` does not exist")]
@@ -98,6 +104,9 @@ impl ApiError {
             | DeviceUnauthorized(_)
             | WorkerUnauthorized(_)
             | ClientCertificateRequired => StatusCode::UNAUTHORIZED,
+            Forbidden { .. } => StatusCode::FORBIDDEN,
+            UnknownOperatorToken(_) => StatusCode::NOT_FOUND,
+            TokenNameTaken(_) => StatusCode::CONFLICT,
             NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
             ControlVersionOutOfOrder { .. } | TaskStateConflict { .. } => StatusCode::CONFLICT,
             UnknownTask(_) | UnknownModelVersion { .. } => StatusCode::NOT_FOUND,
@@ -123,6 +132,9 @@ impl ApiError {
         use ApiError::*;
         match self {
             Unauthorized => "unauthorized",
+            Forbidden { .. } => "forbidden",
+            UnknownOperatorToken(_) => "unknown_operator_token",
+            TokenNameTaken(_) => "token_name_taken",
             MissingToken => "missing_token",
             DeviceUnauthorized(_) => "device_unauthorized",
             UnknownTask(_) => "unknown_task",

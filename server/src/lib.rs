@@ -9,6 +9,7 @@
 //! that a restart rebuilds. burn is not a dependency: aggregation runs on plain slices from
 //! `fedhive-shared`.
 
+pub mod access;
 pub mod admission;
 pub mod api;
 pub mod blobs;

@@ -1,6 +1,7 @@
-//! The operator's commands of the `fedhive` binary: `fedhive task ...` and `fedhive model get`,
-//! talking to a running server over its HTTP API with the operator token. Tables for people,
-//! `--json` for scripts (the API's own JSON, one document per command).
+//! The operator's commands of the `fedhive` binary: `fedhive task ...`, `fedhive model get`,
+//! `fedhive token ...` and `fedhive audit`, talking to a running server over its HTTP API with the
+//! admin token or a named token (`--token`, `FEDHIVE_ADMIN_TOKEN`). Tables for people, `--json` for
+//! scripts (the API's own JSON, one document per command).
 
 use std::{
     io::Write,
@@ -8,8 +9,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use fedhive_shared::wire::{
-    ErrorBody, RoundInfo, RoundState, TaskConfig, TaskCreated, TaskStatus, TaskSummary,
+    AuditEntry, ErrorBody, NewToken, RoundInfo, RoundState, TaskConfig, TaskCreated, TaskStatus, TaskSummary,
+    TokenCreated, TokenInfo, TokenScope,
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -27,7 +30,7 @@ pub struct Connection {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
-    /// Operator (admin) bearer token.
+    /// The admin token, or a named token with the scope the command needs.
     #[arg(long, global = true, env = "FEDHIVE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Print the API's JSON instead of a table.
@@ -90,6 +93,48 @@ pub enum ModelCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a named token (admin token only); the token is printed once and cannot be shown again.
+    Create {
+        /// Letters, digits, `.`, `_`, `-`; never reused, even after a revocation.
+        #[arg(long)]
+        name: String,
+        /// read-only: read tasks, rounds, metrics, the audit log; operator: also create, pause,
+        /// resume and cancel tasks; cloud-worker: one DC-CCL task's worker routes (with --task).
+        #[arg(long, value_parser = PossibleValuesParser::new(["read-only", "operator", "cloud-worker"])
+            .map(|s| TokenScope::from_name(&s).expect("one of the possible values")))]
+        scope: TokenScope,
+        /// The DC-CCL task of a cloud-worker token.
+        #[arg(long)]
+        task: Option<String>,
+    },
+    /// Every named token (admin token only): names, scopes, times; never a token.
+    List,
+    /// Revoke a named token (admin token only): it is refused from its next request on.
+    Revoke { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    /// Entries to show, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Only entries older than this id (the last id of the previous page).
+    #[arg(long)]
+    pub before: Option<i64>,
+}
+
 /// An HTTP client for the operator endpoints.
 struct Api {
     http: reqwest::Client,
@@ -134,6 +179,11 @@ impl Api {
         match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) if status == StatusCode::UNAUTHORIZED => bail!(
                 "{status} {}: {} (set FEDHIVE_ADMIN_TOKEN or --token)",
+                body.error,
+                body.message
+            ),
+            Ok(body) if status == StatusCode::FORBIDDEN => bail!(
+                "{status} {}: {} (use a token with that scope)",
                 body.error,
                 body.message
             ),
@@ -272,6 +322,106 @@ pub async fn model(args: ModelArgs) -> anyhow::Result<()> {
         bytes.len(),
         output.display()
     );
+    Ok(())
+}
+
+/// Runs `fedhive token ...`.
+pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.connection)?;
+    let json = args.connection.json;
+    match args.command {
+        TokenCommand::Create { name, scope, task } => {
+            let new = NewToken {
+                name,
+                scope,
+                task_id: task,
+            };
+            let response = api
+                .send(api.request(Method::POST, "/v1/tokens").json(&new))
+                .await?;
+            let created: TokenCreated = response.json().await?;
+            if json {
+                return print_json(&created);
+            }
+            let info = &created.info;
+            match &info.task_id {
+                Some(task) => println!(
+                    "created token {} ({} for task {task})",
+                    info.name,
+                    info.scope.name()
+                ),
+                None => println!("created token {} ({})", info.name, info.scope.name()),
+            }
+            println!("token (shown once; only its hash is kept): {}", created.token);
+        }
+        TokenCommand::List => {
+            let tokens: Vec<TokenInfo> = api.json(Method::GET, "/v1/tokens").await?;
+            if json {
+                return print_json(&tokens);
+            }
+            let when = |ms: Option<i64>| ms.map_or_else(|| "-".to_string(), |ms| utc(ms / 1000));
+            let rows = tokens.iter().map(|t| {
+                vec![
+                    t.name.clone(),
+                    t.scope.name().into(),
+                    t.task_id.clone().unwrap_or_else(|| "-".into()),
+                    t.created_by.clone(),
+                    utc(t.created_ms / 1000),
+                    when(t.last_used_ms),
+                    when(t.revoked_ms),
+                ]
+            });
+            print_table(
+                &[
+                    "NAME",
+                    "SCOPE",
+                    "TASK",
+                    "CREATED BY",
+                    "CREATED (UTC)",
+                    "LAST USED",
+                    "REVOKED",
+                ],
+                rows,
+            );
+        }
+        TokenCommand::Revoke { name } => {
+            let info: TokenInfo = api.json(Method::DELETE, &format!("/v1/tokens/{name}")).await?;
+            if json {
+                return print_json(&info);
+            }
+            println!(
+                "token {} revoked at {} UTC",
+                info.name,
+                utc(info.revoked_ms.unwrap_or_default() / 1000)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `fedhive audit`.
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.connection)?;
+    let path = match args.before {
+        Some(before) => format!("/v1/audit?limit={}&before={before}", args.limit),
+        None => format!("/v1/audit?limit={}", args.limit),
+    };
+    let entries: Vec<AuditEntry> = api.json(Method::GET, &path).await?;
+    if args.connection.json {
+        return print_json(&entries);
+    }
+    let rows = entries.iter().map(|e| {
+        let target = if e.target.is_empty() { "-" } else { &e.target };
+        vec![
+            e.id.to_string(),
+            utc(e.at_ms / 1000),
+            e.actor.clone(),
+            e.action.clone(),
+            target.to_string(),
+            e.outcome.clone(),
+        ]
+    });
+    print_table(&["ID", "WHEN (UTC)", "WHO", "ACTION", "TARGET", "OUTCOME"], rows);
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 //! | `fedhive_upload_stage_duration_seconds` | stage = queue, read, hash, decode, store, accept, fold | an accepted upload's stages: `store` is the blob store's durable write, `accept` the database transaction |
 //! | `fedhive_round_finalize_duration_seconds` | | closing, summing and committing a round (database and blob store included) |
 //! | `fedhive_storage_duration_seconds` | store = database, blobs; op | the database's hot queries (task, round, active_round, assign, accept_update, finish_round) and blob put, get, delete_prefix |
+//! | `fedhive_credential_refusals_total` | reason = unauthorized, forbidden | operator and cloud-worker requests refused for their credential (`401`: none, unknown or revoked; `403`: a token without the scope) |
 //! | `fedhive_upload_slots`, `fedhive_upload_slots_busy`, `fedhive_upload_queue_depth` | | upload admission |
 //! | `fedhive_open_connections` | | TCP connections open |
 //! | `process_resident_memory_bytes` | | RSS (Linux) |
@@ -72,6 +73,11 @@ struct StorageOp {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Stage {
     stage: &'static str,
 }
@@ -124,6 +130,7 @@ pub struct Telemetry {
     rounds_finished: Family<TaskOutcome, Counter>,
     updates: Family<TaskOutcome, Counter>,
     checkins: Family<TaskOutcome, Counter>,
+    credential_refusals: Family<Reason, Counter>,
     request_duration: Histograms<Request>,
     request_bytes: Family<Route, Counter>,
     response_bytes: Family<Route, Counter>,
@@ -151,6 +158,7 @@ impl Telemetry {
             rounds_finished: Family::default(),
             updates: Family::default(),
             checkins: Family::default(),
+            credential_refusals: Family::default(),
             request_duration: histograms(),
             request_bytes: Family::default(),
             response_bytes: Family::default(),
@@ -175,6 +183,11 @@ impl Telemetry {
             "fedhive_checkins",
             "Device check-ins, by outcome",
             t.checkins.clone(),
+        );
+        r.register(
+            "fedhive_credential_refusals",
+            "Operator and cloud-worker requests refused for their credential, by reason",
+            t.credential_refusals.clone(),
         );
         r.register(
             "fedhive_http_request_duration_seconds",
@@ -278,6 +291,17 @@ impl Telemetry {
             .inc();
     }
 
+    /// A request refused for its credential: `unauthorized` (none, unknown or revoked) or
+    /// `forbidden` (a token without the scope). Counted rather than written to the audit log, so
+    /// that anyone's refused requests cannot fill the database.
+    pub fn credential_refused(&self, error: &ApiError) {
+        let reason = match error {
+            ApiError::Forbidden { .. } => "forbidden",
+            _ => "unauthorized",
+        };
+        self.credential_refusals.get_or_create(&Reason { reason }).inc();
+    }
+
     pub fn upload_stages(&self, s: &UploadStages) {
         let stages = [
             ("queue", s.queue),
@@ -377,6 +401,7 @@ mod tests {
         t.upload("t-1", Err(&ApiError::RoundClosed(3)));
         t.upload("", Err(&ApiError::UnknownToken));
         t.request("/v1/updates", "PUT", 200, Duration::from_millis(3));
+        t.credential_refused(&ApiError::Unauthorized);
         t.request_body_counter("/v1/updates", "PUT").inc_by(1234);
         let text = t.render(4, 1, 2);
         for line in [
@@ -387,6 +412,7 @@ mod tests {
             r#"fedhive_updates_total{task="",outcome="unknown_token"} 1"#,
             r#"fedhive_http_request_duration_seconds_count{route="/v1/updates",method="PUT",status="200"} 1"#,
             r#"fedhive_http_request_body_bytes_total{route="/v1/updates",method="PUT"} 1234"#,
+            r#"fedhive_credential_refusals_total{reason="unauthorized"} 1"#,
             "fedhive_upload_slots 4",
             "fedhive_upload_slots_busy 1",
             "fedhive_upload_queue_depth 2",

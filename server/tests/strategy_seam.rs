@@ -103,7 +103,14 @@ async fn a_registered_strategy_runs_rounds_without_touching_the_coordinator() {
     let coordinator = Coordinator::with_strategies(db, blobs, CoordinatorOptions::default(), strategies);
 
     let initial = weights([1.0, -2.0]);
-    let task = coordinator.create_task(config(), initial.clone()).await.unwrap();
+    let task = coordinator
+        .create_task(
+            config(),
+            initial.clone(),
+            &fedhive_server::access::Principal::Admin,
+        )
+        .await
+        .unwrap();
     for round in 1..=2 {
         let mut full = false;
         for samples in [3u64, 5] {

@@ -441,6 +441,103 @@ pub struct ArtifactReceipt {
     pub sha256: String,
 }
 
+/// What a named operator token may do (see `docs/threat-model.md`, "Who is who").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum TokenScope {
+    /// Read what operators read: tasks, rounds, devices, blocks, heat, `/metrics`, the audit log.
+    ReadOnly,
+    /// What the admin token can do, except creating, listing and revoking tokens.
+    Operator,
+    /// One DC-CCL task's cloud-worker routes, as the task's own worker token can.
+    CloudWorker,
+}
+
+impl TokenScope {
+    /// The scope as the API spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TokenScope::ReadOnly => "read-only",
+            TokenScope::Operator => "operator",
+            TokenScope::CloudWorker => "cloud-worker",
+        }
+    }
+
+    /// The scope the API spells `name`.
+    pub fn from_name(name: &str) -> Option<TokenScope> {
+        [
+            TokenScope::ReadOnly,
+            TokenScope::Operator,
+            TokenScope::CloudWorker,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+}
+
+/// `POST /v1/tokens`: a named operator token to create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NewToken {
+    /// Letters, digits, `.`, `_` and `-` (at most 64, the first a letter or digit); taken for good,
+    /// even after its token is revoked, so the audit log's names keep meaning one credential.
+    /// `admin` and `insecure-dev` are reserved.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"))]
+    pub name: String,
+    pub scope: TokenScope,
+    /// The DC-CCL task of a `cloud-worker` token (required for that scope, refused for the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
+/// A named token as listed (`GET /v1/tokens`): never the token or its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenInfo {
+    pub name: String,
+    pub scope: TokenScope,
+    /// The task of a `cloud-worker` token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// Who created it (`admin`: the bootstrap token).
+    pub created_by: String,
+    pub created_ms: i64,
+    /// When it was revoked; a revoked token is refused from the next request on.
+    pub revoked_ms: Option<i64>,
+    /// Its last accepted request, to the minute (refreshed at most once a minute).
+    pub last_used_ms: Option<i64>,
+}
+
+/// Returned once when a token is created: the only time the token itself is shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenCreated {
+    /// `Authorization: Bearer <token>`. Only its SHA-256 is stored: it cannot be shown again.
+    pub token: String,
+    #[serde(flatten)]
+    pub info: TokenInfo,
+}
+
+/// One operator action (`GET /v1/audit`): who did what to which target, how it ended, when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEntry {
+    /// Increasing with time; `?before=` pages back from one.
+    pub id: i64,
+    pub at_ms: i64,
+    /// A token's name; `admin` (the bootstrap token), `insecure-dev` (no token configured) or
+    /// `task-worker:<task id>` (a DC-CCL task's own worker token).
+    pub actor: String,
+    /// `task.create`, `task.pause`, `task.resume`, `task.cancel`, `token.create`, `token.revoke`,
+    /// `cloud.update`, `cloud.control_model`.
+    pub action: String,
+    /// The task id, token name, or `<task id>/<round or version>`; empty when a task creation failed.
+    pub target: String,
+    /// `ok`, or the error code the action was refused with.
+    pub outcome: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +566,19 @@ mod tests {
             let json = serde_json::to_value(&config).unwrap();
             assert_eq!(json["name"], config.name(), "{config:?}");
         }
+    }
+
+    #[test]
+    fn token_scope_names_are_the_wire_names() {
+        for scope in [
+            TokenScope::ReadOnly,
+            TokenScope::Operator,
+            TokenScope::CloudWorker,
+        ] {
+            assert_eq!(serde_json::to_value(scope).unwrap(), scope.name());
+            assert_eq!(TokenScope::from_name(scope.name()), Some(scope));
+        }
+        assert_eq!(TokenScope::from_name("admin"), None);
     }
 
     #[test]

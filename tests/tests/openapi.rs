@@ -33,14 +33,17 @@ fn schemathesis_program() -> String {
 struct Population {
     /// One task of each strategy (FedAvg twice: one finished, one with an open round).
     tasks: Vec<String>,
-    /// The DC-CCL task's cloud-worker token.
+    /// The DC-CCL task and its cloud-worker token.
+    dc_ccl_task: String,
     worker_token: String,
     /// An upload token of the open FedAvg round.
     upload_token: String,
+    /// A named read-only token, for `DELETE /v1/tokens/{name}` to find.
+    token_name: String,
 }
 
 /// The run's settings. Path parameters come from dictionaries of what exists most of the time, so
-/// that requests reach real tasks and blocks (random ids only ever meet `404`); the DC-CCL worker's
+/// that requests reach real tasks, blocks and tokens (random ids only ever meet `404`); the DC-CCL worker's
 /// routes get its token and the device routes an upload token, the rest the operator token.
 fn config(population: &Population) -> String {
     let ids = population
@@ -65,9 +68,16 @@ values = [{ids}]
 [dictionaries.blocks]
 values = ["day", "night"]
 
+[dictionaries.tokens]
+values = ["{token_name}"]
+
+[dictionaries.dc_ccl_task]
+values = ["{dc_ccl_task}"]
+
 [parameters]
 "path.task_id" = {{ dictionary = "tasks", probability = 0.7 }}
 "path.block" = {{ dictionary = "blocks", probability = 0.7 }}
+"path.name" = {{ dictionary = "tokens", probability = 0.7 }}
 
 # Schema-valid is not the same as acceptable here: a `format: binary` body that is not the task's
 # safetensors, a config that breaks a rule no schema states (a tensor shape, a strategy's
@@ -77,9 +87,11 @@ values = ["day", "night"]
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "304", "400", "401", "404", "409", "413", "422"]
 
+# The worker token serves its own task only: other task ids can only meet a refusal.
 [[operations]]
 include-tag = "dc_ccl"
 headers = {{ Authorization = "Bearer {worker}" }}
+parameters = {{ "path.task_id" = {{ dictionary = "dc_ccl_task", probability = 0.7 }} }}
 
 [[operations]]
 include-path-regex = "^/v1/(updates|metrics)$"
@@ -88,6 +100,8 @@ headers = {{ Authorization = "Bearer {upload}" }}
         admin = ADMIN_TOKEN,
         worker = population.worker_token,
         upload = population.upload_token,
+        token_name = population.token_name,
+        dc_ccl_task = population.dc_ccl_task,
     )
 }
 
@@ -135,6 +149,7 @@ async fn populate(server: &ServerProcess) -> Population {
         control_tensors: small_specs()[..1].to_vec(),
     })
     .await;
+    let dc_ccl_task = dc_ccl.task_id.clone();
     let mut tasks = vec![finished, running, dc_ccl.task_id];
     for strategy in [
         StrategyConfig::FedSubAvg {
@@ -160,10 +175,21 @@ async fn populate(server: &ServerProcess) -> Population {
     ] {
         tasks.push(create(strategy).await.task_id);
     }
+    let token_name = "viewer".to_string();
+    let created = reqwest::Client::new()
+        .post(format!("{}/v1/tokens", server.base_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({ "name": token_name, "scope": "read-only" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
     Population {
         tasks,
+        dc_ccl_task,
         worker_token: dc_ccl.worker_token.expect("a DC-CCL task has a worker token"),
         upload_token,
+        token_name,
     }
 }
 
@@ -223,14 +249,14 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         .await
         .unwrap();
     let paths = document["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 26, "described paths: {:?}", paths.keys());
+    assert_eq!(paths.len(), 29, "described paths: {:?}", paths.keys());
 
     let (passed, output) = run_schemathesis(&server.base_url, dir.path(), &population).await;
     println!("{output}");
     assert!(passed, "schemathesis found failures ({backend:?}):\n{output}");
     assert!(
-        output.contains("Tested: 28"),
-        "schemathesis did not test all 28 operations:\n{output}"
+        output.contains("Tested: 32"),
+        "schemathesis did not test all 32 operations:\n{output}"
     );
 
     // The generated traffic got past the refusals into each strategy's working paths (the server
@@ -252,6 +278,9 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         ("GET", "/v1/tasks/{task_id}/devices"),
         ("GET", "/v1/tasks/{task_id}/predictor"),
         ("GET", "/v1/tasks/{task_id}/blocks"),
+        ("GET", "/v1/tokens"),
+        ("DELETE", "/v1/tokens/{name}"),
+        ("GET", "/v1/audit"),
     ] {
         assert!(
             successes(&metrics, method, route) > 0,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiPath, ApiQuery, AppState, etag_matches, require_admin};
+use super::common::{ApiPath, ApiQuery, AppState, authorize, etag_matches};
 use crate::{error::ApiError, strategy::block_cyclic::BlockCyclic};
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -105,11 +105,12 @@ async fn chain(
 }
 
 /// The schedule's position, `r_m` of every block and the history of committed rounds.
-#[utoipa::path(get, path = "/v1/tasks/{task_id}/blocks", tag = "block_cyclic", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/blocks", tag = "block_cyclic", security(("admin" = ["read-only"])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, body = BlockStatus),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`, `not_block_cyclic`", body = ErrorBody),
     ))]
 async fn block_status(
@@ -117,7 +118,7 @@ async fn block_status(
     headers: HeaderMap,
     ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<BlockStatus>, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(&state, &headers, crate::access::Need::Read).await?;
     let status = state
         .strategy::<BlockCyclic>()?
         .block_status(state.coordinator.store(), &task_id)

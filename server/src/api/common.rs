@@ -12,7 +12,13 @@ use axum::{
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-use crate::{coordinator::Coordinator, error::ApiError, store::constant_time_eq, strategy::Strategy};
+use crate::{
+    access::{Action, AuditRecord, Need, Principal},
+    coordinator::Coordinator,
+    error::ApiError,
+    store::{constant_time_eq, now_ms, sha256_hex},
+    strategy::Strategy,
+};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -38,16 +44,55 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-pub(crate) fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match &state.admin_token {
-        None => Ok(()),
-        Some(expected)
-            if bearer(headers).is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes())) =>
-        {
-            Ok(())
-        }
-        Some(_) => Err(ApiError::Unauthorized),
+/// The caller, if its credential allows `need`: the bootstrap admin token (compared in constant
+/// time) or a named token that is not revoked. `401 unauthorized` for no token, an unknown or a
+/// revoked one; `403 forbidden` for a token without the scope. Without an admin token
+/// (`--insecure-dev`) every caller is [`Principal::InsecureDev`]. Refusals are counted, not audited
+/// (see [`crate::access`]).
+pub(crate) async fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    need: Need<'_>,
+) -> Result<Principal, ApiError> {
+    let result = match identify(state, headers).await {
+        Ok(who) => who.require(need).map(|()| who),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        state.credential_refused(e);
     }
+    result
+}
+
+async fn identify(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let Some(admin) = &state.admin_token else {
+        return Ok(Principal::InsecureDev);
+    };
+    let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    if constant_time_eq(token.as_bytes(), admin.as_bytes()) {
+        return Ok(Principal::Admin);
+    }
+    named_token(state, token).await?.ok_or(ApiError::Unauthorized)
+}
+
+/// The named token `token` is, unless it is unknown or revoked (read on every request, so a
+/// revocation holds from the next one); notes its use at most once a minute. It is found by its
+/// SHA-256: the lookup's timing depends only on that hash, which does not lead back to a token of
+/// 256 random bits.
+pub(crate) async fn named_token(state: &AppState, token: &str) -> Result<Option<Principal>, ApiError> {
+    let db = state.coordinator.db();
+    let Some(found) = db.active_operator_token(&sha256_hex(token.as_bytes())).await? else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    if found.last_used_ms.is_none_or(|used| now - used >= 60_000) {
+        db.touch_operator_token(&found.name, now).await?;
+    }
+    Ok(Some(Principal::Token {
+        name: found.name,
+        scope: found.scope,
+        task_id: found.task_id,
+    }))
 }
 
 /// axum's `Path`, `Query` and `Json` extractors refuse with a plain-text body; these wrap them so a
@@ -105,6 +150,35 @@ impl AppState {
             .map_err(|wait| ApiError::RateLimited {
                 retry_after_ms: (wait.as_millis() as u64).max(1),
             })
+    }
+
+    /// Counts (and, for a token without the scope, logs) a request refused for its credential.
+    pub(crate) fn credential_refused(&self, error: &ApiError) {
+        self.coordinator.telemetry().credential_refused(error);
+        if matches!(error, ApiError::Forbidden { .. }) {
+            tracing::warn!(%error, "request refused: token lacks the scope");
+        }
+    }
+
+    /// Writes the audit line of an action that was not written with its change: its refusal
+    /// (`Err`), or its success when `success_too` (an action that is not one transaction). A
+    /// failure to write is logged, not answered: the action has already happened or not.
+    pub(crate) async fn audit_after<T>(
+        &self,
+        who: &Principal,
+        action: Action,
+        target: &str,
+        result: &Result<T, ApiError>,
+        success_too: bool,
+    ) {
+        let record = match result {
+            Ok(_) if !success_too => return,
+            Ok(_) => AuditRecord::ok(who, action, target),
+            Err(e) => AuditRecord::refused(who, action, target, e.code()),
+        };
+        if let Err(e) = self.coordinator.db().record_audit(&record, now_ms()).await {
+            tracing::error!(error = %e, action = action.name(), target, "writing the audit log failed");
+        }
     }
 
     /// The server's instance of strategy `S`, for the routes that only `S` serves.

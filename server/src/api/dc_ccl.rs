@@ -1,5 +1,7 @@
 //! DC-CCL's routes: the cloud worker's (its round, its contribution, publishing control models;
-//! all with the task's worker token) and the devices' control model download.
+//! all with the task's own worker token or a named `cloud-worker` token for the task) and the
+//! devices' control model download. A contribution and a control model are operator actions in the
+//! audit log: they change the model devices get.
 
 use axum::{Json, body::Body, extract::State, http::HeaderMap, response::Response};
 use fedhive_shared::wire::{ArtifactReceipt, CloudStatus, ErrorBody};
@@ -7,8 +9,13 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiPath, ApiQuery, AppState, bearer, read_body, versioned_blob};
-use crate::{error::ApiError, strategy::dc_ccl::DcCcl};
+use super::common::{ApiPath, ApiQuery, AppState, bearer, named_token, read_body, versioned_blob};
+use crate::{
+    access::{Action, Need, Principal},
+    db::TaskRow,
+    error::ApiError,
+    strategy::dc_ccl::DcCcl,
+};
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -18,6 +25,34 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(control_model))
 }
 
+/// The DC-CCL task and its cloud worker: the task's own worker token or a named `cloud-worker`
+/// token for the task. `401 worker_unauthorized` for no token, an unknown or a revoked one; `403
+/// forbidden` for a named token of another scope or task. (The admin token is not a worker's.)
+async fn authorize_worker(
+    state: &AppState,
+    dc: &DcCcl,
+    task_id: &str,
+    headers: &HeaderMap,
+) -> Result<(TaskRow, Principal), ApiError> {
+    let store = state.coordinator.store();
+    let token = bearer(headers);
+    match dc.authorize_worker(store, task_id, token).await {
+        Ok(task) => return Ok((task, Principal::TaskWorker(task_id.to_string()))),
+        Err(ApiError::WorkerUnauthorized(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let named = match token {
+        Some(token) => named_token(state, token).await?,
+        None => None,
+    };
+    let who = match named {
+        Some(who) => who.require(Need::Worker(task_id)).map(|()| who),
+        None => Err(ApiError::WorkerUnauthorized(task_id.to_string())),
+    }
+    .inspect_err(|e| state.credential_refused(e))?;
+    Ok((dc.task(store, task_id).await?, who))
+}
+
 /// What the cloud worker needs: the round in progress, whether it contributed to it, the latest
 /// control model version.
 #[utoipa::path(get, path = "/v1/tasks/{task_id}/cloud", tag = "dc_ccl", security(("worker_token" = [])),
@@ -25,6 +60,7 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
     responses(
         (status = 200, body = CloudStatus),
         (status = 401, description = "`worker_unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a named token of another scope or task", body = ErrorBody),
         (status = 404, description = "`unknown_task`, `not_dc_ccl`", body = ErrorBody),
     ))]
 async fn cloud_status(
@@ -33,9 +69,8 @@ async fn cloud_status(
     headers: HeaderMap,
 ) -> Result<Json<CloudStatus>, ApiError> {
     let dc = state.strategy::<DcCcl>()?;
-    let store = state.coordinator.store();
-    let task = dc.authorize_worker(store, &task_id, bearer(&headers)).await?;
-    Ok(Json(dc.cloud_status(store, &task).await?))
+    let (task, _) = authorize_worker(&state, dc, &task_id, &headers).await?;
+    Ok(Json(dc.cloud_status(state.coordinator.store(), &task).await?))
 }
 
 /// The cloud's delta of `F_s` for a round (safetensors, checked like a device's update), once per
@@ -48,6 +83,7 @@ async fn cloud_status(
         (status = 200, body = ArtifactReceipt),
         (status = 400, description = "`invalid_request` (the path), `bad_body`", body = ErrorBody),
         (status = 401, description = "`worker_unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a named token of another scope or task", body = ErrorBody),
         (status = 404, description = "`unknown_task`, `not_dc_ccl`, `unknown_round`", body = ErrorBody),
         (status = 408, description = "`body_timeout`", body = ErrorBody),
         (status = 409, description = "`round_closed`", body = ErrorBody),
@@ -61,11 +97,19 @@ async fn cloud_update(
     body: Body,
 ) -> Result<Json<ArtifactReceipt>, ApiError> {
     let dc = state.strategy::<DcCcl>()?;
-    let store = state.coordinator.store();
-    let task = dc.authorize_worker(store, &task_id, bearer(&headers)).await?;
+    let (task, who) = authorize_worker(&state, dc, &task_id, &headers).await?;
     let limit = crate::strategy::Strategy::upload_limit(dc, &task.config);
-    let body = read_body(body, &headers, limit, state.body_read_timeout).await?;
-    let (receipt, full) = dc.submit_cloud_update(store, &task, round_id, body).await?;
+    let submitted = async {
+        let body = read_body(body, &headers, limit, state.body_read_timeout).await?;
+        dc.submit_cloud_update(state.coordinator.store(), &task, round_id, body)
+            .await
+    }
+    .await;
+    let target = format!("{task_id}/{round_id}");
+    state
+        .audit_after(&who, Action::CloudUpdate, &target, &submitted, true)
+        .await;
+    let (receipt, full) = submitted?;
     if full {
         let coordinator = state.coordinator.clone();
         tokio::spawn(async move {
@@ -87,6 +131,7 @@ async fn cloud_update(
         (status = 200, body = ArtifactReceipt),
         (status = 400, description = "`invalid_request` (the path), `bad_body`", body = ErrorBody),
         (status = 401, description = "`worker_unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a named token of another scope or task", body = ErrorBody),
         (status = 404, description = "`unknown_task`, `not_dc_ccl`", body = ErrorBody),
         (status = 408, description = "`body_timeout`", body = ErrorBody),
         (status = 409, description = "`control_version_out_of_order`", body = ErrorBody),
@@ -100,16 +145,19 @@ async fn publish_control(
     body: Body,
 ) -> Result<Json<ArtifactReceipt>, ApiError> {
     let dc = state.strategy::<DcCcl>()?;
-    let store = state.coordinator.store();
-    let task = dc.authorize_worker(store, &task_id, bearer(&headers)).await?;
-    let body = read_body(
-        body,
-        &headers,
-        dc.control_limit(&task.config),
-        state.body_read_timeout,
-    )
-    .await?;
-    Ok(Json(dc.publish_control_model(store, &task, version, body).await?))
+    let (task, who) = authorize_worker(&state, dc, &task_id, &headers).await?;
+    let limit = dc.control_limit(&task.config);
+    let published = async {
+        let body = read_body(body, &headers, limit, state.body_read_timeout).await?;
+        dc.publish_control_model(state.coordinator.store(), &task, version, body)
+            .await
+    }
+    .await;
+    let target = format!("{task_id}/{version}");
+    state
+        .audit_after(&who, Action::CloudControlModel, &target, &published, true)
+        .await;
+    Ok(Json(published?))
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -8,7 +8,7 @@ use axum::{
 use fedhive_shared::wire::{DeviceCredentials, DeviceInfo, ErrorBody};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiPath, AppState, require_admin};
+use super::common::{ApiPath, AppState, authorize};
 use crate::{error::ApiError, strategy::fedlaavg::FedLaAvg};
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -41,11 +41,12 @@ async fn enrol_device(
 }
 
 /// The task's enrolled devices with the last round that applied each one's update.
-#[utoipa::path(get, path = "/v1/tasks/{task_id}/devices", tag = "fedlaavg", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/devices", tag = "fedlaavg", security(("admin" = ["read-only"])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, body = Vec<DeviceInfo>),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
     ))]
 async fn task_devices(
@@ -53,7 +54,7 @@ async fn task_devices(
     headers: HeaderMap,
     ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(&state, &headers, crate::access::Need::Read).await?;
     let devices = state
         .strategy::<FedLaAvg>()?
         .devices(state.coordinator.store(), &task_id)

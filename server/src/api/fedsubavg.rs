@@ -20,7 +20,7 @@ use fedhive_shared::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiJson, ApiPath, AppState, require_admin};
+use super::common::{ApiJson, ApiPath, AppState, authorize};
 use crate::{error::ApiError, strategy::fedsubavg::FedSubAvg};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -89,13 +89,14 @@ async fn submodel(
 }
 
 /// The enrolled population and the heat of the requested rows (for operators and tests).
-#[utoipa::path(post, path = "/v1/tasks/{task_id}/heat", tag = "fedsubavg", security(("admin" = [])),
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/heat", tag = "fedsubavg", security(("admin" = ["read-only"])),
     params(("task_id" = String, Path)),
     request_body = RowsRequest,
     responses(
         (status = 200, body = HeatReport),
         (status = 400, description = "`invalid_request` (the body), `not_fedsubavg`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
         (status = 422, description = "`unknown_row`, `duplicate_row`, `too_many_rows`, or a tensor code (an unknown table)", body = ErrorBody),
     ))]
@@ -105,7 +106,7 @@ async fn heat(
     ApiPath(task_id): ApiPath<String>,
     ApiJson(request): ApiJson<RowsRequest>,
 ) -> Result<Json<HeatReport>, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(&state, &headers, crate::access::Need::Read).await?;
     Ok(Json(
         state
             .strategy::<FedSubAvg>()?

@@ -1,41 +1,55 @@
 //! The HTTP API (axum). Handlers parse and authenticate; the [`Coordinator`] decides.
 //!
+//! Who: `anyone`; `device` (its upload token or FedLaAvg credentials); `read` (the admin token, or a
+//! named token of scope `read-only` or `operator`); `operate` (the admin token or an `operator`
+//! token); `admin` (the bootstrap admin token alone); `worker` (a DC-CCL task's own worker token or a
+//! named `cloud-worker` token for that task). Without an admin token (`--insecure-dev`) every
+//! `read`, `operate` and `admin` route is open. See [`crate::access`].
+//!
 //! | method | path | who | what |
 //! |---|---|---|---|
 //! | GET | /healthz | anyone | liveness |
 //! | GET | /readyz | anyone | readiness: the database answers and the blob store is usable (`503 not_ready` otherwise) |
-//! | GET | /metrics | admin | Prometheus metrics of this server (see [`crate::telemetry`]) |
-//! | GET | /ui | anyone (its data: admin) | read-only dashboard (see [`ui`]) |
+//! | GET | /metrics | read | Prometheus metrics of this server (see [`crate::telemetry`]) |
+//! | GET | /ui | anyone (its data: read) | read-only dashboard (see [`ui`]) |
 //! | GET | /openapi.json | anyone | this API's OpenAPI 3.1 description (see [`openapi`]) |
-//! | POST | /v1/tasks | admin | create a task: multipart `config` (JSON) + `model` (safetensors) |
-//! | GET | /v1/tasks | admin | every task, newest first (`TaskSummary`) |
-//! | GET | /v1/tasks/{id} | admin | task status |
-//! | POST | /v1/tasks/{id}/pause, /resume, /cancel | admin | stop handing out work, resume, or end the task now (`409 task_state_conflict` when its state does not allow it) |
-//! | GET | /v1/tasks/{id}/rounds | admin | every round with its counts |
+//! | POST | /v1/tasks | operate | create a task: multipart `config` (JSON) + `model` (safetensors) |
+//! | GET | /v1/tasks | read | every task, newest first (`TaskSummary`) |
+//! | GET | /v1/tasks/{id} | read | task status |
+//! | POST | /v1/tasks/{id}/pause, /resume, /cancel | operate | stop handing out work, resume, or end the task now (`409 task_state_conflict` when its state does not allow it) |
+//! | GET | /v1/tasks/{id}/rounds | read | every round with its counts |
 //! | POST | /v1/tasks/{id}/checkin | device (FedLaAvg: `Bearer device_id:secret`) | an assignment, or retry-after, or finished |
 //! | POST | /v1/tasks/{id}/devices | device | FedLaAvg enrolment: a pseudonymous device id and its secret |
-//! | GET | /v1/tasks/{id}/devices | admin | FedLaAvg devices with their last participation |
+//! | GET | /v1/tasks/{id}/devices | read | FedLaAvg devices with their last participation |
 //! | GET | /v1/tasks/{id}/model[?version=N] | device | model safetensors; ETag = version |
 //! | PUT | /v1/updates?num_samples=N | device (upload token) | the update (safetensors of Delta) |
 //! | POST | /v1/metrics | device (upload token) | loss, sample count, accuracy |
 //! | GET | /v1/tasks/{id}/predictor[?block=NAME] | anyone | MM/MC-PSGD: predictor of the current (or named) block |
 //! | GET | /v1/tasks/{id}/blocks/{name}/chain?version=N | device | MC-PSGD: the block's chain `y_m` |
-//! | GET | /v1/tasks/{id}/blocks | admin | MM/MC-PSGD: schedule position, `r_m` per block, round history |
-//!
+//! | GET | /v1/tasks/{id}/blocks | read | MM/MC-PSGD: schedule position, `r_m` per block, round history |
 //! | PUT | /v1/tasks/{id}/devices/{device_id}/features | device | FedSubAvg: enrol or re-enrol a feature set (JSON `FeatureSet`) |
 //! | POST | /v1/tasks/{id}/submodel | device | FedSubAvg: dense tensors + the requested rows (JSON `RowsRequest` -> sparse safetensors) |
-//! | POST | /v1/tasks/{id}/heat | admin | FedSubAvg: population and per-row heat (JSON `RowsRequest` -> `HeatReport`) |
-//! | GET | /v1/tasks/{id}/cloud | cloud worker (`Bearer worker_token`) | DC-CCL: the round in progress, whether the cloud contributed, latest control version |
-//! | PUT | /v1/tasks/{id}/rounds/{round}/cloud-update | cloud worker | DC-CCL: the cloud's delta of `F_s` for the round (safetensors), once |
-//! | PUT | /v1/tasks/{id}/control-model/{version} | cloud worker | DC-CCL: publish control model `F_m` version N (the next one), immutable |
+//! | POST | /v1/tasks/{id}/heat | read | FedSubAvg: population and per-row heat (JSON `RowsRequest` -> `HeatReport`; a POST that changes nothing) |
+//! | GET | /v1/tasks/{id}/cloud | worker | DC-CCL: the round in progress, whether the cloud contributed, latest control version |
+//! | PUT | /v1/tasks/{id}/rounds/{round}/cloud-update | worker | DC-CCL: the cloud's delta of `F_s` for the round (safetensors), once |
+//! | PUT | /v1/tasks/{id}/control-model/{version} | worker | DC-CCL: publish control model `F_m` version N (the next one), immutable |
 //! | GET | /v1/tasks/{id}/control-model[?version=N] | device | DC-CCL: control model safetensors; ETag = version |
+//! | POST | /v1/tokens | admin | create a named token (`NewToken` -> `TokenCreated`, the token shown once) |
+//! | GET | /v1/tokens | admin | every named token (`TokenInfo`: names, scopes, times; never a token or hash) |
+//! | DELETE | /v1/tokens/{name} | admin | revoke a named token: refused from the next request on |
+//! | GET | /v1/audit[?limit=N&before=ID] | read | the audit log, newest first (`AuditEntry`) |
+//!
+//! A token that is missing, unknown or revoked is `401 unauthorized` (`worker_unauthorized` on the
+//! worker's routes); a valid token without the scope is `403 forbidden`, naming the scope needed.
 //!
 //! One module per group of routes: [`tasks`] (every task), and one per strategy that has routes of
-//! its own ([`fedlaavg`], [`fedsubavg`], [`block_cyclic`], [`dc_ccl`]), which call that strategy directly.
+//! its own ([`fedlaavg`], [`fedsubavg`], [`block_cyclic`], [`dc_ccl`]), which call that strategy
+//! directly, and [`credentials`] (named tokens and the audit log).
 
 mod block_cyclic;
 mod client_certificate;
 mod common;
+mod credentials;
 mod dc_ccl;
 mod fedlaavg;
 mod fedsubavg;
@@ -61,6 +75,7 @@ fn described_routes() -> OpenApiRouter<AppState> {
         .merge(fedsubavg::routes())
         .merge(block_cyclic::routes())
         .merge(dc_ccl::routes())
+        .merge(credentials::routes())
         .merge(observe::routes())
         .merge(ui::routes())
 }

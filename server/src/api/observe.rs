@@ -19,7 +19,7 @@ use http_body::{Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{AppState, require_admin};
+use super::common::{AppState, authorize};
 use crate::{error::ApiError, telemetry};
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -28,14 +28,15 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 
 /// The server's metrics (operator token, like every operator endpoint: task ids and load are not
 /// for the internet).
-#[utoipa::path(get, path = "/metrics", tag = "operations", security(("admin" = [])),
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(("admin" = ["read-only"])),
     responses(
         (status = 200, description = "Prometheus (OpenMetrics) text", body = String,
             content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
     ))]
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(&state, &headers, crate::access::Need::Read).await?;
     let text = state.coordinator.render_metrics();
     let content_type = HeaderValue::from_static(telemetry::CONTENT_TYPE);
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())

@@ -34,6 +34,7 @@ use utoipa::{
         (name = "fedlaavg", description = "FedLaAvg: device enrolment."),
         (name = "block_cyclic", description = "MM-PSGD and MC-PSGD: predictors, chains, the block schedule."),
         (name = "dc_ccl", description = "DC-CCL: the cloud worker's routes and the control model."),
+        (name = "access", description = "Named operator tokens (the admin's) and the audit log."),
         (name = "operations", description = "Health, readiness, metrics and the dashboard."),
     )
 )]
@@ -52,7 +53,11 @@ impl Modify for Credentials {
         };
         components.add_security_scheme(
             "admin",
-            bearer("The operator token (`--admin-token`, `FEDHIVE_ADMIN_TOKEN`)."),
+            bearer(
+                "The bootstrap admin token (`--admin-token`, `FEDHIVE_ADMIN_TOKEN`), or a named token \
+                 (`POST /v1/tokens`) with the scope the route lists: `read-only` (or `operator`) to read, \
+                 `operator` to change tasks, `admin` (the bootstrap token only) to manage tokens.",
+            ),
         );
         components.add_security_scheme(
             "upload_token",
@@ -64,7 +69,10 @@ impl Modify for Credentials {
         );
         components.add_security_scheme(
             "worker_token",
-            bearer("DC-CCL: the task's cloud-worker token (returned when the task is created)."),
+            bearer(
+                "DC-CCL: the task's cloud-worker token (returned when the task is created), or a \
+                 named `cloud-worker` token for the task.",
+            ),
         );
     }
 }

@@ -18,8 +18,11 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiJson, ApiPath, ApiQuery, AppState, bearer, read_body, require_admin, versioned_blob};
-use crate::error::ApiError;
+use super::common::{ApiJson, ApiPath, ApiQuery, AppState, authorize, bearer, read_body, versioned_blob};
+use crate::{
+    access::{Action, Need},
+    error::ApiError,
+};
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -68,12 +71,13 @@ struct CreateTaskForm {
 
 /// Creates a task from its config and initial model; both are checked with the same rules as
 /// `fedhive task create` applies before uploading.
-#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", security(("admin" = [])),
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", security(("admin" = ["operator"])),
     request_body(content = inline(CreateTaskForm), content_type = "multipart/form-data"),
     responses(
         (status = 201, description = "created", body = TaskCreated),
         (status = 400, description = "`invalid_request` (a field missing or unexpected), `bad_body` (not multipart)", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
         (status = 422, description = "`invalid_config`, `missing_tensor`, `unexpected_tensor`, `shape_mismatch`, `dtype_mismatch`, `non_finite_value`, `malformed_tensors`", body = ErrorBody),
     ))]
@@ -82,7 +86,7 @@ async fn create_task(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<TaskCreated>), ApiError> {
-    require_admin(&state, &headers)?;
+    let who = authorize(&state, &headers, Need::Operate).await?;
     let mut multipart = multipart.map_err(|e| ApiError::BadBody(e.body_text()))?;
     let mut config: Option<TaskConfig> = None;
     let mut model: Option<Bytes> = None;
@@ -112,16 +116,20 @@ async fn create_task(
     let config =
         config.ok_or_else(|| ApiError::InvalidRequest("multipart field `config` is missing".into()))?;
     let model = model.ok_or_else(|| ApiError::InvalidRequest("multipart field `model` is missing".into()))?;
-    let created = state.coordinator.create_task(config, model).await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    let created = state.coordinator.create_task(config, model, &who).await;
+    state
+        .audit_after(&who, Action::TaskCreate, "", &created, false)
+        .await;
+    Ok((StatusCode::CREATED, Json(created?)))
 }
 
 /// A task's state, model version, config and open round.
-#[utoipa::path(get, path = "/v1/tasks/{task_id}", tag = "tasks", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/tasks/{task_id}", tag = "tasks", security(("admin" = ["read-only"])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, body = TaskStatus),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
     ))]
 async fn task_status(
@@ -129,30 +137,32 @@ async fn task_status(
     headers: HeaderMap,
     ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(&state, &headers, Need::Read).await?;
     Ok(Json(state.coordinator.status(&task_id).await?))
 }
 
 /// Every task, newest first.
-#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", security(("admin" = ["read-only"])),
     responses(
         (status = 200, body = Vec<TaskSummary>),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
     ))]
 async fn list_tasks(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<TaskSummary>>, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(&state, &headers, Need::Read).await?;
     Ok(Json(state.coordinator.tasks().await?))
 }
 
 /// Stops handing out work (check-ins are told to come back); the open round runs to its end.
-#[utoipa::path(post, path = "/v1/tasks/{task_id}/pause", tag = "tasks", security(("admin" = [])),
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/pause", tag = "tasks", security(("admin" = ["operator"])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, description = "the task after the change", body = TaskStatus),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
         (status = 409, description = "`task_state_conflict`: the task is not running", body = ErrorBody),
     ))]
@@ -161,16 +171,21 @@ async fn pause(
     headers: HeaderMap,
     ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
-    require_admin(&state, &headers)?;
-    Ok(Json(state.coordinator.set_paused(&task_id, true).await?))
+    let who = authorize(&state, &headers, Need::Operate).await?;
+    let status = state.coordinator.set_paused(&task_id, true, &who).await;
+    state
+        .audit_after(&who, Action::TaskPause, &task_id, &status, false)
+        .await;
+    Ok(Json(status?))
 }
 
 /// Hands out work again after a pause.
-#[utoipa::path(post, path = "/v1/tasks/{task_id}/resume", tag = "tasks", security(("admin" = [])),
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/resume", tag = "tasks", security(("admin" = ["operator"])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, description = "the task after the change", body = TaskStatus),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
         (status = 409, description = "`task_state_conflict`: the task is not paused", body = ErrorBody),
     ))]
@@ -179,16 +194,21 @@ async fn resume(
     headers: HeaderMap,
     ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
-    require_admin(&state, &headers)?;
-    Ok(Json(state.coordinator.set_paused(&task_id, false).await?))
+    let who = authorize(&state, &headers, Need::Operate).await?;
+    let status = state.coordinator.set_paused(&task_id, false, &who).await;
+    state
+        .audit_after(&who, Action::TaskResume, &task_id, &status, false)
+        .await;
+    Ok(Json(status?))
 }
 
 /// Ends the task now: the open round is abandoned, the model stays at its last committed version.
-#[utoipa::path(post, path = "/v1/tasks/{task_id}/cancel", tag = "tasks", security(("admin" = [])),
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/cancel", tag = "tasks", security(("admin" = ["operator"])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, description = "the task after the change", body = TaskStatus),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
         (status = 409, description = "`task_state_conflict`: the task is already over", body = ErrorBody),
     ))]
@@ -197,16 +217,21 @@ async fn cancel(
     headers: HeaderMap,
     ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<TaskStatus>, ApiError> {
-    require_admin(&state, &headers)?;
-    Ok(Json(state.coordinator.cancel(&task_id).await?))
+    let who = authorize(&state, &headers, Need::Operate).await?;
+    let status = state.coordinator.cancel(&task_id, &who).await;
+    state
+        .audit_after(&who, Action::TaskCancel, &task_id, &status, false)
+        .await;
+    Ok(Json(status?))
 }
 
 /// Every round of the task with its counts and the metrics its devices reported.
-#[utoipa::path(get, path = "/v1/tasks/{task_id}/rounds", tag = "tasks", security(("admin" = [])),
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/rounds", tag = "tasks", security(("admin" = ["read-only"])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, body = Vec<RoundInfo>),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the scope", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
     ))]
 async fn task_rounds(
@@ -214,7 +239,7 @@ async fn task_rounds(
     headers: HeaderMap,
     ApiPath(task_id): ApiPath<String>,
 ) -> Result<Json<Vec<RoundInfo>>, ApiError> {
-    require_admin(&state, &headers)?;
+    authorize(&state, &headers, Need::Read).await?;
     Ok(Json(state.coordinator.rounds(&task_id).await?))
 }
 

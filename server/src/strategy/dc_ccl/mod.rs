@@ -12,8 +12,9 @@
 //! without the contribution it is abandoned, or commits the devices' average alone, as the task's
 //! `without_cloud` says. Devices are told to come back until a control model exists.
 //!
-//! The worker authenticates with a token issued at task creation (stored hashed): it reads its
-//! task's round, submits contributions and publishes control models for that task, nothing else.
+//! The worker authenticates with a token issued at task creation (stored hashed), or with a named
+//! `cloud-worker` token for the task (see [`crate::access`]): it reads its task's round, submits
+//! contributions and publishes control models for that task, nothing else.
 
 mod db;
 
@@ -100,7 +101,7 @@ impl DcCcl {
     }
 
     /// The task, if it runs DC-CCL.
-    async fn task(&self, store: &Store, task_id: &str) -> Result<TaskRow, ApiError> {
+    pub async fn task(&self, store: &Store, task_id: &str) -> Result<TaskRow, ApiError> {
         let task = store.task(task_id).await?;
         if !self.handles(&task.config.strategy) {
             return Err(ApiError::NotDcCcl(task_id.to_string()));
