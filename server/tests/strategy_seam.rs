@@ -76,6 +76,7 @@ fn config() -> TaskConfig {
         min_devices_per_round: 2,
         over_selection: 1.0,
         round_deadline_secs: 60,
+        require_enrolled_device: false,
         rounds: 2,
     }
 }
