@@ -113,7 +113,7 @@ async fn a_registered_strategy_runs_rounds_without_touching_the_coordinator() {
             };
             let delta = weights([0.5, 0.5]);
             let (_, now_full) = coordinator
-                .upload(&a.upload_token, samples, |_limit| async move { Ok(delta) })
+                .upload(&a.upload_token, None, samples, |_limit| async move { Ok(delta) })
                 .await
                 .unwrap();
             full = now_full;
