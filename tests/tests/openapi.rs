@@ -31,17 +31,27 @@ fn schemathesis_program() -> String {
 
 /// What exists on the server before schemathesis starts, for it to find.
 struct Population {
-    /// One task of each strategy (FedAvg twice: one finished, one with an open round).
+    /// One task of each strategy (FedAvg twice: one finished, one with an open round), DC-CCL's
+    /// third.
     tasks: Vec<String>,
     /// The DC-CCL task's cloud-worker token.
     worker_token: String,
     /// An upload token of the open FedAvg round.
     upload_token: String,
+    /// An enrolment key, for `POST /v1/devices`.
+    enrolment_key: String,
+    /// Another key's id, for `DELETE /v1/enrolment-keys/{key_id}` to find (revoking it leaves the
+    /// key above and the device below working).
+    decoy_key_id: String,
+    /// A device enrolled with the key, for check-ins (a check-in that sends no credential is
+    /// anonymous; one that sends a wrong one, such as the admin token, is refused).
+    device: String,
 }
 
 /// The run's settings. Path parameters come from dictionaries of what exists most of the time, so
 /// that requests reach real tasks and blocks (random ids only ever meet `404`); the DC-CCL worker's
-/// routes get its token and the device routes an upload token, the rest the operator token.
+/// routes get its token, the device routes an upload token (uploads, metrics), a device credential
+/// (check-in) or an enrolment key (enrolment), the rest the operator token.
 fn config(population: &Population) -> String {
     let ids = population
         .tasks
@@ -65,29 +75,52 @@ values = [{ids}]
 [dictionaries.blocks]
 values = ["day", "night"]
 
+[dictionaries.keys]
+values = ["{decoy_key}"]
+
+[dictionaries.dc_ccl]
+values = ["{dc_ccl}"]
+
 [parameters]
 "path.task_id" = {{ dictionary = "tasks", probability = 0.7 }}
 "path.block" = {{ dictionary = "blocks", probability = 0.7 }}
+"path.key_id" = {{ dictionary = "keys", probability = 0.7 }}
 
 # Schema-valid is not the same as acceptable here: a `format: binary` body that is not the task's
 # safetensors, a config that breaks a rule no schema states (a tensor shape, a strategy's
 # constraints), a token that names no assignment, a task of another strategy, a task in a state
 # that forbids the action, an integer written as `260.0`. Each of those is a documented 4xx with an
-# error code (docs/api.md, "schemathesis"), so here they count as answers to valid input.
+# error code (docs/api.md, "schemathesis"), so here they count as answers to valid input. So is a
+# credential that the run itself revoked (403: it finds key and device ids in the lists it reads).
 [checks.positive_data_acceptance]
-expected-statuses = ["2xx", "304", "400", "401", "404", "409", "413", "422"]
+expected-statuses = ["2xx", "304", "400", "401", "403", "404", "409", "413", "422"]
 
+# The worker's routes draw their task from the DC-CCL task alone: drawn from every task, the seeded
+# draws missed it in every request once the enrolment routes changed the random stream (2026-12-05).
 [[operations]]
 include-tag = "dc_ccl"
 headers = {{ Authorization = "Bearer {worker}" }}
+parameters = {{ "path.task_id" = {{ dictionary = "dc_ccl", probability = 0.7 }} }}
 
 [[operations]]
 include-path-regex = "^/v1/(updates|metrics)$"
 headers = {{ Authorization = "Bearer {upload}" }}
+
+[[operations]]
+include-name = "POST /v1/devices"
+headers = {{ Authorization = "Bearer {enrolment_key}" }}
+
+[[operations]]
+include-name = "POST /v1/tasks/{{task_id}}/checkin"
+headers = {{ Authorization = "Bearer {device}" }}
 "#,
         admin = ADMIN_TOKEN,
         worker = population.worker_token,
         upload = population.upload_token,
+        enrolment_key = population.enrolment_key,
+        decoy_key = population.decoy_key_id,
+        dc_ccl = population.tasks[2],
+        device = population.device,
     )
 }
 
@@ -160,10 +193,20 @@ async fn populate(server: &ServerProcess) -> Population {
     ] {
         tasks.push(create(strategy).await.task_id);
     }
+    let enrolment_key = client
+        .create_enrolment_key("schemathesis")
+        .await
+        .unwrap()
+        .enrolment_key;
+    let decoy_key_id = client.create_enrolment_key("decoy").await.unwrap().key_id;
+    let device = client.enrol_device(&enrolment_key).await.unwrap().bearer();
     Population {
         tasks,
         worker_token: dc_ccl.worker_token.expect("a DC-CCL task has a worker token"),
         upload_token,
+        enrolment_key,
+        decoy_key_id,
+        device,
     }
 }
 
@@ -223,14 +266,14 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         .await
         .unwrap();
     let paths = document["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 26, "described paths: {:?}", paths.keys());
+    assert_eq!(paths.len(), 30, "described paths: {:?}", paths.keys());
 
     let (passed, output) = run_schemathesis(&server.base_url, dir.path(), &population).await;
     println!("{output}");
     assert!(passed, "schemathesis found failures ({backend:?}):\n{output}");
     assert!(
-        output.contains("Tested: 28"),
-        "schemathesis did not test all 28 operations:\n{output}"
+        output.contains("Tested: 34"),
+        "schemathesis did not test all 34 operations:\n{output}"
     );
 
     // The generated traffic got past the refusals into each strategy's working paths (the server
@@ -252,6 +295,9 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         ("GET", "/v1/tasks/{task_id}/devices"),
         ("GET", "/v1/tasks/{task_id}/predictor"),
         ("GET", "/v1/tasks/{task_id}/blocks"),
+        ("POST", "/v1/devices"),
+        ("GET", "/v1/devices"),
+        ("GET", "/v1/enrolment-keys"),
     ] {
         assert!(
             successes(&metrics, method, route) > 0,
