@@ -11,9 +11,13 @@ use bytes::Bytes;
 use fedhive_shared::blocks::BlockStatus;
 use fedhive_shared::sparse::{Enrolment, FeatureSet, HeatReport, RowsRequest};
 use fedhive_shared::wire::{
-    ArtifactReceipt, CheckinResponse, CloudStatus, DeviceCredentials, DeviceInfo, ErrorBody, MetricsReport,
-    RoundInfo, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
+    ArtifactReceipt, CheckinResponse, CloudStatus, DeviceCredentials, DeviceInfo, EnrolledDevice,
+    EnrolmentKey, EnrolmentKeyCreated, EnrolmentKeyRequest, ErrorBody, MetricsReport, RoundInfo, TaskConfig,
+    TaskCreated, TaskStatus, UploadReceipt,
 };
+
+/// The header that carries a device credential beside an upload token.
+pub const DEVICE_HEADER: &str = "fedhive-device";
 use reqwest::{Method, RequestBuilder, StatusCode, header};
 
 pub use fedhive_tls::{ClientTls, Identity, SpkiPin};
@@ -173,9 +177,25 @@ impl FedhiveClient {
             .await?)
     }
 
-    /// Enrols this device in a task whose strategy tracks devices across rounds (FedLaAvg). Keep
-    /// the credentials: they are the device's identity for the task. Not retried (a lost answer
-    /// would leave an orphan enrolment; enrol again instead).
+    /// Enrols this device with an enrolment key (`<key_id>:<secret>`, shipped with the app): a
+    /// credential valid for every task. Keep it where the app keeps its state: it is the device's
+    /// identity, and it is shown only once. Not retried (a lost answer would leave an orphan
+    /// enrolment; enrol again instead).
+    pub async fn enrol_device(&self, enrolment_key: &str) -> Result<DeviceCredentials, ClientError> {
+        let resp = self
+            .request(Method::POST, "/v1/devices")
+            .bearer_auth(enrolment_key)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        Ok(resp.json().await?)
+    }
+
+    /// Enrols this device in one task whose strategy tracks devices across rounds (FedLaAvg),
+    /// without an enrolment key. Keep the credentials: they are the device's identity for the task.
+    /// Not retried (a lost answer would leave an orphan enrolment; enrol again instead).
     pub async fn enrol(&self, task_id: &str) -> Result<DeviceCredentials, ClientError> {
         let path = format!("/v1/tasks/{task_id}/devices");
         let resp = self.request(Method::POST, &path).send().await?;
@@ -228,13 +248,28 @@ impl FedhiveClient {
         num_samples: u64,
         body: Bytes,
     ) -> Result<UploadReceipt, ClientError> {
+        self.upload_update_as(upload_token, None, num_samples, body).await
+    }
+
+    /// [`upload_update`](Self::upload_update) with the device's credential, which a task that
+    /// requires enrolled devices needs (the one the assignment was issued to).
+    pub async fn upload_update_as(
+        &self,
+        upload_token: &str,
+        credentials: Option<&DeviceCredentials>,
+        num_samples: u64,
+        body: Bytes,
+    ) -> Result<UploadReceipt, ClientError> {
+        let device = credentials.map(DeviceCredentials::bearer);
         let resp = self
             .send(|| {
-                self.request(Method::PUT, "/v1/updates")
+                let req = self
+                    .request(Method::PUT, "/v1/updates")
                     .bearer_auth(upload_token)
                     .query(&[("num_samples", num_samples)])
                     .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .body(body.clone())
+                    .body(body.clone());
+                with_device(req, device.as_deref())
             })
             .await?;
         Ok(resp.json().await?)
@@ -245,10 +280,24 @@ impl FedhiveClient {
         upload_token: &str,
         report: &MetricsReport,
     ) -> Result<(), ClientError> {
+        self.report_metrics_as(upload_token, None, report).await
+    }
+
+    /// [`report_metrics`](Self::report_metrics) with the device's credential (see
+    /// [`upload_update_as`](Self::upload_update_as)).
+    pub async fn report_metrics_as(
+        &self,
+        upload_token: &str,
+        credentials: Option<&DeviceCredentials>,
+        report: &MetricsReport,
+    ) -> Result<(), ClientError> {
+        let device = credentials.map(DeviceCredentials::bearer);
         self.send(|| {
-            self.request(Method::POST, "/v1/metrics")
+            let req = self
+                .request(Method::POST, "/v1/metrics")
                 .bearer_auth(upload_token)
-                .json(report)
+                .json(report);
+            with_device(req, device.as_deref())
         })
         .await?;
         Ok(())
@@ -316,6 +365,61 @@ impl FedhiveClient {
     pub async fn task_status(&self, task_id: &str) -> Result<TaskStatus, ClientError> {
         let path = format!("/v1/tasks/{task_id}");
         Ok(self.send(|| self.admin(Method::GET, &path)).await?.json().await?)
+    }
+
+    /// Operator: creates an enrolment key named `name` (an app release, say); the answer holds the
+    /// key, shown only this once.
+    pub async fn create_enrolment_key(&self, name: &str) -> Result<EnrolmentKeyCreated, ClientError> {
+        let request = EnrolmentKeyRequest { name: name.into() };
+        Ok(self
+            .send(|| self.admin(Method::POST, "/v1/enrolment-keys").json(&request))
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Operator: every enrolment key (without secrets).
+    pub async fn enrolment_keys(&self) -> Result<Vec<EnrolmentKey>, ClientError> {
+        Ok(self
+            .send(|| self.admin(Method::GET, "/v1/enrolment-keys"))
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Operator: revokes an enrolment key; the devices it enrolled are refused from then on.
+    pub async fn revoke_enrolment_key(&self, key_id: &str) -> Result<EnrolmentKey, ClientError> {
+        let path = format!("/v1/enrolment-keys/{key_id}");
+        Ok(self
+            .send(|| self.admin(Method::DELETE, &path))
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Operator: enrolled devices (of `key_id` if given), up to 1000 by id.
+    pub async fn enrolled_devices(&self, key_id: Option<&str>) -> Result<Vec<EnrolledDevice>, ClientError> {
+        Ok(self
+            .send(|| {
+                let req = self.admin(Method::GET, "/v1/devices");
+                match key_id {
+                    Some(k) => req.query(&[("key_id", k)]),
+                    None => req,
+                }
+            })
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Operator: revokes a device; its credential is refused from its next request.
+    pub async fn revoke_device(&self, device_id: &str) -> Result<EnrolledDevice, ClientError> {
+        let path = format!("/v1/devices/{device_id}");
+        Ok(self
+            .send(|| self.admin(Method::DELETE, &path))
+            .await?
+            .json()
+            .await?)
     }
 
     /// Operator: a FedLaAvg task's enrolled devices and their last participation.
@@ -474,6 +578,14 @@ pub struct ServedPredictor {
     /// Changes whenever the predictor does.
     pub etag: String,
     pub bytes: Bytes,
+}
+
+/// The request with the device's credential in [`DEVICE_HEADER`], if it has one.
+fn with_device(req: RequestBuilder, device: Option<&str>) -> RequestBuilder {
+    match device {
+        Some(d) => req.header(DEVICE_HEADER, d),
+        None => req,
+    }
 }
 
 async fn error_from(resp: reqwest::Response) -> ClientError {

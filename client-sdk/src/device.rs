@@ -50,7 +50,9 @@ pub struct Device {
     pub device: burn::tensor::Device,
     pub data: Arc<Dataset>,
     pub seed: u64,
-    /// Identity for strategies that track devices across rounds (FedLaAvg); see [`Device::enrol`].
+    /// The device's identity: from [`Device::enrol_with_key`] (every task), [`Device::enrol`]
+    /// (FedLaAvg, one task), or stored by the app from an earlier enrolment
+    /// ([`Device::with_credentials`]). Sent with every check-in, upload and metrics report.
     pub credentials: Option<DeviceCredentials>,
     /// Block-cyclic tasks: the device's data in each block, by block name (a block without an entry
     /// trains on `data`).
@@ -95,7 +97,22 @@ impl Device {
         }
     }
 
-    /// Enrols with the server (FedLaAvg tasks) and keeps the credentials for later check-ins.
+    /// Enrols with an enrolment key and keeps the credential for every later request. The app
+    /// should store what this returns (the server shows the secret only once) and hand it back
+    /// with [`Device::with_credentials`] when it starts again.
+    pub async fn enrol_with_key(&mut self, enrolment_key: &str) -> Result<&DeviceCredentials, DeviceError> {
+        let credentials = self.client.enrol_device(enrolment_key).await?;
+        Ok(&*self.credentials.insert(credentials))
+    }
+
+    /// A device that enrolled before (its stored credential).
+    pub fn with_credentials(mut self, credentials: DeviceCredentials) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Enrols with the server in this device's FedLaAvg task only (no enrolment key) and keeps the
+    /// credentials for later check-ins.
     pub async fn enrol(&mut self) -> Result<&DeviceCredentials, DeviceError> {
         let credentials = self.client.enrol(&self.task_id).await?;
         Ok(&*self.credentials.insert(credentials))
@@ -253,15 +270,18 @@ impl Device {
         };
         let body = Bytes::from(body.encode());
         self.traffic.uploaded += body.len() as u64;
+        let credentials = self.credentials.as_ref();
         self.client
-            .upload_update(&a.upload_token, num_samples, body)
+            .upload_update_as(&a.upload_token, credentials, num_samples, body)
             .await?;
         let metrics = MetricsReport {
             loss,
             num_samples,
             accuracy: None,
         };
-        self.client.report_metrics(&a.upload_token, &metrics).await?;
+        self.client
+            .report_metrics_as(&a.upload_token, credentials, &metrics)
+            .await?;
         Ok(())
     }
 }

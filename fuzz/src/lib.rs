@@ -33,6 +33,7 @@ fn task(strategy: StrategyConfig) -> TaskConfig {
         min_devices_per_round: 1,
         over_selection: 1.0,
         round_deadline_secs: 60,
+        require_enrolled_device: false,
         rounds: 10,
     }
 }

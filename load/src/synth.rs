@@ -56,6 +56,7 @@ pub fn task_config(shape: &TaskShape) -> TaskConfig {
         min_devices_per_round: shape.min_devices_per_round,
         over_selection: shape.over_selection,
         round_deadline_secs: shape.round_deadline_secs,
+        require_enrolled_device: false,
         rounds: shape.rounds,
     }
 }

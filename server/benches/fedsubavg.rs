@@ -167,6 +167,7 @@ fn main() {
             min_devices_per_round: 1,
             over_selection: 1.0,
             round_deadline_secs: 3600,
+            require_enrolled_device: false,
             rounds: 1,
         };
         // The table is left out of the initial weights: the server creates it (zeros) on disk.

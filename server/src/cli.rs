@@ -106,6 +106,13 @@ pub struct ServeArgs {
     /// TLS, or --insecure-dev, the server refuses to start there.
     #[arg(long, env = "FEDHIVE_ALLOW_PLAIN_HTTP")]
     pub allow_plain_http: bool,
+    /// Check-ins and uploads per second from one enrolled device, by its authenticated id (0: no
+    /// limit). Unlike an address, a device id is one device: set it near one device's own rate.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_limit_per_device: f64,
+    /// Requests one device may send at once before its rate applies (default: 2 s of the rate).
+    #[arg(long)]
+    pub rate_limit_device_burst: Option<f64>,
 }
 
 impl ServeArgs {
@@ -118,6 +125,7 @@ impl ServeArgs {
             checkin_retry_ms: self.checkin_retry_ms,
             max_concurrent_uploads: self.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
             max_queued_uploads: self.max_queued_uploads,
+            device_rate_limit: rate_limit(self.rate_limit_per_device, self.rate_limit_device_burst),
         };
         config.tick = Duration::from_millis(self.tick_ms);
         config.connections = crate::http::ConnectionLimits {
@@ -134,15 +142,17 @@ impl ServeArgs {
             _ => None,
         };
         config.allow_plain_http = self.allow_plain_http;
-        config.rate_limit = (self.rate_limit_per_address > 0.0).then(|| crate::rate_limit::RateLimit {
-            per_second: self.rate_limit_per_address,
-            burst: self
-                .rate_limit_burst
-                .unwrap_or(2.0 * self.rate_limit_per_address)
-                .max(1.0),
-        });
+        config.rate_limit = rate_limit(self.rate_limit_per_address, self.rate_limit_burst);
         config
     }
+}
+
+/// A limit of `per_second` (none when 0) with bursts of `burst` (default: 2 s of the rate).
+fn rate_limit(per_second: f64, burst: Option<f64>) -> Option<crate::rate_limit::RateLimit> {
+    (per_second > 0.0).then(|| crate::rate_limit::RateLimit {
+        per_second,
+        burst: burst.unwrap_or(2.0 * per_second).max(1.0),
+    })
 }
 
 /// Resolves on SIGTERM (how orchestrators stop a service) or SIGINT (Ctrl-C), naming which.

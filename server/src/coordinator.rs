@@ -38,7 +38,9 @@ use crate::{
     admission::UploadAdmission,
     blobs::BlobStore,
     db::{Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
+    devices::{self, Device},
     error::ApiError,
+    rate_limit::{RateLimit, RateLimiter},
     store::{Store, now_ms, sha256_hex},
     strategy::{
         Registry, Strategy,
@@ -58,6 +60,8 @@ pub struct CoordinatorOptions {
     /// Uploads that may wait for one of those slots; more get `503 server_busy` with a retry time
     /// (see [`crate::admission`]).
     pub max_queued_uploads: usize,
+    /// Check-ins and uploads per enrolled device (`None`: no limit; see [`crate::rate_limit`]).
+    pub device_rate_limit: Option<RateLimit>,
 }
 
 impl Default for CoordinatorOptions {
@@ -66,6 +70,7 @@ impl Default for CoordinatorOptions {
             checkin_retry_ms: 1000,
             max_concurrent_uploads: default_upload_slots(),
             max_queued_uploads: 64,
+            device_rate_limit: None,
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct Coordinator {
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
     uploads: UploadAdmission,
+    /// Per-device limit on check-ins and uploads, keyed by the authenticated device id.
+    device_rate: Option<RateLimiter<String>>,
     telemetry: Telemetry,
 }
 
@@ -112,6 +119,26 @@ impl Lap {
         let took = now - self.0;
         self.0 = now;
         took
+    }
+}
+
+/// A task that requires enrolled devices takes an upload or a metrics report only with the
+/// credential of the device the upload token was issued to, so a token that leaks is no use to
+/// anyone else, and revoking the device stops its uploads at once.
+fn check_holder(task: &TaskRow, holder: Option<&str>, device: Option<&Device>) -> Result<(), ApiError> {
+    if !task.config.require_enrolled_device {
+        return Ok(());
+    }
+    match (holder, device) {
+        (Some(holder), Some(device)) if holder == device.id => Ok(()),
+        (_, None) => Err(ApiError::DeviceUnauthorized(format!(
+            "task `{}` requires enrolled devices: send the credential of the device this upload token \
+             was issued to in the `Fedhive-Device` header",
+            task.id
+        ))),
+        _ => Err(ApiError::DeviceUnauthorized(
+            "this upload token was issued to another device".into(),
+        )),
     }
 }
 
@@ -246,6 +273,7 @@ impl Coordinator {
         Coordinator {
             store: Store::new(db, blobs),
             strategies,
+            device_rate: options.device_rate_limit.map(RateLimiter::new),
             options,
             accumulators: Arc::default(),
             in_flight: Mutex::default(),
@@ -443,7 +471,16 @@ impl Coordinator {
     async fn assign(&self, task_id: &str, bearer: Option<&str>) -> Result<CheckinResponse, ApiError> {
         let task = self.task(task_id).await?;
         let strategy = self.strategies.for_config(&task.config)?;
-        let device = strategy.authenticate(&self.store, &task, bearer).await?;
+        let enrolled = self.device(bearer).await?;
+        if task.config.require_enrolled_device && enrolled.as_ref().is_none_or(|d| d.key_id.is_none()) {
+            return Err(ApiError::DeviceUnauthorized(format!(
+                "task `{task_id}` requires a device enrolled with an enrolment key (POST /v1/devices): \
+                 check in with `Authorization: Bearer <device_id>:<device_secret>`"
+            )));
+        }
+        let device = strategy
+            .authenticate(&self.store, &task, enrolled.as_ref())
+            .await?;
         if task.state.is_over() {
             return Ok(CheckinResponse::Finished {
                 model_version: task.model_version,
@@ -474,16 +511,31 @@ impl Coordinator {
         self.store.model(task_id, version).await
     }
 
-    /// The round an upload token was issued for.
-    async fn token_round(&self, token: &str) -> Result<(String, i64), ApiError> {
+    /// The device behind a credential (`None` without one), counted against its rate. Read from
+    /// the database every time, so a revocation holds from the next request.
+    async fn device(&self, credential: Option<&str>) -> Result<Option<Device>, ApiError> {
+        let device = devices::authenticate(&self.store.db, credential).await?;
+        if let (Some(limiter), Some(device)) = (&self.device_rate, &device) {
+            limiter
+                .check(device.id.as_str(), std::time::Instant::now())
+                .map_err(|wait| ApiError::RateLimited {
+                    retry_after_ms: (wait.as_millis() as u64).max(1),
+                    from: "device",
+                })?;
+        }
+        Ok(device)
+    }
+
+    /// The round an upload token was issued for, and the enrolled device it was issued to.
+    async fn token_round(&self, token: &str) -> Result<(String, i64, Option<String>), ApiError> {
         let token_hash = sha256_hex(token.as_bytes());
-        let round_id = self
+        let (round_id, holder) = self
             .store
             .db
             .assignment_round(&token_hash)
             .await?
             .ok_or(ApiError::UnknownToken)?;
-        Ok((token_hash, round_id))
+        Ok((token_hash, round_id, holder))
     }
 
     /// Accepts one device update. `read_body` (given the task's upload limit) is only awaited once
@@ -493,6 +545,7 @@ impl Coordinator {
     pub async fn upload<R, F>(
         &self,
         token: &str,
+        device: Option<&str>,
         num_samples: u64,
         read_body: R,
     ) -> Result<(UploadReceipt, bool), ApiError>
@@ -503,7 +556,7 @@ impl Coordinator {
         // The task, once the token has named one, for the refusal's metric.
         let mut task_id = String::new();
         let result = self
-            .accept_upload(token, num_samples, read_body, &mut task_id)
+            .accept_upload(token, device, num_samples, read_body, &mut task_id)
             .await;
         if let Err(e) = &result {
             self.telemetry.upload(&task_id, Err(e));
@@ -514,6 +567,7 @@ impl Coordinator {
     async fn accept_upload<R, F>(
         &self,
         token: &str,
+        device: Option<&str>,
         num_samples: u64,
         read_body: R,
         task_id: &mut String,
@@ -522,7 +576,8 @@ impl Coordinator {
         R: FnOnce(usize) -> F,
         F: Future<Output = Result<Bytes, ApiError>>,
     {
-        let (token_hash, round_id) = self.token_round(token).await?;
+        let device = self.device(device).await?;
+        let (token_hash, round_id, holder) = self.token_round(token).await?;
         let _flight = InFlight::enter(&self.in_flight, &token_hash).ok_or(ApiError::UploadInFlight)?;
         // Where an upload's time goes, logged with its acceptance (the load harness's profile).
         let mut lap = Lap::start();
@@ -536,6 +591,7 @@ impl Coordinator {
         let round = db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
         task_id.clone_from(&round.task_id);
         let task = self.task(&round.task_id).await?;
+        check_holder(&task, holder.as_deref(), device.as_ref())?;
         let strategy = self.strategies.for_config(&task.config)?;
         let body = read_body(strategy.upload_limit(&task.config)).await?;
         let read = lap.lap();
@@ -661,6 +717,7 @@ impl Coordinator {
     pub async fn report_metrics(
         &self,
         token: &str,
+        device: Option<&str>,
         loss: f32,
         num_samples: u64,
         accuracy: Option<f32>,
@@ -672,7 +729,22 @@ impl Coordinator {
         }
         // The report weighs the round's mean loss and accuracy, like an update's count weighs it.
         check_sample_count(num_samples)?;
-        let (token_hash, round_id) = self.token_round(token).await?;
+        let device = devices::authenticate(&self.store.db, device).await?;
+        let (token_hash, round_id, holder) = self.token_round(token).await?;
+        // Only a token issued to an enrolled device can belong to a task that requires one.
+        if holder.is_some() {
+            let round = self
+                .store
+                .db
+                .round(round_id)
+                .await?
+                .ok_or(ApiError::UnknownToken)?;
+            check_holder(
+                &self.task(&round.task_id).await?,
+                holder.as_deref(),
+                device.as_ref(),
+            )?;
+        }
         self.store
             .db
             .insert_metrics(

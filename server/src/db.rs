@@ -45,6 +45,16 @@ pub struct TaskRow {
     pub created_ms: i64,
 }
 
+/// What [`Db::assign`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assigned {
+    Issued,
+    /// The round handed out all its tokens, or stopped taking check-ins.
+    RoundFull,
+    /// The device already holds a token of this round.
+    AlreadyAssigned,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoundRow {
     pub id: i64,
@@ -403,8 +413,9 @@ impl Db {
         round_id: i64,
         cap: i64,
         token_hash: &str,
+        device: Option<&str>,
         now_ms: i64,
-    ) -> Result<Option<i64>, DbError> {
+    ) -> Result<Assigned, DbError> {
         self.latency
             .time("database", "assign", async {
                 let mut tx = self.pool.begin().await?;
@@ -417,28 +428,41 @@ impl Db {
                 .bind(now_ms)
                 .fetch_optional(&mut *tx)
                 .await?;
-                let Some(row) = row else {
-                    return Ok(None);
-                };
-                sqlx::query("INSERT INTO assignments (token_hash, round_id, created_ms) VALUES ($1, $2, $3)")
-                    .bind(token_hash)
-                    .bind(round_id)
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?;
+                if row.is_none() {
+                    return Ok(Assigned::RoundFull);
+                }
+                // The unique (round, device) index refuses a second token of the round for a device;
+                // dropping the transaction then gives its slot back. No NULL is bound (see
+                // `insert_metrics`): an anonymous check-in binds '' for no device.
+                let inserted = sqlx::query(
+                    "INSERT INTO assignments (token_hash, round_id, created_ms, device_id) \
+                     VALUES ($1, $2, $3, NULLIF($4, '')) ON CONFLICT DO NOTHING",
+                )
+                .bind(token_hash)
+                .bind(round_id)
+                .bind(now_ms)
+                .bind(device.unwrap_or_default())
+                .execute(&mut *tx)
+                .await?;
+                if inserted.rows_affected() != 1 {
+                    return Ok(Assigned::AlreadyAssigned);
+                }
                 tx.commit().await?;
-                Ok(Some(row.try_get("assigned")?))
+                Ok(Assigned::Issued)
             })
             .await
     }
 
-    /// The round an upload token belongs to.
-    pub async fn assignment_round(&self, token_hash: &str) -> Result<Option<i64>, DbError> {
-        let row = sqlx::query("SELECT round_id FROM assignments WHERE token_hash = $1")
+    /// The round an upload token belongs to, and the enrolled device it was issued to (`None`: an
+    /// anonymous check-in).
+    pub async fn assignment_round(&self, token_hash: &str) -> Result<Option<(i64, Option<String>)>, DbError> {
+        let row = sqlx::query("SELECT round_id, device_id FROM assignments WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.try_get("round_id")).transpose()?)
+        Ok(row
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get("round_id")?, r.try_get("device_id")?)))
+            .transpose()?)
     }
 
     pub async fn update_for_token(&self, token_hash: &str) -> Result<Option<UpdateRow>, DbError> {

@@ -28,6 +28,18 @@ pub enum ApiError {
     MissingToken,
     #[error("device not recognised: {0}")]
     DeviceUnauthorized(String),
+    #[error("device `{0}` was revoked by an operator; its credential is refused")]
+    DeviceRevoked(String),
+    #[error(
+        "missing or unknown enrolment key: send `Authorization: Bearer <key_id>:<secret>` as the operator issued it"
+    )]
+    EnrolmentKeyUnauthorized,
+    #[error("enrolment key `{0}` was revoked: it enrols no device and the devices it enrolled are refused")]
+    EnrolmentKeyRevoked(String),
+    #[error("enrolment key `{0}` does not exist")]
+    UnknownEnrolmentKey(String),
+    #[error("device `{0}` does not exist")]
+    UnknownDevice(String),
     #[error("round {0} no longer accepts uploads (committed, abandoned, full or past its deadline)")]
     RoundClosed(i64),
     #[error("an upload with this token is still being processed; retry when it has finished")]
@@ -84,8 +96,12 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("the server is processing as many uploads as it can queue; retry in {retry_after_ms} ms")]
     ServerBusy { retry_after_ms: u64 },
-    #[error("too many requests from this address; retry in {retry_after_ms} ms")]
-    RateLimited { retry_after_ms: u64 },
+    #[error("too many requests from this {from}; retry in {retry_after_ms} ms")]
+    RateLimited {
+        retry_after_ms: u64,
+        /// What the limit counts: `address` or `device`.
+        from: &'static str,
+    },
     #[error("not ready: {0}")]
     NotReady(String),
     #[error("internal error: {0}")]
@@ -103,10 +119,14 @@ impl ApiError {
             | UnknownToken
             | DeviceUnauthorized(_)
             | WorkerUnauthorized(_)
-            | ClientCertificateRequired => StatusCode::UNAUTHORIZED,
+            | ClientCertificateRequired
+            | EnrolmentKeyUnauthorized => StatusCode::UNAUTHORIZED,
             Forbidden { .. } => StatusCode::FORBIDDEN,
             UnknownOperatorToken(_) => StatusCode::NOT_FOUND,
             TokenNameTaken(_) => StatusCode::CONFLICT,
+            // The credential is genuine but withdrawn: enrolling or retrying again will not help.
+            DeviceRevoked(_) | EnrolmentKeyRevoked(_) => StatusCode::FORBIDDEN,
+            UnknownEnrolmentKey(_) | UnknownDevice(_) => StatusCode::NOT_FOUND,
             NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
             ControlVersionOutOfOrder { .. } | TaskStateConflict { .. } => StatusCode::CONFLICT,
             UnknownTask(_) | UnknownModelVersion { .. } => StatusCode::NOT_FOUND,
@@ -137,6 +157,11 @@ impl ApiError {
             TokenNameTaken(_) => "token_name_taken",
             MissingToken => "missing_token",
             DeviceUnauthorized(_) => "device_unauthorized",
+            DeviceRevoked(_) => "device_revoked",
+            EnrolmentKeyUnauthorized => "enrolment_key_unauthorized",
+            EnrolmentKeyRevoked(_) => "enrolment_key_revoked",
+            UnknownEnrolmentKey(_) => "unknown_enrolment_key",
+            UnknownDevice(_) => "unknown_device",
             UnknownTask(_) => "unknown_task",
             UnknownModelVersion { .. } => "unknown_model_version",
             UnknownToken => "unknown_token",
@@ -202,7 +227,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let retry_after_ms = match self {
-            ApiError::ServerBusy { retry_after_ms } | ApiError::RateLimited { retry_after_ms } => {
+            ApiError::ServerBusy { retry_after_ms } | ApiError::RateLimited { retry_after_ms, .. } => {
                 Some(retry_after_ms)
             }
             _ => None,

@@ -16,6 +16,7 @@ pub mod blobs;
 pub mod cli;
 pub mod coordinator;
 pub mod db;
+pub mod devices;
 pub mod error;
 pub mod http;
 pub mod memory;

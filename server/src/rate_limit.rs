@@ -1,17 +1,20 @@
-//! Per-address rate limits: a token bucket per client IP address for the device routes that cost
-//! the server work (check-in, upload), so that one client cannot take the server's time from the
-//! others. A request over its address's rate gets `429 rate_limited` with the time until a token is
-//! back. Many phones share one address behind a carrier's NAT, so the limit is off unless set
-//! (`--rate-limit-per-address`) and is meant to be generous.
+//! Rate limits: a token bucket per key for the device routes that cost the server work (check-in,
+//! upload), so that one client cannot take the server's time from the others. A request over its
+//! key's rate gets `429 rate_limited` with the time until a token is back. Two keys are used: the
+//! client's IP address (`--rate-limit-per-address`; many phones share one address behind a
+//! carrier's NAT, so it is off unless set and meant to be generous) and the authenticated device id
+//! (`--rate-limit-per-device`, which NAT does not blur; see [`crate::devices`]).
 
 use std::{
+    borrow::Borrow,
     collections::HashMap,
+    hash::Hash,
     net::IpAddr,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-/// Requests per second per address, with bursts of up to `burst` at once.
+/// Requests per second per key, with bursts of up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
     pub per_second: f64,
@@ -23,16 +26,16 @@ struct Bucket {
     updated: Instant,
 }
 
-/// The buckets of every address seen recently.
-pub struct RateLimiter {
+/// The buckets of every key seen recently (an IP address by default).
+pub struct RateLimiter<K = IpAddr> {
     limit: RateLimit,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-/// Addresses whose buckets are full again are forgotten when the map grows past this size.
+/// Keys whose buckets are full again are forgotten when the map grows past this size.
 const PRUNE_ABOVE: usize = 100_000;
 
-impl RateLimiter {
+impl<K: Hash + Eq> RateLimiter<K> {
     pub fn new(limit: RateLimit) -> Self {
         assert!(
             limit.per_second > 0.0 && limit.burst >= 1.0,
@@ -44,8 +47,12 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token of `address`'s bucket at `now`, or says how long until one is back.
-    pub fn check(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Takes one token of `key`'s bucket at `now`, or says how long until one is back.
+    pub fn check<Q>(&self, key: &Q, now: Instant) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let RateLimit { per_second, burst } = self.limit;
         let mut buckets = self.buckets.lock().expect("rate limit buckets");
         if buckets.len() > PRUNE_ABOVE {
@@ -53,10 +60,17 @@ impl RateLimiter {
                 b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * per_second < burst
             });
         }
-        let bucket = buckets.entry(address).or_insert(Bucket {
-            tokens: burst,
-            updated: now,
-        });
+        // Looked up by reference first: the common case (a known key) copies nothing.
+        if !buckets.contains_key(key) {
+            buckets.insert(
+                key.to_owned(),
+                Bucket {
+                    tokens: burst,
+                    updated: now,
+                },
+            );
+        }
+        let bucket = buckets.get_mut(key).expect("inserted above");
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * per_second).min(burst);
         bucket.updated = now;
@@ -74,29 +88,45 @@ mod tests {
 
     #[test]
     fn a_burst_passes_then_the_rate_holds_per_address() {
-        let limiter = RateLimiter::new(RateLimit {
+        let limiter: RateLimiter = RateLimiter::new(RateLimit {
             per_second: 2.0,
             burst: 3.0,
         });
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(limiter.check(a, t0).is_ok());
+            assert!(limiter.check(&a, t0).is_ok());
         }
-        let wait = limiter.check(a, t0).unwrap_err();
+        let wait = limiter.check(&a, t0).unwrap_err();
         assert_eq!(
             wait,
             Duration::from_millis(500),
             "one token is back after 1 / rate"
         );
-        assert!(limiter.check(b, t0).is_ok(), "another address has its own bucket");
-        assert!(limiter.check(a, t0 + Duration::from_millis(400)).is_err());
-        assert!(limiter.check(a, t0 + Duration::from_millis(600)).is_ok());
+        assert!(
+            limiter.check(&b, t0).is_ok(),
+            "another address has its own bucket"
+        );
+        assert!(limiter.check(&a, t0 + Duration::from_millis(400)).is_err());
+        assert!(limiter.check(&a, t0 + Duration::from_millis(600)).is_ok());
         // Idle time refills up to the burst, not beyond.
         let later = t0 + Duration::from_secs(60);
         for _ in 0..3 {
-            assert!(limiter.check(a, later).is_ok());
+            assert!(limiter.check(&a, later).is_ok());
         }
-        assert!(limiter.check(a, later).is_err());
+        assert!(limiter.check(&a, later).is_err());
+    }
+
+    #[test]
+    fn devices_have_buckets_of_their_own() {
+        let limiter: RateLimiter<String> = RateLimiter::new(RateLimit {
+            per_second: 1.0,
+            burst: 1.0,
+        });
+        let t0 = Instant::now();
+        assert!(limiter.check("dv-a", t0).is_ok());
+        assert_eq!(limiter.check("dv-a", t0), Err(Duration::from_secs(1)));
+        assert!(limiter.check("dv-b", t0).is_ok());
+        assert!(limiter.check("dv-a", t0 + Duration::from_secs(1)).is_ok());
     }
 }

@@ -346,6 +346,7 @@ fn task(form: SubAvgForm, k: u32) -> TaskConfig {
         min_devices_per_round: k,
         over_selection: 2.0,
         round_deadline_secs: 120,
+        require_enrolled_device: false,
         rounds: 3,
     }
 }

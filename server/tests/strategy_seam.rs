@@ -76,6 +76,7 @@ fn config() -> TaskConfig {
         min_devices_per_round: 2,
         over_selection: 1.0,
         round_deadline_secs: 60,
+        require_enrolled_device: false,
         rounds: 2,
     }
 }
@@ -119,7 +120,7 @@ async fn a_registered_strategy_runs_rounds_without_touching_the_coordinator() {
             };
             let delta = weights([0.5, 0.5]);
             let (_, now_full) = coordinator
-                .upload(&a.upload_token, samples, |_limit| async move { Ok(delta) })
+                .upload(&a.upload_token, None, samples, |_limit| async move { Ok(delta) })
                 .await
                 .unwrap();
             full = now_full;

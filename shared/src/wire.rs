@@ -141,9 +141,10 @@ pub enum UploadKind {
     GradientSum,
 }
 
-/// A device's pseudonymous identity for strategies that track devices across rounds (FedLaAvg).
-/// The secret is shown once; the device presents `device_id:device_secret` as its bearer token
-/// when it checks in.
+/// A device's pseudonymous identity: from `POST /v1/devices` with an enrolment key (valid for every
+/// task), or from FedLaAvg's per-task enrolment (that task only). The secret is shown once; the
+/// device presents `device_id:device_secret` as its bearer token when it checks in, and in the
+/// `Fedhive-Device` header when it uploads to a task that requires enrolled devices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceCredentials {
@@ -155,10 +156,62 @@ pub struct DeviceCredentials {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceInfo {
+    /// The device's id in this task (the selection's tie-break).
     pub device_id: String,
     /// `seq` of the latest committed round that applied this device's update (`R_i`); `None` if
     /// none did yet.
     pub last_round_seq: Option<i64>,
+    /// Its credential's id (`GET /v1/devices`, what an operator revokes) where it differs from
+    /// `device_id`: a device enrolled with a key gets a pseudonym of its own in each FedLaAvg task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_as: Option<String>,
+}
+
+/// What an operator sends to create an enrolment key (`POST /v1/enrolment-keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnrolmentKeyRequest {
+    /// A label for the operators, e.g. the app release that ships the key (1 to 100 characters).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 100))]
+    pub name: String,
+}
+
+/// A new enrolment key: the key itself is shown only here (the server keeps its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnrolmentKeyCreated {
+    pub key_id: String,
+    pub name: String,
+    /// `<key_id>:<secret>`: what a device sends as `Authorization: Bearer` to `POST /v1/devices`.
+    pub enrolment_key: String,
+}
+
+/// An enrolment key as operators see it (never its secret or hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnrolmentKey {
+    pub key_id: String,
+    pub name: String,
+    /// Unix milliseconds.
+    pub created_ms: i64,
+    /// When it was revoked (Unix milliseconds): it enrols no device, and the devices it enrolled
+    /// are refused.
+    pub revoked_ms: Option<i64>,
+    /// Devices enrolled with it (revoked ones included).
+    pub devices: i64,
+}
+
+/// An enrolled device as operators see it (`GET /v1/devices`; never its secret or hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnrolledDevice {
+    pub device_id: String,
+    /// The enrolment key it enrolled with; `None`: FedLaAvg's per-task enrolment (no key).
+    pub key_id: Option<String>,
+    /// Unix milliseconds.
+    pub enrolled_ms: i64,
+    /// When it was revoked (Unix milliseconds); its credential is refused from then on.
+    pub revoked_ms: Option<i64>,
 }
 
 impl DeviceCredentials {
@@ -201,6 +254,11 @@ pub struct TaskConfig {
     pub round_deadline_secs: u64,
     /// The task finishes after this many committed rounds.
     pub rounds: u32,
+    /// Check-ins need a device enrolled with an enrolment key (`Authorization: Bearer
+    /// device_id:device_secret`), and uploads and metrics the credential of the device the upload
+    /// token was issued to (`Fedhive-Device`). Default false: anonymous devices may take part.
+    #[serde(default)]
+    pub require_enrolled_device: bool,
 }
 
 /// Answer to a check-in: train now, come back later, or stop.

@@ -317,6 +317,7 @@ async fn run_one(
         min_devices_per_round: 1,
         over_selection: 1.0,
         round_deadline_secs: 120,
+        require_enrolled_device: false,
         rounds,
     };
     let task_id = client

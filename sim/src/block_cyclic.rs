@@ -382,6 +382,7 @@ async fn run_federation(
         min_devices_per_round: options.devices_per_round.div_ceil(2),
         over_selection: 1.3,
         round_deadline_secs: 300,
+        require_enrolled_device: false,
         rounds,
     };
     let task_id = client

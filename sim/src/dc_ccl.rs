@@ -311,6 +311,7 @@ async fn run_seed(
         min_devices_per_round: options.devices_per_round.div_ceil(2),
         over_selection: 1.3,
         round_deadline_secs: 600,
+        require_enrolled_device: false,
         rounds: options.rounds,
     };
 

@@ -115,6 +115,7 @@ pub fn fedavg_task(
         min_devices_per_round: devices_per_round.div_ceil(2),
         over_selection: 1.3,
         round_deadline_secs: 120,
+        require_enrolled_device: false,
         rounds,
     }
 }

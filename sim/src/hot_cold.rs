@@ -386,6 +386,7 @@ async fn run_rule(setup: &Setup<'_>, strategy: StrategyConfig) -> anyhow::Result
         min_devices_per_round: o.devices_per_round,
         over_selection: 1.0,
         round_deadline_secs: 600,
+        require_enrolled_device: false,
         rounds: o.rounds,
     };
     let client = &setup.client;

@@ -31,7 +31,8 @@ fn schemathesis_program() -> String {
 
 /// What exists on the server before schemathesis starts, for it to find.
 struct Population {
-    /// One task of each strategy (FedAvg twice: one finished, one with an open round).
+    /// One task of each strategy (FedAvg twice: one finished, one with an open round), DC-CCL's
+    /// third.
     tasks: Vec<String>,
     /// The DC-CCL task and its cloud-worker token.
     dc_ccl_task: String,
@@ -40,11 +41,21 @@ struct Population {
     upload_token: String,
     /// A named read-only token, for `DELETE /v1/tokens/{name}` to find.
     token_name: String,
+    /// An enrolment key, for `POST /v1/devices`.
+    enrolment_key: String,
+    /// Another key's id, for `DELETE /v1/enrolment-keys/{key_id}` to find (revoking it leaves the
+    /// key above and the device below working).
+    decoy_key_id: String,
+    /// A device enrolled with the key, for check-ins (a check-in that sends no credential is
+    /// anonymous; one that sends a wrong one, such as the admin token, is refused).
+    device: String,
 }
 
 /// The run's settings. Path parameters come from dictionaries of what exists most of the time, so
-/// that requests reach real tasks, blocks and tokens (random ids only ever meet `404`); the DC-CCL worker's
-/// routes get its token and the device routes an upload token, the rest the operator token.
+/// that requests reach real tasks, blocks, tokens and enrolment keys (random ids only ever meet
+/// `404`); the DC-CCL worker's routes get its token, the device routes an upload token (uploads,
+/// metrics), a device credential (check-in) or an enrolment key (enrolment), the rest the operator
+/// token.
 fn config(population: &Population) -> String {
     let ids = population
         .tasks
@@ -71,6 +82,9 @@ values = ["day", "night"]
 [dictionaries.tokens]
 values = ["{token_name}"]
 
+[dictionaries.keys]
+values = ["{decoy_key}"]
+
 [dictionaries.dc_ccl_task]
 values = ["{dc_ccl_task}"]
 
@@ -78,14 +92,16 @@ values = ["{dc_ccl_task}"]
 "path.task_id" = {{ dictionary = "tasks", probability = 0.7 }}
 "path.block" = {{ dictionary = "blocks", probability = 0.7 }}
 "path.name" = {{ dictionary = "tokens", probability = 0.7 }}
+"path.key_id" = {{ dictionary = "keys", probability = 0.7 }}
 
 # Schema-valid is not the same as acceptable here: a `format: binary` body that is not the task's
 # safetensors, a config that breaks a rule no schema states (a tensor shape, a strategy's
 # constraints), a token that names no assignment, a task of another strategy, a task in a state
 # that forbids the action, an integer written as `260.0`. Each of those is a documented 4xx with an
-# error code (docs/api.md, "schemathesis"), so here they count as answers to valid input.
+# error code (docs/api.md, "schemathesis"), so here they count as answers to valid input. So is a
+# credential that the run itself revoked (403: it finds key and device ids in the lists it reads).
 [checks.positive_data_acceptance]
-expected-statuses = ["2xx", "304", "400", "401", "404", "409", "413", "422"]
+expected-statuses = ["2xx", "304", "400", "401", "403", "404", "409", "413", "422"]
 
 # The worker token serves its own task only: other task ids can only meet a refusal.
 [[operations]]
@@ -96,12 +112,23 @@ parameters = {{ "path.task_id" = {{ dictionary = "dc_ccl_task", probability = 0.
 [[operations]]
 include-path-regex = "^/v1/(updates|metrics)$"
 headers = {{ Authorization = "Bearer {upload}" }}
+
+[[operations]]
+include-name = "POST /v1/devices"
+headers = {{ Authorization = "Bearer {enrolment_key}" }}
+
+[[operations]]
+include-name = "POST /v1/tasks/{{task_id}}/checkin"
+headers = {{ Authorization = "Bearer {device}" }}
 "#,
         admin = ADMIN_TOKEN,
         worker = population.worker_token,
         upload = population.upload_token,
         token_name = population.token_name,
         dc_ccl_task = population.dc_ccl_task,
+        enrolment_key = population.enrolment_key,
+        decoy_key = population.decoy_key_id,
+        device = population.device,
     )
 }
 
@@ -184,12 +211,22 @@ async fn populate(server: &ServerProcess) -> Population {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
+    let enrolment_key = client
+        .create_enrolment_key("schemathesis")
+        .await
+        .unwrap()
+        .enrolment_key;
+    let decoy_key_id = client.create_enrolment_key("decoy").await.unwrap().key_id;
+    let device = client.enrol_device(&enrolment_key).await.unwrap().bearer();
     Population {
         tasks,
         dc_ccl_task,
         worker_token: dc_ccl.worker_token.expect("a DC-CCL task has a worker token"),
         upload_token,
         token_name,
+        enrolment_key,
+        decoy_key_id,
+        device,
     }
 }
 
@@ -249,14 +286,14 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         .await
         .unwrap();
     let paths = document["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 29, "described paths: {:?}", paths.keys());
+    assert_eq!(paths.len(), 33, "described paths: {:?}", paths.keys());
 
     let (passed, output) = run_schemathesis(&server.base_url, dir.path(), &population).await;
     println!("{output}");
     assert!(passed, "schemathesis found failures ({backend:?}):\n{output}");
     assert!(
-        output.contains("Tested: 32"),
-        "schemathesis did not test all 32 operations:\n{output}"
+        output.contains("Tested: 38"),
+        "schemathesis did not test all 38 operations:\n{output}"
     );
 
     // The generated traffic got past the refusals into each strategy's working paths (the server
@@ -281,6 +318,9 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         ("GET", "/v1/tokens"),
         ("DELETE", "/v1/tokens/{name}"),
         ("GET", "/v1/audit"),
+        ("POST", "/v1/devices"),
+        ("GET", "/v1/devices"),
+        ("GET", "/v1/enrolment-keys"),
     ] {
         assert!(
             successes(&metrics, method, route) > 0,

@@ -46,7 +46,7 @@ pub enum Principal {
 pub enum Need<'a> {
     /// Read operator data (`GET` routes, FedSubAvg heat, `/metrics`, the audit log).
     Read,
-    /// Change tasks.
+    /// Change tasks, and who may take part in them (enrolment keys, devices).
     Operate,
     /// Create, list or revoke named tokens.
     Admin,
@@ -124,6 +124,9 @@ pub enum Action {
     CloudUpdate,
     /// A DC-CCL cloud worker's new control model version, which every device then trains against.
     CloudControlModel,
+    EnrolmentKeyCreate,
+    EnrolmentKeyRevoke,
+    DeviceRevoke,
 }
 
 impl Action {
@@ -137,6 +140,9 @@ impl Action {
             Action::TokenRevoke => "token.revoke",
             Action::CloudUpdate => "cloud.update",
             Action::CloudControlModel => "cloud.control_model",
+            Action::EnrolmentKeyCreate => "enrolment_key.create",
+            Action::EnrolmentKeyRevoke => "enrolment_key.revoke",
+            Action::DeviceRevoke => "device.revoke",
         }
     }
 }

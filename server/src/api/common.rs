@@ -44,6 +44,15 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// The header that carries a device credential (`device_id:device_secret`) where `Authorization`
+/// holds something else: the upload token of an upload or a metrics report.
+pub(crate) const DEVICE_HEADER: &str = "fedhive-device";
+
+/// The request's device credential from [`DEVICE_HEADER`], if any.
+pub(crate) fn device_header(headers: &HeaderMap) -> Option<&str> {
+    headers.get(DEVICE_HEADER)?.to_str().ok().map(str::trim)
+}
+
 /// The caller, if its credential allows `need`: the bootstrap admin token (compared in constant
 /// time) or a named token that is not revoked. `401 unauthorized` for no token, an unknown or a
 /// revoked one; `403 forbidden` for a token without the scope. Without an admin token
@@ -146,9 +155,10 @@ impl AppState {
             return Ok(());
         };
         limiter
-            .check(peer.ip(), std::time::Instant::now())
+            .check(&peer.ip(), std::time::Instant::now())
             .map_err(|wait| ApiError::RateLimited {
                 retry_after_ms: (wait.as_millis() as u64).max(1),
+                from: "address",
             })
     }
 

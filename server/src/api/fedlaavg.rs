@@ -15,14 +15,15 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(enrol_device, task_devices))
 }
 
-/// Enrols a new device: a pseudonymous id and a secret, shown only now; the device checks in with
-/// `Authorization: Bearer <device_id>:<device_secret>`. Open like check-in: a deployment that must
-/// restrict who enrols puts app attestation in front.
+/// Enrols a new device in this task only: a pseudonymous id and a secret, shown only now; the
+/// device checks in with `Authorization: Bearer <device_id>:<device_secret>`. Open like check-in, so
+/// a task with `require_enrolled_device` refuses it: its devices enrol with a key (`POST /v1/devices`).
 #[utoipa::path(post, path = "/v1/tasks/{task_id}/devices", tag = "fedlaavg",
     params(("task_id" = String, Path)),
     responses(
         (status = 201, body = DeviceCredentials),
         (status = 400, description = "`invalid_request`: the task does not use FedLaAvg", body = ErrorBody),
+        (status = 401, description = "`device_unauthorized`: the task requires devices enrolled with a key", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
     ))]
 async fn enrol_device(

@@ -18,12 +18,18 @@
 //! | GET | /v1/tasks/{id} | read | task status |
 //! | POST | /v1/tasks/{id}/pause, /resume, /cancel | operate | stop handing out work, resume, or end the task now (`409 task_state_conflict` when its state does not allow it) |
 //! | GET | /v1/tasks/{id}/rounds | read | every round with its counts |
-//! | POST | /v1/tasks/{id}/checkin | device (FedLaAvg: `Bearer device_id:secret`) | an assignment, or retry-after, or finished |
-//! | POST | /v1/tasks/{id}/devices | device | FedLaAvg enrolment: a pseudonymous device id and its secret |
+//! | POST | /v1/enrolment-keys | operate | create an enrolment key (JSON `EnrolmentKeyRequest`); the key is shown once |
+//! | GET | /v1/enrolment-keys | read | every enrolment key with its device count (no secrets) |
+//! | DELETE | /v1/enrolment-keys/{key_id} | operate | revoke a key: no more enrolments, its devices refused at once |
+//! | POST | /v1/devices | device (`Bearer <enrolment key>`) | enrol: a device id and secret valid for every task |
+//! | GET | /v1/devices[?key_id=&after=&limit=] | read | enrolled devices by id, a page at a time (no secrets) |
+//! | DELETE | /v1/devices/{device_id} | operate | revoke a device: refused from its next request |
+//! | POST | /v1/tasks/{id}/checkin | device (`Bearer device_id:secret`: FedLaAvg and tasks with `require_enrolled_device`; optional, and checked when sent, elsewhere) | an assignment, or retry-after, or finished |
+//! | POST | /v1/tasks/{id}/devices | device | FedLaAvg enrolment in this task only, no key (refused when the task requires enrolled devices) |
 //! | GET | /v1/tasks/{id}/devices | read | FedLaAvg devices with their last participation |
 //! | GET | /v1/tasks/{id}/model[?version=N] | device | model safetensors; ETag = version |
-//! | PUT | /v1/updates?num_samples=N | device (upload token) | the update (safetensors of Delta) |
-//! | POST | /v1/metrics | device (upload token) | loss, sample count, accuracy |
+//! | PUT | /v1/updates?num_samples=N | device (upload token; `Fedhive-Device` where the task requires enrolled devices) | the update (safetensors of Delta) |
+//! | POST | /v1/metrics | device (upload token; `Fedhive-Device` as for uploads) | loss, sample count, accuracy |
 //! | GET | /v1/tasks/{id}/predictor[?block=NAME] | anyone | MM/MC-PSGD: predictor of the current (or named) block |
 //! | GET | /v1/tasks/{id}/blocks/{name}/chain?version=N | device | MC-PSGD: the block's chain `y_m` |
 //! | GET | /v1/tasks/{id}/blocks | read | MM/MC-PSGD: schedule position, `r_m` per block, round history |
@@ -42,15 +48,17 @@
 //! A token that is missing, unknown or revoked is `401 unauthorized` (`worker_unauthorized` on the
 //! worker's routes); a valid token without the scope is `403 forbidden`, naming the scope needed.
 //!
-//! One module per group of routes: [`tasks`] (every task), and one per strategy that has routes of
-//! its own ([`fedlaavg`], [`fedsubavg`], [`block_cyclic`], [`dc_ccl`]), which call that strategy
-//! directly, and [`credentials`] (named tokens and the audit log).
+//! One module per group of routes: [`tasks`] (every task), [`devices`] (enrolment keys and device
+//! identity), one per strategy that has routes of its own ([`fedlaavg`], [`fedsubavg`],
+//! [`block_cyclic`], [`dc_ccl`]), which call that strategy directly, and [`credentials`] (named
+//! tokens and the audit log).
 
 mod block_cyclic;
 mod client_certificate;
 mod common;
 mod credentials;
 mod dc_ccl;
+mod devices;
 mod fedlaavg;
 mod fedsubavg;
 mod observe;
@@ -71,6 +79,7 @@ pub use common::AppState;
 fn described_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(tasks::routes())
+        .merge(devices::routes())
         .merge(fedlaavg::routes())
         .merge(fedsubavg::routes())
         .merge(block_cyclic::routes())

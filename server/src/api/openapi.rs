@@ -30,8 +30,9 @@ use utoipa::{
     tags(
         (name = "tasks", description = "Creating, listing and steering tasks (operators)."),
         (name = "devices", description = "What devices call: check-in, model download, upload, metrics."),
+        (name = "enrolment", description = "Device identity: enrolment keys (operators), enrolment with a key (devices), device revocation."),
         (name = "fedsubavg", description = "FedSubAvg: feature sets, submodels and row heat."),
-        (name = "fedlaavg", description = "FedLaAvg: device enrolment."),
+        (name = "fedlaavg", description = "FedLaAvg: per-task device enrolment and the task's devices."),
         (name = "block_cyclic", description = "MM-PSGD and MC-PSGD: predictors, chains, the block schedule."),
         (name = "dc_ccl", description = "DC-CCL: the cloud worker's routes and the control model."),
         (name = "access", description = "Named operator tokens (the admin's) and the audit log."),
@@ -40,7 +41,8 @@ use utoipa::{
 )]
 pub(super) struct ApiDoc;
 
-/// The credentials the routes name in their `security`: all are `Authorization: Bearer ...`.
+/// The credentials the routes name in their `security`: all are `Authorization: Bearer ...` (an
+/// upload's device credential, beside its upload token, is the `Fedhive-Device` header parameter).
 struct Credentials;
 
 impl Modify for Credentials {
@@ -65,7 +67,14 @@ impl Modify for Credentials {
         );
         components.add_security_scheme(
             "device",
-            bearer("FedLaAvg only: `device_id:device_secret` from enrolment."),
+            bearer(
+                "`device_id:device_secret` from `POST /v1/devices` (every task) or FedLaAvg's per-task \
+                 enrolment (that task). Needed by FedLaAvg and by tasks with `require_enrolled_device`.",
+            ),
+        );
+        components.add_security_scheme(
+            "enrolment_key",
+            bearer("An enrolment key `<key_id>:<secret>` (from `POST /v1/enrolment-keys`), shipped with the app."),
         );
         components.add_security_scheme(
             "worker_token",

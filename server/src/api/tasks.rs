@@ -18,7 +18,9 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiJson, ApiPath, ApiQuery, AppState, authorize, bearer, read_body, versioned_blob};
+use super::common::{
+    ApiJson, ApiPath, ApiQuery, AppState, authorize, bearer, device_header, read_body, versioned_blob,
+};
 use crate::{
     access::{Action, Need},
     error::ApiError,
@@ -244,16 +246,18 @@ async fn task_rounds(
 }
 
 /// A device asks for work: an assignment (train this model version, upload with this token before
-/// the deadline), a time to come back, or the news that the task is over.
+/// the deadline), a time to come back, or the news that the task is over. A device credential, if
+/// sent, is always checked; an enrolled device gets at most one upload token per round.
 #[utoipa::path(post, path = "/v1/tasks/{task_id}/checkin", tag = "devices",
     security((), ("device" = [])),
     params(("task_id" = String, Path)),
     responses(
         (status = 200, body = CheckinResponse),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 401, description = "`device_unauthorized` (FedLaAvg: enrol first, then check in with the credentials)", body = ErrorBody),
+        (status = 401, description = "`device_unauthorized`: a credential that is wrong, or none where the task needs one (FedLaAvg, or a task with `require_enrolled_device`: enrol first, then check in with the credential)", body = ErrorBody),
+        (status = 403, description = "`device_revoked`, `enrolment_key_revoked` (the device's enrolment key)", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
-        (status = 429, description = "`rate_limited` (with `--rate-limit-per-address`)", body = ErrorBody,
+        (status = 429, description = "`rate_limited` (with `--rate-limit-per-address` or `--rate-limit-per-device`)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
     ))]
 async fn checkin(
@@ -313,17 +317,19 @@ struct UploadQuery {
 /// the sparse rows; MC-PSGD: also the chain and the two losses). Counted exactly once: a retry with
 /// the same token and bytes gets the stored receipt.
 #[utoipa::path(put, path = "/v1/updates", tag = "devices", security(("upload_token" = [])),
-    params(UploadQuery),
+    params(UploadQuery,
+        ("Fedhive-Device" = Option<String>, Header, description = "`device_id:device_secret` of the device the upload token was issued to: required by a task with `require_enrolled_device`, checked whenever sent")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "safetensors"),
     responses(
         (status = 200, description = "accepted (or the receipt of the same upload before)", body = UploadReceipt),
         (status = 400, description = "`invalid_request` (the query), `bad_body`", body = ErrorBody),
-        (status = 401, description = "`missing_token`, `unknown_token` (the token names no assignment)", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `unknown_token` (the token names no assignment), `device_unauthorized` (a wrong `Fedhive-Device`, or a task with `require_enrolled_device` and not the credential of the device the token was issued to)", body = ErrorBody),
+        (status = 403, description = "`device_revoked`, `enrolment_key_revoked`", body = ErrorBody),
         (status = 408, description = "`body_timeout`: nothing was recorded; send it again", body = ErrorBody),
         (status = 409, description = "`round_closed` (late, full, abandoned or past its deadline), `upload_in_flight` (the same token is still uploading), `stale_model_version`", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
         (status = 422, description = "`missing_tensor`, `unexpected_tensor`, `shape_mismatch`, `dtype_mismatch`, `non_finite_value`, `value_out_of_range`, `malformed_tensors`, `bad_num_samples`, `round_sample_limit`, `conflicting_retry`", body = ErrorBody),
-        (status = 429, description = "`rate_limited` (with `--rate-limit-per-address`)", body = ErrorBody,
+        (status = 429, description = "`rate_limited` (with `--rate-limit-per-address` or `--rate-limit-per-device`)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
         (status = 503, description = "`server_busy`: send the same upload again after `retry_after_ms`", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
@@ -337,10 +343,13 @@ async fn upload(
 ) -> Result<Json<UploadReceipt>, ApiError> {
     state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
     let token = bearer(&headers).ok_or(ApiError::MissingToken)?.to_string();
+    let device = device_header(&headers).map(str::to_string);
     let coordinator = state.coordinator.clone();
     let timeout = state.body_read_timeout;
     let read_body = |limit: usize| read_body(body, &headers, limit, timeout);
-    let (receipt, full) = coordinator.upload(&token, query.num_samples, read_body).await?;
+    let (receipt, full) = coordinator
+        .upload(&token, device.as_deref(), query.num_samples, read_body)
+        .await?;
     if full {
         let coordinator = state.coordinator.clone();
         let round = receipt.round_id;
@@ -356,11 +365,13 @@ async fn upload(
 /// The training metrics of the device's assignment (its loss and accuracy on its own data), for
 /// the round's report.
 #[utoipa::path(post, path = "/v1/metrics", tag = "devices", security(("upload_token" = [])),
+    params(("Fedhive-Device" = Option<String>, Header, description = "`device_id:device_secret` of the device the upload token was issued to: required by a task with `require_enrolled_device`, checked whenever sent")),
     request_body = MetricsReport,
     responses(
         (status = 204, description = "recorded"),
         (status = 400, description = "`invalid_request` (the JSON body)", body = ErrorBody),
-        (status = 401, description = "`missing_token`, `unknown_token` (the token names no assignment)", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `unknown_token` (the token names no assignment), `device_unauthorized` (as for uploads)", body = ErrorBody),
+        (status = 403, description = "`device_revoked`, `enrolment_key_revoked`", body = ErrorBody),
         (status = 422, description = "`bad_num_samples`", body = ErrorBody),
     ))]
 async fn metrics(
@@ -371,7 +382,13 @@ async fn metrics(
     let token = bearer(&headers).ok_or(ApiError::MissingToken)?;
     state
         .coordinator
-        .report_metrics(token, report.loss, report.num_samples, report.accuracy)
+        .report_metrics(
+            token,
+            device_header(&headers),
+            report.loss,
+            report.num_samples,
+            report.accuracy,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,7 +8,7 @@
 //! | phase | hooks | default (FedAvg's behaviour) |
 //! |---|---|---|
 //! | task creation | [`validate`](Strategy::validate), [`check_initial_model`](Strategy::check_initial_model), [`store_initial_model`](Strategy::store_initial_model), [`issue_task_credentials`](Strategy::issue_task_credentials) | every tensor given; model version 0 is the weights; no credentials |
-//! | check-in | [`authenticate`](Strategy::authenticate), [`checkin`](Strategy::checkin), [`assignment_parts`](Strategy::assignment_parts) | anonymous; first come, up to `ceil(K * over_selection)` tokens |
+//! | check-in | [`authenticate`](Strategy::authenticate), [`checkin`](Strategy::checkin), [`assignment_parts`](Strategy::assignment_parts) | the enrolled device if any (else anonymous); first come, up to `ceil(K * over_selection)` tokens, one per enrolled device |
 //! | upload gate | [`upload_specs`](Strategy::upload_specs), [`upload_limit`](Strategy::upload_limit), [`decode_update`](Strategy::decode_update), [`check_update`](Strategy::check_update) | a dense update of the model's tensors |
 //! | folding | [`new_sums`](Strategy::new_sums), then [`Sums::add`] per accepted update | fixed-point FedAvg sums |
 //! | round due | [`round_full`](Strategy::round_full) | K accepted |
@@ -35,7 +35,8 @@ use fedhive_shared::{
 };
 
 use crate::{
-    db::{RoundRow, TaskRow},
+    db::{Assigned, RoundRow, TaskRow},
+    devices::Device,
     error::ApiError,
     store::{Store, model_key, sha256_hex},
 };
@@ -104,13 +105,14 @@ impl CheckinClock {
     }
 }
 
-/// The default check-in: first come, first served, up to [`token_cap`] tokens per round, with the
-/// strategy's [`assignment_parts`](Strategy::assignment_parts).
+/// The default check-in: first come, first served, up to [`token_cap`] tokens per round and one per
+/// enrolled `device`, with the strategy's [`assignment_parts`](Strategy::assignment_parts).
 pub async fn first_come<S: Strategy + ?Sized>(
     strategy: &S,
     store: &Store,
     task: &TaskRow,
     round: &RoundRow,
+    device: Option<&str>,
     clock: CheckinClock,
 ) -> Result<CheckinResponse, ApiError> {
     let cap = token_cap(&task.config);
@@ -122,15 +124,16 @@ pub async fn first_come<S: Strategy + ?Sized>(
     // Before taking a slot, so a failure here does not use one up.
     let parts = strategy.assignment_parts(store, task, round).await?;
     let (token, token_hash) = new_token();
-    if store
+    match store
         .db
-        .assign(round.id, cap, &token_hash, clock.now_ms)
+        .assign(round.id, cap, &token_hash, device, clock.now_ms)
         .await?
-        .is_none()
     {
-        return Ok(clock.retry_in_round("round_full", round));
+        Assigned::Issued => Ok(assignment(task, round, token, parts)),
+        Assigned::RoundFull => Ok(clock.retry_in_round("round_full", round)),
+        // Its one token of this round was issued already: it takes part again in a later round.
+        Assigned::AlreadyAssigned => Ok(clock.retry_in_round("already_assigned", round)),
     }
-    Ok(assignment(task, round, token, parts))
 }
 
 /// An assignment in `round` with the given upload token.
@@ -193,14 +196,15 @@ pub trait Strategy: Any + Send + Sync {
         Ok(())
     }
 
-    /// Who is checking in, from the bearer credentials if any (`None`: anonymous devices).
+    /// The strategy's id for the device checking in, from its authenticated credential if it sent
+    /// one (`None`: anonymous). Default: the credential's device id.
     async fn authenticate(
         &self,
         _store: &Store,
         _task: &TaskRow,
-        _bearer: Option<&str>,
+        device: Option<&Device>,
     ) -> Result<Option<String>, ApiError> {
-        Ok(None)
+        Ok(device.map(|d| d.id.clone()))
     }
 
     /// Credentials the strategy issues with a new task (DC-CCL's cloud-worker token), returned once
@@ -221,10 +225,10 @@ pub trait Strategy: Any + Send + Sync {
         store: &Store,
         task: &TaskRow,
         round: &RoundRow,
-        _device: Option<&str>,
+        device: Option<&str>,
         clock: CheckinClock,
     ) -> Result<CheckinResponse, ApiError> {
-        first_come(self, store, task, round, clock).await
+        first_come(self, store, task, round, device, clock).await
     }
 
     /// What the default check-in's assignments carry besides the round and token.

@@ -278,13 +278,13 @@ impl Strategy for DcCcl {
         store: &Store,
         task: &TaskRow,
         round: &RoundRow,
-        _device: Option<&str>,
+        device: Option<&str>,
         clock: CheckinClock,
     ) -> Result<CheckinResponse, ApiError> {
         if store.db.dc_ccl_control(&task.id, None).await?.is_none() {
             return Ok(clock.retry_in_round("control_model_pending", round));
         }
-        first_come(self, store, task, round, clock).await
+        first_come(self, store, task, round, device, clock).await
     }
 
     async fn assignment_parts(

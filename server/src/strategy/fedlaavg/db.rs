@@ -1,4 +1,5 @@
-//! FedLaAvg's tables (migration 0003): enrolled devices, who checked in for a round, the round's
+//! FedLaAvg's tables (migration 0003): the task's devices (its population, each mapped to its
+//! credential in `devices` since migration 0008), who checked in for a round, the round's
 //! least-recently-participated selection, and which device holds which upload token.
 //!
 //! A device's last participation `R_i` is the `seq` of the latest *committed* round that accepted
@@ -9,14 +10,6 @@
 use sqlx::Row;
 
 use crate::db::{Db, DbError};
-
-/// An enrolled device as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct DeviceRow {
-    pub(super) device_id: String,
-    pub(super) task_id: String,
-    pub(super) secret_hash: String,
-}
 
 /// A round's frozen selection.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,6 +24,8 @@ pub(super) struct SelectionRow {
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct DeviceParticipation {
     pub(super) device_id: String,
+    /// Its credential's id in `devices`.
+    pub(super) credential: String,
     pub(super) last_seq: Option<i64>,
 }
 
@@ -55,6 +50,8 @@ fn last_seq_sql(template: &'static str, dev: &'static str) -> sqlx::AssertSqlSaf
 }
 
 impl Db {
+    /// Enrols a device in this task only: its credential (no enrolment key) and its row of the
+    /// task's population, with the same id, in one transaction.
     pub(super) async fn fedlaavg_enrol(
         &self,
         device_id: &str,
@@ -62,33 +59,61 @@ impl Db {
         secret_hash: &str,
         now_ms: i64,
     ) -> Result<(), DbError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("INSERT INTO devices (device_id, secret_hash, enrolled_ms) VALUES ($1, $2, $3)")
+            .bind(device_id)
+            .bind(secret_hash)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
-            "INSERT INTO fedlaavg_devices (device_id, task_id, secret_hash, enrolled_ms) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO fedlaavg_devices (device_id, task_id, enrolled_ms, device) VALUES ($1, $2, $3, $1)",
         )
         .bind(device_id)
         .bind(task_id)
-        .bind(secret_hash)
         .bind(now_ms)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    pub(super) async fn fedlaavg_device(&self, device_id: &str) -> Result<Option<DeviceRow>, DbError> {
-        let row =
-            sqlx::query("SELECT device_id, task_id, secret_hash FROM fedlaavg_devices WHERE device_id = $1")
-                .bind(device_id)
-                .fetch_optional(self.pool())
-                .await?;
-        Ok(row
-            .map(|r| {
-                Ok::<_, sqlx::Error>(DeviceRow {
-                    device_id: r.try_get("device_id")?,
-                    task_id: r.try_get("task_id")?,
-                    secret_hash: r.try_get("secret_hash")?,
-                })
-            })
-            .transpose()?)
+    /// The task's id for the device with credential `device` (`None`: not in the task).
+    pub(super) async fn fedlaavg_member(
+        &self,
+        task_id: &str,
+        device: &str,
+    ) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT device_id FROM fedlaavg_devices WHERE task_id = $1 AND device = $2")
+            .bind(task_id)
+            .bind(device)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.map(|r| r.try_get("device_id")).transpose()?)
+    }
+
+    /// Adds the device with credential `device` to the task's population under `pseudonym` (a
+    /// repeat, or a race with another of its check-ins, keeps the first), and returns its id there.
+    pub(super) async fn fedlaavg_join(
+        &self,
+        task_id: &str,
+        device: &str,
+        pseudonym: &str,
+        now_ms: i64,
+    ) -> Result<String, DbError> {
+        sqlx::query(
+            "INSERT INTO fedlaavg_devices (device_id, task_id, enrolled_ms, device) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (task_id, device) DO NOTHING",
+        )
+        .bind(pseudonym)
+        .bind(task_id)
+        .bind(now_ms)
+        .bind(device)
+        .execute(self.pool())
+        .await?;
+        self.fedlaavg_member(task_id, device)
+            .await?
+            .ok_or_else(|| DbError::Sql(sqlx::Error::RowNotFound))
     }
 
     /// N: the devices enrolled in the task.
@@ -103,7 +128,7 @@ impl Db {
     /// Every enrolled device of the task with its last committed participation, by device id.
     pub(super) async fn fedlaavg_devices(&self, task_id: &str) -> Result<Vec<DeviceParticipation>, DbError> {
         let rows = sqlx::query(last_seq_sql(
-            "SELECT d.device_id, {last_seq} AS last_seq FROM fedlaavg_devices d \
+            "SELECT d.device_id, d.device, {last_seq} AS last_seq FROM fedlaavg_devices d \
              WHERE d.task_id = $1 ORDER BY d.device_id",
             "d.device_id",
         ))
@@ -116,6 +141,7 @@ impl Db {
             .map(|r| {
                 Ok::<_, sqlx::Error>(DeviceParticipation {
                     device_id: r.try_get("device_id")?,
+                    credential: r.try_get("device")?,
                     last_seq: r.try_get("last_seq")?,
                 })
             })
@@ -256,12 +282,22 @@ impl Db {
         if open.rows_affected() != 1 {
             return Ok(false);
         }
-        sqlx::query("INSERT INTO assignments (token_hash, round_id, created_ms) VALUES ($1, $2, $3)")
-            .bind(token_hash)
-            .bind(round_id)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
+        // The token's holder is the device's credential (what uploads to a task that requires
+        // enrolled devices must present); a second token of the round for it is refused here too.
+        let holder = sqlx::query(
+            "INSERT INTO assignments (token_hash, round_id, created_ms, device_id) \
+             SELECT $1, $2, $3, device FROM fedlaavg_devices WHERE device_id = $4 \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(token_hash)
+        .bind(round_id)
+        .bind(now_ms)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+        if holder.rows_affected() != 1 {
+            return Ok(false);
+        }
         let issued = sqlx::query(
             "INSERT INTO fedlaavg_assignments (token_hash, round_id, device_id) VALUES ($1, $2, $3) \
              ON CONFLICT (round_id, device_id) DO NOTHING",

@@ -2,6 +2,12 @@
 //! Availability", INFORMS JoC; arXiv 2002.07399): enrolment, the selection window, and the round
 //! step `T += G_new - G_old; x -= gamma * T / N` (see [`fedhive_shared::fedlaavg`]).
 //!
+//! Identity. Devices check in with a device credential ([`crate::devices`]). One enrolled with a key
+//! joins the task's population (N) at its first check-in under a pseudonym of this task (a device
+//! takes part in several FedLaAvg tasks, each with its own id and `R_i`); one enrolled through this
+//! task's own route (`POST /v1/tasks/{id}/devices`, no key) is in this task only, with its
+//! credential's id. A task that requires enrolled devices admits only the former.
+//!
 //! Selection. Least-recently-participated selection needs to see who is available before choosing,
 //! while check-ins arrive one request at a time. So each round opens with a *selection window*
 //! (`selection_window_ms`): an enrolled device that checks in during it is recorded as available and
@@ -37,8 +43,9 @@ use super::interface::{
 };
 use crate::{
     db::{RoundRow, TaskRow},
+    devices::Device,
     error::ApiError,
-    store::{Store, model_key, now_ms, sha256_hex},
+    store::{Store, model_key, now_ms},
 };
 
 pub struct FedLaAvg;
@@ -60,13 +67,16 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> ApiError {
 
 fn credentials_required(task_id: &str) -> ApiError {
     ApiError::DeviceUnauthorized(format!(
-        "task `{task_id}` uses FedLaAvg, which selects devices by identity: enrol with POST \
-         /v1/tasks/{task_id}/devices and check in with `Authorization: Bearer <device_id>:<device_secret>`"
+        "task `{task_id}` uses FedLaAvg, which selects devices by identity: enrol (POST /v1/devices \
+         with an enrolment key, or POST /v1/tasks/{task_id}/devices) and check in with \
+         `Authorization: Bearer <device_id>:<device_secret>`"
     ))
 }
 
 fn unknown_device(task_id: &str) -> ApiError {
-    ApiError::DeviceUnauthorized(format!("unknown device or wrong secret for task `{task_id}`"))
+    ApiError::DeviceUnauthorized(format!(
+        "this device enrolled for another task, not `{task_id}`: enrol with an enrolment key to take part in every task"
+    ))
 }
 
 impl FedLaAvg {
@@ -78,16 +88,17 @@ impl FedLaAvg {
                 "task `{task_id}` does not use FedLaAvg; its devices check in without enrolling"
             )));
         }
+        if task.config.require_enrolled_device {
+            // Open enrolment would let anyone past the enrolment keys.
+            return Err(ApiError::DeviceUnauthorized(format!(
+                "task `{task_id}` requires devices enrolled with an enrolment key: POST /v1/devices"
+            )));
+        }
         let device_id = format!("d-{}", hex::encode(rand::random::<[u8; 12]>()));
-        let device_secret = hex::encode(rand::random::<[u8; 32]>());
+        let (device_secret, secret_hash) = crate::devices::new_secret();
         store
             .db
-            .fedlaavg_enrol(
-                &device_id,
-                task_id,
-                &sha256_hex(device_secret.as_bytes()),
-                now_ms(),
-            )
+            .fedlaavg_enrol(&device_id, task_id, &secret_hash, now_ms())
             .await?;
         info!(task = %task_id, device = %device_id, "device enrolled");
         Ok(DeviceCredentials {
@@ -105,6 +116,7 @@ impl FedLaAvg {
             .await?
             .into_iter()
             .map(|d| DeviceInfo {
+                enrolled_as: (d.credential != d.device_id).then_some(d.credential),
                 device_id: d.device_id,
                 last_round_seq: d.last_seq,
             })
@@ -228,31 +240,30 @@ impl Strategy for FedLaAvg {
         Ok(())
     }
 
-    /// The device id behind `device_id:device_secret`, if it is enrolled in this task.
+    /// The device's id in this task: a device enrolled with a key joins at its first check-in; one
+    /// enrolled through a task's own route belongs to that task only.
     async fn authenticate(
         &self,
         store: &Store,
         task: &TaskRow,
-        bearer: Option<&str>,
+        device: Option<&Device>,
     ) -> Result<Option<String>, ApiError> {
-        let bearer = bearer.ok_or_else(|| credentials_required(&task.id))?;
-        let (device_id, secret) = bearer.split_once(':').ok_or_else(|| unknown_device(&task.id))?;
-        let device = store
-            .db
-            .fedlaavg_device(device_id)
-            .await?
-            .ok_or_else(|| unknown_device(&task.id))?;
-        let presented = sha256_hex(secret.as_bytes());
-        let same = presented.len() == device.secret_hash.len()
-            && presented
-                .bytes()
-                .zip(device.secret_hash.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if device.task_id != task.id || !same {
+        let device = device.ok_or_else(|| credentials_required(&task.id))?;
+        if let Some(id) = store.db.fedlaavg_member(&task.id, &device.id).await? {
+            return Ok(Some(id));
+        }
+        if device.key_id.is_none() {
             return Err(unknown_device(&task.id));
         }
-        Ok(Some(device.device_id))
+        let pseudonym = format!("d-{}", hex::encode(rand::random::<[u8; 12]>()));
+        let id = store
+            .db
+            .fedlaavg_join(&task.id, &device.id, &pseudonym, now_ms())
+            .await?;
+        if id == pseudonym {
+            info!(task = %task.id, device = %id, "enrolled device joined the task");
+        }
+        Ok(Some(id))
     }
 
     /// The selection window, the round's one least-recently-participated selection, then one token
