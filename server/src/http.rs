@@ -83,6 +83,12 @@ pub async fn serve(
             accepted = accept(&listener, &open) => accepted,
         };
         let (stream, peer, permit) = accepted;
+        // Without it, a TLS handshake's second flight waits for the client's delayed ACK (40 ms on
+        // Linux: 192 handshakes/s instead of thousands, `fedhive-load handshakes --tls`), and so
+        // does any answer written in more than one piece.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, "setting TCP_NODELAY failed");
+        }
         let app = app.clone();
         let tls = tls.clone();
         let closing = closing_rx.clone();
