@@ -106,14 +106,11 @@ impl FedhiveClient {
     /// A client that checks the server's certificate as `tls` says: a CA of the deployment's own,
     /// pins on the server's key, a client certificate (the cloud worker's, an operator's).
     pub fn with_tls(base_url: &str, tls: &ClientTls) -> Result<Self, ClientError> {
-        let mut http = reqwest::Client::builder()
+        let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(120));
-        if !tls.is_default() {
-            http = http.tls_backend_preconfigured(tls.rustls_config()?);
-        }
         Ok(FedhiveClient {
-            http: http.build()?,
+            http: tls.configure(http)?.build()?,
             base: base_url.trim_end_matches('/').to_string(),
             retry: RetryPolicy::default(),
             admin_token: None,

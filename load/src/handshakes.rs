@@ -13,19 +13,21 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{RunArgs, http_client, start_target};
+use crate::{RunArgs, start_target};
 
 /// Runs the measurement and prints a table line and one JSON line.
 pub async fn measure(args: &RunArgs) -> anyhow::Result<()> {
     let target = start_target(args).await?;
     let url = format!("{}/healthz", target.base_url);
     // No idle connections kept: every request opens its own.
-    let http = http_client(
-        reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(args.request_timeout_secs)),
-        &target.client_tls,
-    )?;
+    let http = target
+        .client_tls
+        .configure(
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(args.request_timeout_secs)),
+        )?
+        .build()?;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let clients: Vec<_> = (0..args.devices.max(1))

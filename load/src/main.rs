@@ -319,8 +319,11 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         log_path: data_dir.join("server.log"),
         tls: tls_files,
     };
-    let process =
-        ServerProcess::spawn(&options, &http_client(reqwest::Client::builder(), &client_tls)?).await?;
+    let process = ServerProcess::spawn(
+        &options,
+        &client_tls.configure(reqwest::Client::builder())?.build()?,
+    )
+    .await?;
     eprintln!(
         "fedhive-load: server pid {} on {}, log {}",
         process.pid(),
@@ -338,16 +341,6 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         postgres,
         _data_dir: tempdir,
     })
-}
-
-/// `builder` checking the server's certificate as `tls` says.
-fn http_client(builder: reqwest::ClientBuilder, tls: &ClientTls) -> anyhow::Result<reqwest::Client> {
-    let builder = if tls.is_default() {
-        builder
-    } else {
-        builder.tls_backend_preconfigured(tls.rustls_config()?)
-    };
-    Ok(builder.build()?)
 }
 
 /// For the devices that vanish mid-upload over a raw connection: the TLS connector and the
@@ -421,16 +414,18 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let update_bytes = bodies[0].len() as u64;
 
     let mut target = start_target(&args).await?;
-    let admin_http = http_client(reqwest::Client::builder(), &target.client_tls)?;
+    let admin_http = target.client_tls.configure(reqwest::Client::builder())?.build()?;
     let task = create_task(&admin_http, &target, &shape).await?;
 
-    let http = http_client(
-        reqwest::Client::builder()
-            .timeout(Duration::from_secs(args.request_timeout_secs))
-            .connect_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true),
-        &target.client_tls,
-    )?;
+    let http = target
+        .client_tls
+        .configure(
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(args.request_timeout_secs))
+                .connect_timeout(Duration::from_secs(30))
+                .tcp_nodelay(true),
+        )?
+        .build()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stats = Arc::new(Stats::default());
     let fleet = Arc::new(Fleet {

@@ -145,11 +145,10 @@ struct Api {
 impl Api {
     fn new(connection: &Connection) -> anyhow::Result<Api> {
         let tls = connection.tls.load()?;
-        let mut http = reqwest::Client::builder();
-        if !tls.is_default() {
-            http = http.tls_backend_preconfigured(tls.rustls_config()?);
-        }
-        let http = http.build().context("building the HTTP client")?;
+        let http = tls
+            .configure(reqwest::Client::builder())?
+            .build()
+            .context("building the HTTP client")?;
         Ok(Api {
             http,
             base: connection.server.trim_end_matches('/').to_string(),

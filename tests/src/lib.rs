@@ -217,11 +217,7 @@ impl ServerProcess {
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let mut http = reqwest::Client::builder();
-        if !self.client_tls.is_default() {
-            http = http.tls_backend_preconfigured(self.client_tls.rustls_config()?);
-        }
-        let http = http.build()?;
+        let http = self.client_tls.configure(reqwest::Client::builder())?.build()?;
         loop {
             if let Ok(resp) = http.get(format!("{}/healthz", self.base_url)).send().await
                 && resp.status().is_success()

@@ -170,6 +170,16 @@ impl ClientTls {
         self.ca_pem.is_none() && self.pins.is_empty() && self.identity.is_none()
     }
 
+    /// `builder` with these settings; unchanged for the default, which reqwest already has (its own
+    /// config then keeps the platform's roots).
+    #[cfg(feature = "reqwest")]
+    pub fn configure(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, TlsError> {
+        if self.is_default() {
+            return Ok(builder);
+        }
+        Ok(builder.tls_backend_preconfigured(self.rustls_config()?))
+    }
+
     /// The rustls config these settings describe.
     pub fn rustls_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         let provider = provider();
