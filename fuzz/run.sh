@@ -8,7 +8,7 @@ secs="${1:-600}"
 target_dir="${CARGO_TARGET_DIR:-target}"
 cargo +nightly fuzz build -O
 "$target_dir/x86_64-unknown-linux-gnu/release/seeds"
-for target in upload tensors_roundtrip task_config json_bodies; do
+for target in upload tensors_roundtrip task_config json_bodies requests; do
   echo "fuzz: $target for $secs s"
   cargo +nightly fuzz run -O "$target" -- -max_total_time="$secs" -print_final_stats=1
 done

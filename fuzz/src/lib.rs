@@ -3,6 +3,7 @@
 
 use fedhive_server::strategy::Registry;
 use fedhive_shared::{
+    NamedTensors, Tensor,
     blocks::{BlockSchedule, RoundBlock},
     tensors::TensorSpec,
     wire::{StrategyConfig, TaskConfig, TrainingParams},
@@ -16,6 +17,22 @@ pub fn specs() -> Vec<TensorSpec> {
             shape,
         })
         .to_vec()
+}
+
+/// Small non-zero values of the given shapes: a model or an update a real device could send.
+pub fn tensors(specs: &[TensorSpec]) -> NamedTensors {
+    let mut out = NamedTensors::default();
+    for spec in specs {
+        let data = (0..spec.numel()).map(|i| (i as f32 - 3.0) * 0.01).collect();
+        out.0.insert(
+            spec.name.clone(),
+            Tensor {
+                shape: spec.shape.clone(),
+                data,
+            },
+        );
+    }
+    out
 }
 
 fn task(strategy: StrategyConfig) -> TaskConfig {

@@ -4,27 +4,11 @@
 
 use std::{collections::BTreeMap, fs, path::Path};
 
-use fedhive_fuzz::{registry, specs, tasks};
+use fedhive_fuzz::{registry, specs, tasks, tensors};
 use fedhive_shared::{
-    NamedTensors, Tensor,
     sparse::{SparseRows, SparseTensors},
     wire::StrategyConfig,
 };
-
-fn tensors(specs: &[fedhive_shared::TensorSpec]) -> NamedTensors {
-    let mut out = NamedTensors::default();
-    for spec in specs {
-        let data = (0..spec.numel()).map(|i| (i as f32 - 3.0) * 0.01).collect();
-        out.0.insert(
-            spec.name.clone(),
-            Tensor {
-                shape: spec.shape.clone(),
-                data,
-            },
-        );
-    }
-    out
-}
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     fs::create_dir_all(dir).unwrap();

@@ -29,6 +29,10 @@ pub enum Command {
     Model(crate::operator::ModelArgs),
     /// Create, list or revoke named operator tokens on a running server (admin token only).
     Token(crate::operator::TokenArgs),
+    /// Create, list or revoke enrolment keys (one per app release) on a running server.
+    EnrolmentKey(crate::operator::EnrolmentKeyArgs),
+    /// List or revoke enrolled devices on a running server.
+    Device(crate::operator::DeviceArgs),
     /// Show a running server's audit log of operator actions, newest first.
     Audit(crate::operator::AuditArgs),
 }
@@ -269,9 +273,12 @@ pub fn main() -> ExitCode {
     match &cli.command {
         Command::Serve(args) => init_tracing_as(args.log_format),
         // The operator commands print their results; logs only on request.
-        Command::Task(_) | Command::Model(_) | Command::Token(_) | Command::Audit(_) => {
-            init_tracing_with_default("warn")
-        }
+        Command::Task(_)
+        | Command::Model(_)
+        | Command::Token(_)
+        | Command::EnrolmentKey(_)
+        | Command::Device(_)
+        | Command::Audit(_) => init_tracing_with_default("warn"),
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
@@ -301,6 +308,8 @@ pub fn main() -> ExitCode {
             Command::Task(args) => crate::operator::task(args).await,
             Command::Model(args) => crate::operator::model(args).await,
             Command::Token(args) => crate::operator::token(args).await,
+            Command::EnrolmentKey(args) => crate::operator::enrolment_key(args).await,
+            Command::Device(args) => crate::operator::device(args).await,
             Command::Audit(args) => crate::operator::audit(args).await,
         }
     });

@@ -769,6 +769,17 @@ impl Coordinator {
         Ok(())
     }
 
+    /// [`Coordinator::finalize_if_due`] without waiting for it: the request that filled a round is
+    /// answered at once, and a failure is left to the ticker, which retries every due round.
+    pub fn finalize_in_background(self: &Arc<Self>, round_id: i64) {
+        let coordinator = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = coordinator.finalize_if_due(round_id).await {
+                tracing::warn!(round = round_id, error = %e, "finalising a full round failed; the ticker retries");
+            }
+        });
+    }
+
     /// Commits or abandons the round if it is due; does nothing otherwise. Idempotent and safe to
     /// repeat after a crash at any point: the closing flag freezes the accepted set, the new model
     /// is a deterministic function of that set, and `finish_round` applies once.

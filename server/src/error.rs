@@ -18,6 +18,10 @@ pub enum ApiError {
     UnknownOperatorToken(String),
     #[error("the token name `{0}` is taken (names are not reused, even after a revocation)")]
     TokenNameTaken(String),
+    #[error("no route {method} {path}: the API's routes are in /openapi.json")]
+    NoRoute { method: String, path: String },
+    #[error("{path} does not answer {method}: the API's routes are in /openapi.json")]
+    MethodNotAllowed { method: String, path: String },
     #[error("task `{0}` does not exist")]
     UnknownTask(String),
     #[error("model version {version} of task `{task}` does not exist")]
@@ -129,7 +133,8 @@ impl ApiError {
             UnknownEnrolmentKey(_) | UnknownDevice(_) => StatusCode::NOT_FOUND,
             NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
             ControlVersionOutOfOrder { .. } | TaskStateConflict { .. } => StatusCode::CONFLICT,
-            UnknownTask(_) | UnknownModelVersion { .. } => StatusCode::NOT_FOUND,
+            UnknownTask(_) | UnknownModelVersion { .. } | NoRoute { .. } => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RoundClosed(_) | UploadInFlight | StaleModelVersion { .. } | RoundClosing(_) => {
                 StatusCode::CONFLICT
             }
@@ -162,6 +167,8 @@ impl ApiError {
             EnrolmentKeyRevoked(_) => "enrolment_key_revoked",
             UnknownEnrolmentKey(_) => "unknown_enrolment_key",
             UnknownDevice(_) => "unknown_device",
+            NoRoute { .. } => "no_route",
+            MethodNotAllowed { .. } => "method_not_allowed",
             UnknownTask(_) => "unknown_task",
             UnknownModelVersion { .. } => "unknown_model_version",
             UnknownToken => "unknown_token",

@@ -1,5 +1,5 @@
 //! The operator's commands of the `fedhive` binary: `fedhive task ...`, `fedhive model get`,
-//! `fedhive token ...` and `fedhive audit`, talking to a running server over its HTTP API with the
+//! `fedhive token ...`, `fedhive enrolment-key ...`, `fedhive device ...` and `fedhive audit`, talking to a running server over its HTTP API with the
 //! admin token or a named token (`--token`, `FEDHIVE_ADMIN_TOKEN`). Tables for people, `--json` for
 //! scripts (the API's own JSON, one document per command).
 
@@ -11,8 +11,9 @@ use std::{
 use anyhow::{Context, bail};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use fedhive_shared::wire::{
-    AuditEntry, ErrorBody, NewToken, RoundInfo, RoundState, TaskConfig, TaskCreated, TaskStatus, TaskSummary,
-    TokenCreated, TokenInfo, TokenScope,
+    AuditEntry, EnrolledDevice, EnrolmentKey, EnrolmentKeyCreated, EnrolmentKeyRequest, ErrorBody, NewToken,
+    RoundInfo, RoundState, TaskConfig, TaskCreated, TaskStatus, TaskSummary, TokenCreated, TokenInfo,
+    TokenScope,
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -121,6 +122,56 @@ pub enum TokenCommand {
     List,
     /// Revoke a named token (admin token only): it is refused from its next request on.
     Revoke { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EnrolmentKeyArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: EnrolmentKeyCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum EnrolmentKeyCommand {
+    /// Create an enrolment key, one per app release say; the key is printed once and cannot be
+    /// shown again (the server keeps its hash). Devices that hold it enrol themselves.
+    Create {
+        /// A label for operators, e.g. the app release that ships the key.
+        #[arg(long)]
+        name: String,
+    },
+    /// Every enrolment key, oldest first, with how many devices it enrolled; never a secret.
+    List,
+    /// Revoke a key: it enrols no more devices, and every device it enrolled is refused from its
+    /// next request.
+    Revoke { key_id: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeviceArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: DeviceCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DeviceCommand {
+    /// Enrolled devices by id, a page at a time; never a secret.
+    List {
+        /// Only the devices of this enrolment key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only devices whose id sorts after this one (the last id of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// At most this many (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+    /// Revoke a device: its credential is refused from its next request.
+    Revoke { device_id: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -358,7 +409,6 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
             if json {
                 return print_json(&tokens);
             }
-            let when = |ms: Option<i64>| ms.map_or_else(|| "-".to_string(), |ms| utc(ms / 1000));
             let rows = tokens.iter().map(|t| {
                 vec![
                     t.name.clone(),
@@ -366,8 +416,8 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                     t.task_id.clone().unwrap_or_else(|| "-".into()),
                     t.created_by.clone(),
                     utc(t.created_ms / 1000),
-                    when(t.last_used_ms),
-                    when(t.revoked_ms),
+                    utc_or_dash(t.last_used_ms),
+                    utc_or_dash(t.revoked_ms),
                 ]
             });
             print_table(
@@ -392,6 +442,105 @@ pub async fn token(args: TokenArgs) -> anyhow::Result<()> {
                 "token {} revoked at {} UTC",
                 info.name,
                 utc(info.revoked_ms.unwrap_or_default() / 1000)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `fedhive enrolment-key ...`.
+pub async fn enrolment_key(args: EnrolmentKeyArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.connection)?;
+    let json = args.connection.json;
+    match args.command {
+        EnrolmentKeyCommand::Create { name } => {
+            let request = EnrolmentKeyRequest { name };
+            let response = api
+                .send(api.request(Method::POST, "/v1/enrolment-keys").json(&request))
+                .await?;
+            let created: EnrolmentKeyCreated = response.json().await?;
+            if json {
+                return print_json(&created);
+            }
+            println!("created enrolment key {} ({})", created.key_id, created.name);
+            println!(
+                "enrolment key (shown once; only its hash is kept): {}",
+                created.enrolment_key
+            );
+        }
+        EnrolmentKeyCommand::List => {
+            let keys: Vec<EnrolmentKey> = api.json(Method::GET, "/v1/enrolment-keys").await?;
+            if json {
+                return print_json(&keys);
+            }
+            let rows = keys.iter().map(|k| {
+                vec![
+                    k.key_id.clone(),
+                    k.name.clone(),
+                    utc(k.created_ms / 1000),
+                    k.devices.to_string(),
+                    utc_or_dash(k.revoked_ms),
+                ]
+            });
+            print_table(&["KEY", "NAME", "CREATED (UTC)", "DEVICES", "REVOKED"], rows);
+        }
+        EnrolmentKeyCommand::Revoke { key_id } => {
+            let key: EnrolmentKey = api
+                .json(Method::DELETE, &format!("/v1/enrolment-keys/{key_id}"))
+                .await?;
+            if json {
+                return print_json(&key);
+            }
+            println!(
+                "enrolment key {} ({}) revoked at {} UTC; the {} device(s) it enrolled are refused",
+                key.key_id,
+                key.name,
+                utc_or_dash(key.revoked_ms),
+                key.devices
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `fedhive device ...`.
+pub async fn device(args: DeviceArgs) -> anyhow::Result<()> {
+    let api = Api::new(&args.connection)?;
+    let json = args.connection.json;
+    match args.command {
+        DeviceCommand::List { key, after, limit } => {
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(key.map(|k| ("key_id", k)));
+            query.extend(after.map(|a| ("after", a)));
+            let response = api
+                .send(api.request(Method::GET, "/v1/devices").query(&query))
+                .await?;
+            let devices: Vec<EnrolledDevice> =
+                response.json().await.context("reading the server's answer")?;
+            if json {
+                return print_json(&devices);
+            }
+            let rows = devices.iter().map(|d| {
+                vec![
+                    d.device_id.clone(),
+                    d.key_id.clone().unwrap_or_else(|| "-".into()),
+                    utc(d.enrolled_ms / 1000),
+                    utc_or_dash(d.revoked_ms),
+                ]
+            });
+            print_table(&["DEVICE", "KEY", "ENROLLED (UTC)", "REVOKED"], rows);
+        }
+        DeviceCommand::Revoke { device_id } => {
+            let device: EnrolledDevice = api
+                .json(Method::DELETE, &format!("/v1/devices/{device_id}"))
+                .await?;
+            if json {
+                return print_json(&device);
+            }
+            println!(
+                "device {} revoked at {} UTC",
+                device.device_id,
+                utc_or_dash(device.revoked_ms)
             );
         }
     }
@@ -514,6 +663,11 @@ fn round_state_name(state: &RoundState) -> &'static str {
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS` in UTC (days to civil date: Howard Hinnant's algorithm).
+/// An optional time in Unix milliseconds as UTC, or `-`.
+fn utc_or_dash(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "-".to_string(), |ms| utc(ms / 1000))
+}
+
 fn utc(unix: i64) -> String {
     let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
     let z = days + 719_468;

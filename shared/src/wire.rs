@@ -588,7 +588,8 @@ pub struct AuditEntry {
     /// `task-worker:<task id>` (a DC-CCL task's own worker token).
     pub actor: String,
     /// `task.create`, `task.pause`, `task.resume`, `task.cancel`, `token.create`, `token.revoke`,
-    /// `cloud.update`, `cloud.control_model`.
+    /// `enrolment_key.create`, `enrolment_key.revoke`, `device.revoke`, `cloud.update`,
+    /// `cloud.control_model`.
     pub action: String,
     /// The task id, token name, or `<task id>/<round or version>`; empty when a task creation failed.
     pub target: String,

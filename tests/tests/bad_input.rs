@@ -421,10 +421,27 @@ async fn bad_operator_and_device_requests_change_nothing(backend: Backend) {
             StatusCode::NOT_FOUND,
             "unknown_task",
         ),
+        // Found by the `requests` fuzz target: axum answered these with an empty body.
+        (
+            "a path no route matches (an empty task id)",
+            http.get(tasks("/")).bearer_auth(ADMIN_TOKEN),
+            StatusCode::NOT_FOUND,
+            "no_route",
+        ),
+        (
+            "a method the route does not answer",
+            http.delete(tasks("")).bearer_auth(ADMIN_TOKEN),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
     ];
     for (case, req, status, code) in cases {
         assert_refused(case, send(req).await, status, code);
     }
+    let answer = http.delete(tasks("")).send().await.unwrap();
+    let mut allow: Vec<_> = answer.headers()["allow"].to_str().unwrap().split(',').collect();
+    allow.sort();
+    assert_eq!(allow, ["GET", "HEAD", "POST"], "405 keeps its Allow header");
     // Nothing was created: no model blobs, and the one good request is task number one.
     let models = dir.path().join("blobs/models");
     assert!(

@@ -1,6 +1,7 @@
 //! The operator CLI (`fedhive task ...`, `fedhive model get`) against a real server: a refused
 //! config uploads nothing, a created task runs a round, pause and resume gate check-ins, the model
-//! download matches the API's, and cancelling ends the task and refuses its round's uploads.
+//! download matches the API's, and cancelling ends the task and refuses its round's uploads; the
+//! enrolment-key and device commands issue, list and revoke, and revocation holds at the next request.
 
 use std::{path::Path, process::Output, time::Duration};
 
@@ -9,9 +10,15 @@ use fedhive_e2e::{
     ADMIN_TOKEN, Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors,
     wait_for_version,
 };
-use fedhive_shared::wire::{CheckinResponse, RoundInfo, RoundState, TaskCreated, TaskState, TaskSummary};
+use fedhive_shared::wire::{
+    AuditEntry, CheckinResponse, DeviceCredentials, EnrolledDevice, EnrolmentKey, EnrolmentKeyCreated,
+    RoundInfo, RoundState, TaskConfig, TaskCreated, TaskState, TaskSummary,
+};
 
-on_both_databases!(the_cli_runs_a_task_from_creation_to_cancellation);
+on_both_databases!(
+    the_cli_runs_a_task_from_creation_to_cancellation,
+    the_cli_issues_and_revokes_enrolment_keys_and_devices,
+);
 
 /// `fedhive ARGS` (the e2e server binary is the `fedhive` command line) against `server`.
 async fn fedhive(server: &ServerProcess, args: &[&str]) -> Output {
@@ -174,4 +181,123 @@ async fn the_cli_runs_a_task_from_creation_to_cancellation(backend: Backend) {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+async fn the_cli_issues_and_revokes_enrolment_keys_and_devices(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(&dir.path().join("data"), &db).await.unwrap();
+    let device_client = server.raw_client();
+
+    // One key printed as JSON, one as text: the key is in the output once, with its id.
+    let old: EnrolmentKeyCreated = serde_json::from_str(
+        &ok(
+            &server,
+            &["enrolment-key", "create", "--name", "app 3.0", "--json"],
+        )
+        .await,
+    )
+    .unwrap();
+    let text = ok(&server, &["enrolment-key", "create", "--name", "app 3.1"]).await;
+    let new_key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("enrolment key (shown once; only its hash is kept): "))
+        .unwrap_or_else(|| panic!("no key in {text}"))
+        .to_string();
+    let new_id = new_key.split(':').next().unwrap().to_string();
+    assert!(
+        text.starts_with(&format!("created enrolment key {new_id} (app 3.1)")),
+        "{text}"
+    );
+
+    let enrol = |key: String| {
+        let client = device_client.clone();
+        async move { client.enrol_device(&key).await.unwrap() }
+    };
+    let (a, b) = (
+        enrol(old.enrolment_key.clone()).await,
+        enrol(new_key.clone()).await,
+    );
+    let task = server
+        .client()
+        .create_task(
+            &TaskConfig {
+                require_enrolled_device: true,
+                ..small_task(2, 2, 5, 120)
+            },
+            small_tensors(|_| 0.0).encode(),
+        )
+        .await
+        .unwrap()
+        .task_id;
+    let checkin = |device: DeviceCredentials| {
+        let (client, task) = (device_client.clone(), task.clone());
+        async move {
+            match client.checkin_as(&task, &device).await {
+                Ok(CheckinResponse::Assigned(_)) => "assigned".to_string(),
+                Ok(other) => format!("{other:?}"),
+                Err(e) => e.code().unwrap_or("no code").to_string(),
+            }
+        }
+    };
+    assert_eq!(checkin(a.clone()).await, "assigned");
+    assert_eq!(checkin(b.clone()).await, "assigned");
+
+    // The tables name keys and devices and never show a secret.
+    let keys = ok(&server, &["enrolment-key", "list"]).await;
+    assert!(keys.starts_with("KEY"), "{keys}");
+    for shown in [&old.key_id, &new_id, "app 3.0", "app 3.1"] {
+        assert!(keys.contains(shown), "{shown} missing from {keys}");
+    }
+    assert!(
+        !keys.contains(&old.enrolment_key) && !keys.contains(&new_key),
+        "{keys}"
+    );
+    let devices = ok(&server, &["device", "list", "--key", &old.key_id]).await;
+    assert!(
+        devices.starts_with("DEVICE") && devices.contains(&a.device_id),
+        "{devices}"
+    );
+    assert!(
+        !devices.contains(&b.device_id) && !devices.contains(&a.device_secret),
+        "{devices}"
+    );
+
+    // Revoking a device, then a key: refused from the very next request.
+    ok(&server, &["device", "revoke", &a.device_id]).await;
+    assert_eq!(checkin(a.clone()).await, "device_revoked");
+    ok(&server, &["enrolment-key", "revoke", &new_id]).await;
+    assert_eq!(checkin(b.clone()).await, "enrolment_key_revoked");
+    let listed: Vec<EnrolmentKey> =
+        serde_json::from_str(&ok(&server, &["enrolment-key", "list", "--json"]).await).unwrap();
+    let states: Vec<_> = listed
+        .iter()
+        .map(|k| (k.name.as_str(), k.devices, k.revoked_ms.is_some()))
+        .collect();
+    assert_eq!(states, [("app 3.0", 1, false), ("app 3.1", 1, true)]);
+    let listed: Vec<EnrolledDevice> =
+        serde_json::from_str(&ok(&server, &["device", "list", "--json", "--limit", "1"]).await).unwrap();
+    assert_eq!(listed.len(), 1);
+
+    // Refusals name the server's code; the audit log has the CLI's four changes.
+    let refused = fails(&server, &["device", "revoke", "dv-nope"]).await;
+    assert!(refused.contains("unknown_device"), "{refused}");
+    let refused = fails(&server, &["device", "list", "--limit", "0"]).await;
+    assert!(refused.contains("invalid_request"), "{refused}");
+    let audit: Vec<AuditEntry> = serde_json::from_str(&ok(&server, &["audit", "--json"]).await).unwrap();
+    let changes: Vec<_> = audit
+        .iter()
+        .rev()
+        .filter(|e| e.outcome == "ok" && e.action != "task.create")
+        .map(|e| (e.actor.as_str(), e.action.as_str()))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("admin", "enrolment_key.create"),
+            ("admin", "enrolment_key.create"),
+            ("admin", "device.revoke"),
+            ("admin", "enrolment_key.revoke"),
+        ]
+    );
 }

@@ -111,12 +111,7 @@ async fn cloud_update(
         .await;
     let (receipt, full) = submitted?;
     if full {
-        let coordinator = state.coordinator.clone();
-        tokio::spawn(async move {
-            if let Err(e) = coordinator.finalize_if_due(round_id).await {
-                tracing::warn!(round = round_id, error = %e, "finalising a full round failed; the ticker retries");
-            }
-        });
+        state.coordinator.finalize_in_background(round_id);
     }
     Ok(Json(receipt))
 }

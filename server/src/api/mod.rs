@@ -100,6 +100,8 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         ));
     }
     routes
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_model_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -109,4 +111,20 @@ pub fn router(state: AppState, max_model_bytes: usize) -> Router {
         // is routine pacing under load, not a failure to log thousands of times.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
         .with_state(state)
+}
+
+/// A path no route matches: a JSON error like every other refusal (axum's own answer has no body).
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> crate::error::ApiError {
+    crate::error::ApiError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+/// A route asked with a method it does not answer: a JSON error, as [`no_route`].
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> crate::error::ApiError {
+    crate::error::ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
 }

@@ -351,13 +351,7 @@ async fn upload(
         .upload(&token, device.as_deref(), query.num_samples, read_body)
         .await?;
     if full {
-        let coordinator = state.coordinator.clone();
-        let round = receipt.round_id;
-        tokio::spawn(async move {
-            if let Err(e) = coordinator.finalize_if_due(round).await {
-                tracing::warn!(round, error = %e, "finalising a full round failed; the ticker retries");
-            }
-        });
+        state.coordinator.finalize_in_background(receipt.round_id);
     }
     Ok(Json(receipt))
 }
