@@ -7,9 +7,12 @@
 //!   local step; the delta of `F_s` is what is uploaded.
 //! - [`distil`] (step 2, cloud): the control model `F_m` from frozen `F_c`, minimising
 //!   `MSE(F_m(x), F_c(x))` on logits (Adam).
+//! - [`tune_head`] (step 5, optional, cloud): after fusion, train only `F_s`'s last layer on a
+//!   small tuning set with the same loss as step 4.
 //! - [`evaluate_sum`] and [`predict_sum`]: the served output `F_c(x) + F_s(x)` (cloud) or
 //!   `F_m(x) + F_s(x)` (on the device).
 
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
 use burn::optim::{AdamConfig, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -75,11 +78,55 @@ pub fn distil(
         train_beside::<S, T>(student, teacher, Objective::Distil, device, data, params, seed)))
 }
 
+/// Step 5 (optional): trains only the last layer of `co` (`F_s`, after fusion) on a small tuning
+/// set with step 4's loss `CE(F_m(x) + F_s(x), y)` by plain SGD, every other tensor and `control`
+/// frozen. Returns `F_s` with the tuned head (the other tensors bit for bit as given) and the last
+/// epoch's mean loss.
+pub fn tune_head(
+    co: Weights,
+    control: Weights,
+    device: &Device,
+    tuning: &Dataset,
+    params: &TrainingParams,
+    seed: u64,
+) -> Result<(NamedTensors, f32), TrainError> {
+    check_dataset(tuning)?;
+    check_params(params)?;
+    with_model!(co.kind, S => with_model!(control.kind, M =>
+        train_beside::<S, M>(co, control, Objective::Head, device, tuning, params, seed)))
+}
+
+/// Stops gradients to every parameter outside one top-level module.
+struct FreezeAllBut<'a> {
+    module: &'a str,
+    path: Vec<String>,
+}
+
+impl ModuleMapper for FreezeAllBut<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.path.first().is_some_and(|top| top == self.module) {
+            param
+        } else {
+            param.set_require_grad(false)
+        }
+    }
+}
+
 /// What a model trained beside a frozen one minimises.
 #[derive(Debug, Clone, Copy)]
 enum Objective {
     /// `CE(frozen(x) + trained(x), y)` by plain SGD (step 4).
     CoModel,
+    /// The same, training only the last layer (step 5).
+    Head,
     /// `MSE(trained(x), frozen(x))` on logits by Adam (step 2).
     Distil,
 }
@@ -96,17 +143,23 @@ fn train_beside<S: Classifier, F: Classifier>(
     seed: u64,
 ) -> Result<(NamedTensors, f32), TrainError> {
     let device = device.clone().autodiff();
-    let model: S = model::load(trained.tensors, &model::tensor_specs(trained.kind), &device)?;
+    let mut model: S = model::load(trained.tensors, &model::tensor_specs(trained.kind), &device)?;
+    if let Objective::Head = objective {
+        model = model.map(&mut FreezeAllBut {
+            module: model::head_module(trained.kind),
+            path: Vec::new(),
+        });
+    }
     let frozen: F = frozen.load(&device)?;
     let criterion = CrossEntropyLossConfig::new().init(&device);
     let optim = match objective {
-        Objective::CoModel => SgdConfig::new().init(),
+        Objective::CoModel | Objective::Head => SgdConfig::new().init(),
         Objective::Distil => AdamConfig::new().init(),
     };
     let (model, loss) = fit(model, optim, &device, data, params, seed, |s, x, y| {
         let fixed = frozen.forward(x.clone()).detach();
         match objective {
-            Objective::CoModel => criterion.forward(fixed + s.forward(x), y),
+            Objective::CoModel | Objective::Head => criterion.forward(fixed + s.forward(x), y),
             Objective::Distil => MseLoss::new().forward(s.forward(x), fixed, Reduction::Mean),
         }
     })?;
@@ -269,6 +322,48 @@ mod tests {
         )
         .unwrap();
         assert_eq!(predicted, data.labels);
+    }
+
+    #[test]
+    fn head_tuning_trains_the_last_layer_only() {
+        let device = Device::flex();
+        let data = toy(2);
+        let co = initial_weights(ModelKind::MlpSmall, 5);
+        let control = initial_weights(ModelKind::MlpSmall, 6);
+        let sum = |co: &NamedTensors| {
+            evaluate_sum(
+                Weights::new(ModelKind::MlpSmall, &control),
+                Weights::new(ModelKind::MlpSmall, co),
+                &device,
+                &data,
+            )
+            .unwrap()
+        };
+        let (tuned, _) = tune_head(
+            Weights::new(ModelKind::MlpSmall, &co),
+            Weights::new(ModelKind::MlpSmall, &control),
+            &device,
+            &data,
+            &TrainingParams {
+                local_epochs: 20,
+                ..params(0.1)
+            },
+            8,
+        )
+        .unwrap();
+        assert_eq!(model::head_module(ModelKind::MlpSmall), "fc2");
+        assert_eq!(model::head_module(ModelKind::Cnn), "fc");
+        assert_eq!(tuned.specs(), co.specs());
+        for (name, before) in &co.0 {
+            let after = &tuned.0[name];
+            if name.starts_with("fc2.") {
+                assert_ne!(after.data, before.data, "{name} should have been tuned");
+            } else {
+                assert_eq!(after.data, before.data, "{name} should be frozen");
+            }
+        }
+        let (before, after) = (sum(&co), sum(&tuned));
+        assert!(after.loss < before.loss, "{after:?} vs {before:?}");
     }
 
     #[test]

@@ -127,6 +127,13 @@ fn layout(kind: ModelKind) -> Vec<(&'static str, Vec<usize>, usize)> {
     }
 }
 
+/// The module of `kind`'s last layer (its head: `fc2` or `fc`), the one layer DC-CCL's optional
+/// head tuning trains.
+pub fn head_module(kind: ModelKind) -> &'static str {
+    let (last, _, _) = layout(kind).pop().expect("every model has layers");
+    last.split('.').next().expect("split yields at least one piece")
+}
+
 /// Names and shapes of every tensor of `kind`, in name order (as [`NamedTensors::specs`]).
 pub fn tensor_specs(kind: ModelKind) -> Vec<TensorSpec> {
     let mut specs: Vec<TensorSpec> = layout(kind)

@@ -7,7 +7,7 @@
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use crate::{Worker, WorkerOptions};
+use crate::{HeadTuning, Worker, WorkerOptions};
 use anyhow::Context;
 use clap::Parser;
 use fedhive_client::{
@@ -63,6 +63,16 @@ struct Cli {
     /// parameters as the task sets them).
     #[arg(long)]
     co_model_steps: Option<u32>,
+    /// Head tuning (step 5, off at 0): tune each committed F_s's last layer for serving on the
+    /// first N training images of --tuning-classes.
+    #[arg(long, default_value_t = 0)]
+    tuning_samples: usize,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4,5,6,7,8,9")]
+    tuning_classes: Vec<u8>,
+    #[arg(long, default_value_t = 3)]
+    tuning_epochs: u32,
+    #[arg(long, default_value_t = 0.05)]
+    tuning_learning_rate: f32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[arg(long, default_value_t = 500)]
@@ -92,6 +102,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         batch_size: cli.batch_size,
         learning_rate,
     };
+    let head_tuning = if cli.tuning_samples == 0 {
+        None
+    } else {
+        let tuning: Vec<usize> = (0..train.len())
+            .filter(|&i| cli.tuning_classes.contains(&train.labels[i]))
+            .take(cli.tuning_samples)
+            .collect();
+        anyhow::ensure!(
+            !tuning.is_empty(),
+            "no training images of classes {:?}",
+            cli.tuning_classes
+        );
+        Some(HeadTuning {
+            data: Arc::new(train.subset(&tuning)),
+            params: params(cli.tuning_epochs, cli.tuning_learning_rate),
+        })
+    };
     let worker = Worker {
         client: FedhiveClient::with_tls(&cli.server, &cli.tls.load()?)?,
         task_id: cli.task.clone(),
@@ -106,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             co_model_steps: cli.co_model_steps,
             seed: cli.seed,
             poll: Duration::from_millis(cli.poll_ms),
+            head_tuning,
         },
     };
     let report = worker.run().await?;

@@ -11,13 +11,18 @@
 //! 3. each open round, trains its copy of the round's `F_s` on cloud data with loss
 //!    `CE(F_m(x) + F_s(x), y)` and submits the delta as the round's cloud contribution.
 //!
+//! 4. optionally (off by default; [`WorkerOptions::head_tuning`]), after each committed round,
+//!    tunes the last layer of the new `F_s` on a small labelled tuning set with the same loss (the
+//!    paper's step 5) and keeps the result as its serving co-model ([`Worker::served_co_model`]).
+//!    The tuned co-model is for serving only: the task's model chain, which devices train, stays
+//!    the fusion's deterministic output, so a restart or a second worker cannot fork it.
+//!
 //! Serving is a library call, [`predict`]: `F_c(x) + F_s(x)` (the worker answers no HTTP itself).
 //!
 //! Crash safety: every artefact is written to the state directory (write, fsync, rename) before it
 //! is sent, and sent again unchanged after a restart. The server stores a contribution once per
 //! round and answers a repeat of the same bytes with the same receipt, so killing the worker at any
-//! point neither loses nor duplicates one. The paper's optional head-tuning step after fusion is not
-//! implemented.
+//! point neither loses nor duplicates one.
 
 use std::{
     path::{Path, PathBuf},
@@ -71,6 +76,18 @@ pub struct WorkerOptions {
     pub seed: u64,
     /// How often the worker asks the server for its task's round.
     pub poll: Duration,
+    /// Step 5, off when `None`: tune each committed `F_s`'s last layer for serving.
+    pub head_tuning: Option<HeadTuning>,
+}
+
+/// The tuning set and training of the optional head-tuning step (plain SGD, loss
+/// `CE(F_m(x) + F_s(x), y)`, only `F_s`'s last layer learns).
+#[derive(Debug, Clone)]
+pub struct HeadTuning {
+    /// A small labelled set; in the authors' code, a sample of the devices' kind of data that the
+    /// cloud holds for this purpose (data the cloud-only arm never sees).
+    pub data: Arc<Dataset>,
+    pub params: TrainingParams,
 }
 
 /// What a worker did.
@@ -101,6 +118,20 @@ pub fn predict(
     images: &[f32],
 ) -> Result<Vec<u8>, TrainError> {
     dc_ccl::predict_sum(cloud, co, device, images)
+}
+
+/// The worker's training parameters for its copy of `F_s`: the devices' (the task's), with at most
+/// `cap` SGD steps when set.
+fn co_model_params(task: &TrainingParams, cap: Option<u32>) -> TrainingParams {
+    let max_local_steps = match (task.max_local_steps, cap) {
+        (steps, None) => steps,
+        (0, Some(cap)) => cap,
+        (steps, Some(cap)) => steps.min(cap),
+    };
+    TrainingParams {
+        max_local_steps,
+        ..task.clone()
+    }
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
@@ -226,7 +257,7 @@ impl Worker {
         let base = NamedTensors::decode(&base)?;
         let (data, device, control) = (self.data.clone(), self.device.clone(), control.clone());
         let (params, seed) = (
-            status.training.clone(),
+            co_model_params(&status.training, self.options.co_model_steps),
             self.options.seed ^ ((round_id as u64) << 20),
         );
         let update = tokio::task::spawn_blocking(move || {
@@ -254,6 +285,76 @@ impl Worker {
         Ok(Bytes::from(body))
     }
 
+    /// Step 5: version `version` of the task's `F_s` with its last layer tuned, made once and kept
+    /// in the state directory (older versions' files are removed).
+    async fn tune(
+        &self,
+        tuning: &HeadTuning,
+        status: &CloudStatus,
+        version: i64,
+        control: &Arc<NamedTensors>,
+    ) -> Result<(), WorkerError> {
+        let path = self
+            .state_dir
+            .join(format!("served-co-model-{version}.safetensors"));
+        if path.exists() {
+            return Ok(());
+        }
+        let co_kind: ModelKind = status.model.parse()?;
+        let control_kind: ModelKind = status.control_model.parse()?;
+        let (_, committed) = self.client.download_model(&self.task_id, Some(version)).await?;
+        let committed = NamedTensors::decode(&committed)?;
+        let (tuning, device, control) = (tuning.clone(), self.device.clone(), control.clone());
+        let seed = self.options.seed ^ ((version as u64) << 24);
+        let tuned = tokio::task::spawn_blocking(move || {
+            dc_ccl::tune_head(
+                Weights::new(co_kind, &committed),
+                Weights::new(control_kind, &control),
+                &device,
+                &tuning.data,
+                &tuning.params,
+                seed,
+            )
+        })
+        .await
+        .expect("training task panicked")?
+        .0;
+        write_atomic(&path, &tuned.encode())?;
+        info!(version, "head of F_s tuned for serving");
+        for (old, _) in self.served_files()? {
+            if old != path {
+                std::fs::remove_file(old)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The served co-model files in the state directory with their versions.
+    fn served_files(&self) -> Result<Vec<(PathBuf, i64)>, WorkerError> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.state_dir)? {
+            let path = entry?.path();
+            let version = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("served-co-model-")?.strip_suffix(".safetensors"))
+                .and_then(|v| v.parse::<i64>().ok());
+            if let Some(version) = version {
+                files.push((path, version));
+            }
+        }
+        Ok(files)
+    }
+
+    /// The co-model this worker serves beside `F_c` when head tuning is on: the latest committed
+    /// `F_s` it tuned, with its version; `None` before the first or with tuning off.
+    pub fn served_co_model(&self) -> Result<Option<(i64, NamedTensors)>, WorkerError> {
+        let Some((path, version)) = self.served_files()?.into_iter().max_by_key(|(_, v)| *v) else {
+            return Ok(None);
+        };
+        Ok(Some((version, NamedTensors::decode(&std::fs::read(path)?)?)))
+    }
+
     /// Runs the task's cloud side until the task finishes.
     pub async fn run(&self) -> Result<WorkerReport, WorkerError> {
         std::fs::create_dir_all(&self.state_dir)?;
@@ -266,6 +367,12 @@ impl Worker {
         let control = Arc::new(self.control_model(&status, &cloud).await?);
         loop {
             let status = self.client.cloud_status(&self.task_id, &self.token).await?;
+            // Version 0 is the task's initial model; later ones are fusions.
+            if let Some(tuning) = &self.options.head_tuning
+                && status.model_version > 0
+            {
+                self.tune(tuning, &status, status.model_version, &control).await?;
+            }
             if status.state.is_over() {
                 return Ok(report);
             }
@@ -297,5 +404,28 @@ impl Worker {
             }
             tokio::time::sleep(self.options.poll).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_step_cap_bounds_the_workers_co_model_training() {
+        let task = |max_local_steps| TrainingParams {
+            local_epochs: 1,
+            max_local_steps,
+            batch_size: 32,
+            learning_rate: 0.05,
+        };
+        let steps = |task_steps, cap| co_model_params(&task(task_steps), cap).max_local_steps;
+        // 0 is "no cap" in the task's parameters: one epoch of the cloud's data.
+        assert_eq!(steps(0, None), 0);
+        assert_eq!(steps(0, Some(100)), 100);
+        assert_eq!(steps(40, Some(100)), 40);
+        assert_eq!(steps(400, Some(100)), 100);
+        assert_eq!(steps(40, None), 40);
+        assert_eq!(co_model_params(&task(0), Some(7)).learning_rate, 0.05);
     }
 }

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -234,7 +234,7 @@ impl SparseTensors {
         tables: &BTreeMap<String, TableShape>,
         limit: f32,
     ) -> Result<Self, SparseError> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
+        let st = crate::tensors::parse_safetensors(bytes)?;
         let mut dense_out = BTreeMap::new();
         let mut table_out = BTreeMap::new();
         for (table, shape) in tables {

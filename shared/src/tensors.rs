@@ -8,7 +8,7 @@
 
 use std::{borrow::Cow, collections::BTreeMap, ops::Range};
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
 /// Name and shape of one model tensor, as declared in a task's config.
@@ -193,11 +193,30 @@ impl NamedTensors {
     }
 }
 
+/// Parses a safetensors body. safetensors checks the tensors' offsets and sizes in offset order,
+/// and among tensors with equal offsets that order is hash order, different from one parse to the
+/// next: the same body was refused naming one tensor or another, or for its offsets one time and a
+/// size the next (found by fuzzing). Every such refusal gets one message here, naming no tensor.
+pub(crate) fn parse_safetensors(bytes: &[u8]) -> Result<SafeTensors<'_>, TensorError> {
+    SafeTensors::deserialize(bytes).map_err(|e| {
+        TensorError::Malformed(match e {
+            SafeTensorError::InvalidOffset(_)
+            | SafeTensorError::TensorInvalidInfo
+            | SafeTensorError::MisalignedSlice
+            | SafeTensorError::ValidationOverflow => "the header's data offsets do not tile the data by \
+                 the tensors' shapes and dtypes (the first tensor starts at 0, each next one where the \
+                 previous one ends, each spans its shape's bytes)"
+                .to_string(),
+            other => other.to_string(),
+        })
+    })
+}
+
 /// Parses safetensors bytes into views of their tensors, refusing the first (by name) that is not
 /// F32. safetensors lists tensors in hash order, different from one parse to the next; checking in
 /// name order refuses the same body with the same message every time (found by fuzzing).
 fn f32_views(bytes: &[u8]) -> Result<BTreeMap<String, TensorView<'_>>, TensorError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Malformed(e.to_string()))?;
+    let st = parse_safetensors(bytes)?;
     let views: BTreeMap<String, TensorView<'_>> = st.tensors().into_iter().collect();
     if let Some((name, view)) = views.iter().find(|(_, view)| view.dtype() != Dtype::F32) {
         return Err(TensorError::DtypeMismatch {
@@ -470,6 +489,35 @@ mod tests {
         for _ in 0..32 {
             assert_eq!(NamedTensors::decode(&bytes).unwrap_err(), expected);
             assert_eq!(TensorLayout::check(&bytes, &specs, 1.0).unwrap_err(), expected);
+        }
+    }
+
+    #[test]
+    fn bad_offsets_and_sizes_are_refused_the_same_way_every_time() {
+        // Found by the `tensors_roundtrip` fuzz target: tensors that share their offsets were
+        // checked in hash order, so safetensors named one or the other, or refused the offsets one
+        // time and a size the next.
+        let bodies = [
+            r#"{"t":{"dtype":"F32","shape":[3],"data_offsets":[12,140]},"7":{"dtype":"F32","shape":[8,4],"data_offsets":[12,140]},"w":{"dtype":"F32","shape":[3,4],"data_offsets":[140,188]}}"#,
+            r#"{"b":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},"emb":{"dtype":"I16","shape":[8,4],"data_offsets":[0,12]},"e(b":{"dtype":"I16","shape":[4,3],"data_offsets":[140,188]}}"#,
+        ];
+        let specs = [("7", vec![8, 4]), ("t", vec![3]), ("w", vec![3, 4])].map(|(name, shape)| TensorSpec {
+            name: name.into(),
+            shape,
+        });
+        for header in bodies {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.resize(bytes.len() + 188, 0);
+            let first = NamedTensors::decode(&bytes).unwrap_err();
+            for _ in 0..64 {
+                assert_eq!(NamedTensors::decode(&bytes).unwrap_err(), first);
+                assert_eq!(TensorLayout::check(&bytes, &specs, 1.0).unwrap_err(), first);
+            }
+            assert!(
+                matches!(&first, TensorError::Malformed(m) if m.contains("do not tile")),
+                "{first:?}"
+            );
         }
     }
 

@@ -12,6 +12,9 @@
 //!   rounds and K;
 //! - `dc_ccl_cloud`: `F_c + F_s`, served by the cloud worker ([`fedhive_cloud::predict`]);
 //! - `dc_ccl_on_device`: `F_m + F_s`, what a device predicts offline;
+//! - `dc_ccl_cloud_tuned` (with `--tuning-samples` > 0): `F_c + F_s` with `F_s`'s last layer tuned
+//!   by the worker on a small labelled sample of all classes (the paper's optional step 5). That
+//!   sample is data the other DC-CCL arms and the cloud-only arm do not get;
 //! - `oracle`: `F_c`'s family trained on the pooled training data with the same epochs.
 //!
 //! The DC-CCL task runs the real worker ([`fedhive_cloud::Worker`], in this process, over HTTP with
@@ -31,12 +34,13 @@ use fedhive_client::{
     partition,
     training::{evaluate, train_local},
 };
-use fedhive_cloud::{Worker, WorkerOptions};
+use fedhive_cloud::{HeadTuning, Worker, WorkerOptions};
 use fedhive_shared::{
     NamedTensors,
     wire::{StrategyConfig, TaskConfig, TrainingParams, WithoutCloud},
 };
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
 use serde::Serialize;
 
 /// Scenario settings (defaults: about two and a half minutes per seed on 2 CPU cores).
@@ -78,6 +82,12 @@ pub struct DcCclOptions {
     pub co_model_steps: u32,
     #[arg(long, default_value_t = 0.002)]
     pub distil_learning_rate: f32,
+    /// Head tuning (step 5): training images of all classes, drawn at random per seed, that the
+    /// worker tunes `F_s`'s last layer on (0: no tuned arm).
+    #[arg(long, default_value_t = 600)]
+    pub tuning_samples: usize,
+    #[arg(long, default_value_t = 3)]
+    pub tuning_epochs: u32,
     #[arg(long, default_value_t = 1)]
     pub local_epochs: u32,
     #[arg(long, default_value_t = 32)]
@@ -116,6 +126,8 @@ pub struct SeedReport {
     pub device_only: Accuracy,
     pub dc_ccl_cloud: Accuracy,
     pub dc_ccl_on_device: Accuracy,
+    /// `F_c + F_s` with `F_s`'s head tuned (`--tuning-samples` > 0).
+    pub dc_ccl_cloud_tuned: Option<Accuracy>,
     pub oracle: Accuracy,
     /// Mean body bytes a DC-CCL device downloaded / uploaded per round it trained (its control
     /// model download counted in its first round).
@@ -146,6 +158,7 @@ pub struct MeanAll {
     pub device_only: f32,
     pub dc_ccl_cloud: f32,
     pub dc_ccl_on_device: f32,
+    pub dc_ccl_cloud_tuned: Option<f32>,
     pub oracle: f32,
 }
 
@@ -224,6 +237,9 @@ pub async fn run_dc_ccl(options: &DcCclOptions, show_progress: bool) -> anyhow::
                 report.dc_ccl_on_device.all,
                 report.oracle.all
             );
+            if let Some(tuned) = report.dc_ccl_cloud_tuned {
+                eprintln!("seed {seed}: DC-CCL F_c+F_s with a tuned head {:.4}", tuned.all);
+            }
         }
         seeds.push(report);
     }
@@ -242,6 +258,11 @@ pub async fn run_dc_ccl(options: &DcCclOptions, show_progress: bool) -> anyhow::
             device_only: mean(|s| s.device_only.all),
             dc_ccl_cloud: mean(|s| s.dc_ccl_cloud.all),
             dc_ccl_on_device: mean(|s| s.dc_ccl_on_device.all),
+            dc_ccl_cloud_tuned: seeds
+                .iter()
+                .map(|s| s.dc_ccl_cloud_tuned.map(|a| a.all))
+                .sum::<Option<f32>>()
+                .map(|sum| sum / seeds.len() as f32),
             oracle: mean(|s| s.oracle.all),
         },
         min_margin_over_cloud_only: 100.0 * fold(|s| s.dc_ccl_cloud.all - s.cloud_only.all, true),
@@ -326,6 +347,17 @@ async fn run_seed(
         .create_task(&dc_config, initial_weights(small_kind, seed).encode())
         .await?;
     let state_dir = tempfile::tempdir()?;
+    let head_tuning = (options.tuning_samples > 0).then(|| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x7E57);
+        let sample = rand::seq::index::sample(&mut rng, train.len(), options.tuning_samples.min(train.len()));
+        HeadTuning {
+            data: Arc::new(train.subset(&sample.into_vec())),
+            params: TrainingParams {
+                local_epochs: options.tuning_epochs,
+                ..training.clone()
+            },
+        }
+    });
     let worker = Arc::new(Worker {
         client: client.clone(),
         task_id: created.task_id.clone(),
@@ -350,6 +382,7 @@ async fn run_seed(
             co_model_steps: (options.co_model_steps > 0).then_some(options.co_model_steps),
             seed,
             poll: Duration::from_millis(100),
+            head_tuning,
         },
     });
     let running_worker = worker.clone();
@@ -389,6 +422,17 @@ async fn run_seed(
     let f_s = decode(&f_s)?;
     let (_, f_m) = client.download_control_model(&created.task_id, None).await?;
     let f_m = decode(&f_m)?;
+    let tuned = match worker.served_co_model()? {
+        Some((version, tuned)) => {
+            let final_version = client.task_status(&created.task_id).await?.model_version;
+            anyhow::ensure!(
+                version == final_version,
+                "the worker tuned version {version}, not the final {final_version}"
+            );
+            Some(tuned)
+        }
+        None => None,
+    };
     let (_, device_only) = client.download_model(&fedavg.task_id, None).await?;
     let device_only = decode(&device_only)?;
     local.server.shutdown().await;
@@ -435,6 +479,15 @@ async fn run_seed(
             Weights::new(small_kind, &f_m),
             Some(Weights::new(small_kind, &f_s)),
         )?,
+        dc_ccl_cloud_tuned: tuned
+            .map(|tuned| {
+                tests.accuracy(
+                    &device,
+                    Weights::new(cloud_kind, &f_c),
+                    Some(Weights::new(small_kind, &tuned)),
+                )
+            })
+            .transpose()?,
         oracle: tests.accuracy(&device, Weights::new(cloud_kind, &oracle), None)?,
         device_download_bytes_per_round: per_round(moved.downloaded),
         device_upload_bytes_per_round: per_round(moved.uploaded),
