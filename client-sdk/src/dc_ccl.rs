@@ -12,7 +12,7 @@
 //! - [`evaluate_sum`] and [`predict_sum`]: the served output `F_c(x) + F_s(x)` (cloud) or
 //!   `F_m(x) + F_s(x)` (on the device).
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{ModuleMapper, Param};
 use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
 use burn::optim::{AdamConfig, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
