@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use bytes::Bytes;
 use fedhive_shared::{
     NamedTensors, fedlaavg,
-    wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport},
+    wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport, UpdateEncoding},
 };
 
 use crate::{
@@ -41,6 +41,8 @@ pub struct DeviceReport {
     pub updates_accepted: u32,
     /// Updates refused because the round closed before they arrived (too slow, or over-selected).
     pub updates_late: u32,
+    /// Update bytes this run sent (each upload's body once; retries not counted).
+    pub bytes_uploaded: u64,
 }
 
 /// A simulated (or real) device bound to one task and its local data.
@@ -135,9 +137,13 @@ impl Device {
     /// Participates until the server says the task is finished.
     pub async fn run(&mut self) -> Result<DeviceReport, DeviceError> {
         let mut report = DeviceReport::default();
+        let uploaded_before = self.traffic.uploaded;
         loop {
             match self.checkin().await? {
-                CheckinResponse::Finished { .. } => return Ok(report),
+                CheckinResponse::Finished { .. } => {
+                    report.bytes_uploaded = self.traffic.uploaded - uploaded_before;
+                    return Ok(report);
+                }
                 CheckinResponse::RetryAfter { retry_after_ms, .. } => {
                     // Jitter spreads the herd of devices that were all told the same wait.
                     let jitter = 0.75 + rand::random::<f64>() * 0.5;
@@ -268,7 +274,13 @@ impl Device {
                 (body, update.num_samples, update.loss)
             }
         };
-        let body = Bytes::from(body.encode());
+        let body = Bytes::from(match a.encoding {
+            UpdateEncoding::F32 => body.encode(),
+            UpdateEncoding::Int8 => {
+                let mut rng = rand::rng();
+                fedhive_shared::int8::encode(&body, || rand::Rng::random::<f32>(&mut rng))
+            }
+        });
         self.traffic.uploaded += body.len() as u64;
         let credentials = self.credentials.as_ref();
         self.client

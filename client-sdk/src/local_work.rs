@@ -75,6 +75,7 @@ mod tests {
             upload_token: "x".into(),
             deadline_unix: 0,
             upload,
+            encoding: Default::default(),
             block,
             control: None,
         }

@@ -6,7 +6,7 @@ use fedhive_shared::{
     NamedTensors, Tensor,
     blocks::{BlockSchedule, RoundBlock},
     tensors::TensorSpec,
-    wire::{StrategyConfig, TaskConfig, TrainingParams},
+    wire::{StrategyConfig, TaskConfig, TrainingParams, UpdateEncoding},
 };
 
 /// `emb` [8, 4] (a FedSubAvg table in the sparse task), `w` [4, 3], `b` [3].
@@ -51,12 +51,13 @@ fn task(strategy: StrategyConfig) -> TaskConfig {
         over_selection: 1.0,
         round_deadline_secs: 60,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds: 10,
     }
 }
 
 /// A task of each upload format: dense (FedAvg), sparse (FedSubAvg), model plus chain plus losses
-/// (MC-PSGD), and DC-CCL's co-model.
+/// (MC-PSGD), DC-CCL's co-model, and int8 (FedAvg); an int8 body is the seed corpus's last task's.
 pub fn tasks() -> Vec<TaskConfig> {
     let schedule = BlockSchedule::Rounds {
         blocks: ["a", "b"]
@@ -85,6 +86,10 @@ pub fn tasks() -> Vec<TaskConfig> {
             control_model: "fuzz".into(),
             control_tensors: specs()[2..].to_vec(),
         }),
+        TaskConfig {
+            update_encoding: UpdateEncoding::Int8,
+            ..task(StrategyConfig::FedAvg { server_lr: 1.0 })
+        },
     ]
 }
 

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fs, path::Path};
 use fedhive_fuzz::{registry, specs, tasks, tensors};
 use fedhive_shared::{
     sparse::{SparseRows, SparseTensors},
-    wire::StrategyConfig,
+    wire::{StrategyConfig, UpdateEncoding},
 };
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
@@ -35,15 +35,26 @@ fn main() {
                 }
                 .encode()
             }
+            _ if config.update_encoding == UpdateEncoding::Int8 => {
+                let mut u = 0.0f32;
+                fedhive_shared::int8::encode(&tensors(&strategy.upload_specs(config)), || {
+                    u = (u + 0.37) % 1.0;
+                    u
+                })
+            }
             _ => tensors(&strategy.upload_specs(config)).encode(),
+        };
+        let name = match config.update_encoding {
+            UpdateEncoding::F32 => config.strategy.name().to_string(),
+            UpdateEncoding::Int8 => format!("{}-int8", config.strategy.name()),
         };
         let mut seed = vec![i as u8];
         seed.extend_from_slice(&body);
-        write(&corpus.join("upload"), config.strategy.name(), &seed);
+        write(&corpus.join("upload"), &name, &seed);
         let mut task = serde_json::to_vec(config).unwrap();
         task.push(0);
         task.extend_from_slice(&tensors(&config.tensors).encode());
-        write(&corpus.join("task_config"), config.strategy.name(), &task);
+        write(&corpus.join("task_config"), &name, &task);
     }
     write(
         &corpus.join("tensors_roundtrip"),

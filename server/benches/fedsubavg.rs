@@ -168,6 +168,7 @@ fn main() {
             over_selection: 1.0,
             round_deadline_secs: 3600,
             require_enrolled_device: false,
+            update_encoding: Default::default(),
             rounds: 1,
         };
         // The table is left out of the initial weights: the server creates it (zeros) on disk.

@@ -28,7 +28,7 @@ use fedhive_shared::{
     fedavg::{AggregateError, MAX_ROUND_SAMPLES, check_sample_count},
     wire::{
         CheckinResponse, RoundInfo, TaskConfig, TaskCreated, TaskState, TaskStatus, TaskSummary,
-        UploadReceipt,
+        UpdateEncoding, UploadReceipt,
     },
 };
 use tracing::{info, warn};
@@ -235,6 +235,15 @@ fn validate_config(strategy: &dyn Strategy, c: &TaskConfig) -> Result<(), ApiErr
         return bad("`round_deadline_secs` and `rounds` must be >= 1".into());
     }
     strategy.validate(c)?;
+    if !strategy.update_encodings().contains(&c.update_encoding) {
+        let name = |e: &UpdateEncoding| serde_json::to_string(e).unwrap_or_default();
+        let takes: Vec<String> = strategy.update_encodings().iter().map(name).collect();
+        return bad(format!(
+            "`update_encoding` {} is not available for this strategy (it takes {})",
+            name(&c.update_encoding),
+            takes.join(", ")
+        ));
+    }
     let t = &c.training;
     if t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
         return bad("`training.batch_size` must be >= 1 and `training.learning_rate` positive".into());

@@ -347,6 +347,7 @@ fn task(form: SubAvgForm, k: u32) -> TaskConfig {
         over_selection: 2.0,
         round_deadline_secs: 120,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds: 3,
     }
 }

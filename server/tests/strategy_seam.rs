@@ -77,6 +77,7 @@ fn config() -> TaskConfig {
         over_selection: 1.0,
         round_deadline_secs: 60,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds: 2,
     }
 }

@@ -10,6 +10,7 @@ pub mod dc_ccl;
 pub mod fedavg;
 pub mod fedlaavg;
 pub mod fedsubavg;
+pub mod int8;
 pub mod sparse;
 pub mod tensors;
 pub mod wire;

@@ -248,7 +248,8 @@ impl SparseTensors {
             if ids_view.dtype() != Dtype::I64 {
                 return Err(TensorError::DtypeMismatch {
                     name: ik,
-                    found: format!("{:?} (ids must be I64)", ids_view.dtype()),
+                    found: format!("{:?}", ids_view.dtype()),
+                    expected: "I64",
                 }
                 .into());
             }
@@ -274,6 +275,7 @@ impl SparseTensors {
                 return Err(TensorError::DtypeMismatch {
                     name: rk,
                     found: format!("{:?}", rows_view.dtype()),
+                    expected: "F32",
                 }
                 .into());
             }
@@ -318,6 +320,7 @@ impl SparseTensors {
                 return Err(TensorError::DtypeMismatch {
                     name,
                     found: format!("{:?}", view.dtype()),
+                    expected: "F32",
                 }
                 .into());
             }

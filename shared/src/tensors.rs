@@ -46,8 +46,12 @@ pub enum TensorError {
     MissingTensor(String),
     #[error("tensor `{0}` is not part of this model")]
     UnexpectedTensor(String),
-    #[error("tensor `{name}` has dtype {found}, expected F32")]
-    DtypeMismatch { name: String, found: String },
+    #[error("tensor `{name}` has dtype {found}, expected {expected}")]
+    DtypeMismatch {
+        name: String,
+        found: String,
+        expected: &'static str,
+    },
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
     ShapeMismatch {
         name: String,
@@ -222,6 +226,7 @@ fn f32_views(bytes: &[u8]) -> Result<BTreeMap<String, TensorView<'_>>, TensorErr
         return Err(TensorError::DtypeMismatch {
             name: name.clone(),
             found: format!("{:?}", view.dtype()),
+            expected: "F32",
         });
     }
     Ok(views)
@@ -485,6 +490,7 @@ mod tests {
         let expected = TensorError::DtypeMismatch {
             name: "b".into(),
             found: "U32".into(),
+            expected: "F32",
         };
         for _ in 0..32 {
             assert_eq!(NamedTensors::decode(&bytes).unwrap_err(), expected);

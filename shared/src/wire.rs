@@ -141,6 +141,25 @@ pub enum UploadKind {
     GradientSum,
 }
 
+/// How a device encodes a dense update (FedAvg tasks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum UpdateEncoding {
+    /// Every value as f32 (safetensors).
+    #[default]
+    F32,
+    /// int8 values with one f32 scale per 256, stochastically rounded (`fedhive_shared::int8`):
+    /// 3.9x fewer bytes, unbiased.
+    Int8,
+}
+
+impl UpdateEncoding {
+    pub fn is_f32(&self) -> bool {
+        *self == UpdateEncoding::F32
+    }
+}
+
 /// A device's pseudonymous identity: from `POST /v1/devices` with an enrolment key (valid for every
 /// task), or from FedLaAvg's per-task enrolment (that task only). The secret is shown once; the
 /// device presents `device_id:device_secret` as its bearer token when it checks in, and in the
@@ -259,6 +278,9 @@ pub struct TaskConfig {
     /// token was issued to (`Fedhive-Device`). Default false: anonymous devices may take part.
     #[serde(default)]
     pub require_enrolled_device: bool,
+    /// How devices encode their updates (default f32; int8 for FedAvg tasks).
+    #[serde(default, skip_serializing_if = "UpdateEncoding::is_f32")]
+    pub update_encoding: UpdateEncoding,
 }
 
 /// Answer to a check-in: train now, come back later, or stop.
@@ -288,6 +310,9 @@ pub struct Assignment {
     /// What to upload (absent from older servers: a delta).
     #[serde(default)]
     pub upload: UploadKind,
+    /// How to encode the upload (absent: f32).
+    #[serde(default, skip_serializing_if = "UpdateEncoding::is_f32")]
+    pub encoding: UpdateEncoding,
     /// Block-cyclic strategies: the round's block, and in MC-PSGD the chain to train as well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockAssignment>,

@@ -318,6 +318,7 @@ async fn run_one(
         over_selection: 1.0,
         round_deadline_secs: 120,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds,
     };
     let task_id = client

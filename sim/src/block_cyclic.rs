@@ -383,6 +383,7 @@ async fn run_federation(
         over_selection: 1.3,
         round_deadline_secs: 300,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds,
     };
     let task_id = client

@@ -333,6 +333,7 @@ async fn run_seed(
         over_selection: 1.3,
         round_deadline_secs: 600,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds: options.rounds,
     };
 

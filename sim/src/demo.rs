@@ -22,7 +22,7 @@ use fedhive_client::{
 };
 use fedhive_shared::{
     NamedTensors,
-    wire::{StrategyConfig, TaskConfig, TrainingParams},
+    wire::{StrategyConfig, TaskConfig, TrainingParams, UpdateEncoding},
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -58,6 +58,9 @@ pub struct DemoOptions {
     pub batch_size: u32,
     #[arg(long, default_value_t = 0.05)]
     pub learning_rate: f32,
+    /// How devices encode their updates: f32 or int8.
+    #[arg(long, default_value = "f32", value_parser = parse_encoding)]
+    pub update_encoding: UpdateEncoding,
     /// Use only this many training samples (0 = all 60,000).
     #[arg(long, default_value_t = 0)]
     pub train_samples: usize,
@@ -66,6 +69,11 @@ pub struct DemoOptions {
     /// Fashion-MNIST directory (IDX .gz files).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+fn parse_encoding(s: &str) -> Result<UpdateEncoding, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("unknown update encoding `{s}` (expected f32 or int8)"))
 }
 
 impl Default for DemoOptions {
@@ -89,6 +97,9 @@ pub struct DemoReport {
     pub database: String,
     pub updates_accepted: u32,
     pub updates_late: u32,
+    pub update_encoding: UpdateEncoding,
+    /// Mean bytes of one upload's body.
+    pub bytes_per_update: u64,
 }
 
 /// The demo's FedAvg task: K per round, at least half of K to commit, over-selection 1.3,
@@ -116,6 +127,7 @@ pub fn fedavg_task(
         over_selection: 1.3,
         round_deadline_secs: 120,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds,
     }
 }
@@ -152,6 +164,7 @@ pub async fn join_devices(
         totals.rounds_trained += r.rounds_trained;
         totals.updates_accepted += r.updates_accepted;
         totals.updates_late += r.updates_late;
+        totals.bytes_uploaded += r.bytes_uploaded;
     }
     Ok(totals)
 }
@@ -172,14 +185,17 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         crate::LocalServer::start(options.database_url.clone(), 100, Duration::from_millis(50)).await?;
     let client = local.client.clone();
 
-    let task = fedavg_task(
-        kind,
-        options.rounds,
-        options.devices_per_round,
-        options.local_epochs,
-        options.batch_size,
-        options.learning_rate,
-    );
+    let task = TaskConfig {
+        update_encoding: options.update_encoding,
+        ..fedavg_task(
+            kind,
+            options.rounds,
+            options.devices_per_round,
+            options.local_epochs,
+            options.batch_size,
+            options.learning_rate,
+        )
+    };
     let created = client
         .create_task(&task, initial_weights(kind, options.seed).encode())
         .await?;
@@ -243,5 +259,7 @@ pub async fn run_demo(options: &DemoOptions, show_progress: bool) -> anyhow::Res
         database: local.database.clone(),
         updates_accepted: totals.updates_accepted,
         updates_late: totals.updates_late,
+        update_encoding: options.update_encoding,
+        bytes_per_update: totals.bytes_uploaded / u64::from(totals.rounds_trained.max(1)),
     })
 }

@@ -387,6 +387,7 @@ async fn run_rule(setup: &Setup<'_>, strategy: StrategyConfig) -> anyhow::Result
         over_selection: 1.0,
         round_deadline_secs: 600,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds: o.rounds,
     };
     let client = &setup.client;

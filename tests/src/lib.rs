@@ -358,6 +358,7 @@ pub fn small_task(k: u32, min: u32, rounds: u32, deadline_secs: u64) -> TaskConf
         over_selection: 2.0,
         round_deadline_secs: deadline_secs,
         require_enrolled_device: false,
+        update_encoding: Default::default(),
         rounds,
     }
 }

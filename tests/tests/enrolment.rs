@@ -57,6 +57,7 @@ async fn setup(backend: Backend, flags: &[&str]) -> Setup {
 fn enrolled_task(k: u32) -> TaskConfig {
     TaskConfig {
         require_enrolled_device: true,
+        update_encoding: Default::default(),
         ..small_task(k, k, 5, 120)
     }
 }
@@ -335,6 +336,7 @@ async fn fedlaavg_admits_devices_enrolled_with_a_key(backend: Backend) {
             selection_window_ms: 60_000,
         },
         require_enrolled_device,
+        update_encoding: Default::default(),
         ..small_task(1, 1, 1, 120)
     };
     let (strict, open) = (

@@ -223,6 +223,7 @@ async fn the_cli_issues_and_revokes_enrolment_keys_and_devices(backend: Backend)
         .create_task(
             &TaskConfig {
                 require_enrolled_device: true,
+                update_encoding: Default::default(),
                 ..small_task(2, 2, 5, 120)
             },
             small_tensors(|_| 0.0).encode(),

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use fedhive_shared::{
     FedAvgAccumulator, NamedTensors,
-    wire::{StrategyConfig, TaskConfig},
+    wire::{StrategyConfig, TaskConfig, UpdateEncoding},
 };
 
 use super::interface::{CommitHold, Strategy, Sums, async_trait};
@@ -45,6 +45,10 @@ impl Strategy for FedAvg {
             unreachable!("the registry hands FedAvg its own tasks");
         };
         check_server_lr(server_lr)
+    }
+
+    fn update_encodings(&self) -> &'static [UpdateEncoding] {
+        &[UpdateEncoding::F32, UpdateEncoding::Int8]
     }
 
     async fn commit(

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | task creation | [`validate`](Strategy::validate), [`check_initial_model`](Strategy::check_initial_model), [`store_initial_model`](Strategy::store_initial_model), [`issue_task_credentials`](Strategy::issue_task_credentials) | every tensor given; model version 0 is the weights; no credentials |
 //! | check-in | [`authenticate`](Strategy::authenticate), [`checkin`](Strategy::checkin), [`assignment_parts`](Strategy::assignment_parts) | the enrolled device if any (else anonymous); first come, up to `ceil(K * over_selection)` tokens, one per enrolled device |
-//! | upload gate | [`upload_specs`](Strategy::upload_specs), [`upload_limit`](Strategy::upload_limit), [`decode_update`](Strategy::decode_update), [`check_update`](Strategy::check_update) | a dense update of the model's tensors |
+//! | upload gate | [`update_encodings`](Strategy::update_encodings), [`upload_specs`](Strategy::upload_specs), [`upload_limit`](Strategy::upload_limit), [`decode_update`](Strategy::decode_update), [`check_update`](Strategy::check_update) | a dense update of the model's tensors, f32 only |
 //! | folding | [`new_sums`](Strategy::new_sums), then [`Sums::add`] per accepted update | fixed-point FedAvg sums |
 //! | round due | [`round_full`](Strategy::round_full) | K accepted |
 //! | commit or abandon | [`commits`](Strategy::commits) | at least `min_devices_per_round` accepted |
@@ -21,7 +21,7 @@
 //! under keys named by round or version, never over a committed artefact; nothing a strategy
 //! keeps in memory is more than a cache.
 
-use std::any::Any;
+use std::{any::Any, borrow::Cow};
 
 use bytes::Bytes;
 use fedhive_shared::{
@@ -29,9 +29,12 @@ use fedhive_shared::{
     blocks::BlockAssignment,
     fedavg::{AggregateError, DELTA_LIMIT},
     fedsubavg::SubAvgAccumulator,
+    int8::Int8Layout,
     sparse::SparseTensors,
     tensors::TensorSpec,
-    wire::{Assignment, CheckinResponse, ControlModelRef, StrategyConfig, TaskConfig, UploadKind},
+    wire::{
+        Assignment, CheckinResponse, ControlModelRef, StrategyConfig, TaskConfig, UpdateEncoding, UploadKind,
+    },
 };
 
 use crate::{
@@ -44,9 +47,11 @@ use crate::{
 pub use async_trait::async_trait;
 
 /// One accepted update, checked for its task's strategy. A dense update keeps its body and is
-/// read in place (see [`TensorLayout`]); a sparse one is decoded (it is a few rows).
+/// read in place (see [`TensorLayout`]), an int8 one is read back a tensor at a time as it is
+/// folded; a sparse one is decoded (it is a few rows).
 pub enum Update {
     Dense { body: Bytes, layout: TensorLayout },
+    Int8 { body: Bytes, layout: Int8Layout },
     Sparse(SparseTensors),
 }
 
@@ -63,6 +68,13 @@ impl Sums {
                 layout
                     .values(body, name)
                     .expect("the layout was checked against the accumulator's specs")
+            }),
+            (Sums::Dense(acc), Update::Int8 { body, layout }) => acc.add_with(num_samples, |name| {
+                Cow::Owned(
+                    layout
+                        .values(body, name)
+                        .expect("the layout was checked against the accumulator's specs"),
+                )
             }),
             (Sums::Sparse(acc), Update::Sparse(s)) => acc.add(num_samples, s),
             _ => unreachable!("a strategy builds its sums and its updates from the same config"),
@@ -152,6 +164,7 @@ pub fn assignment(
         upload_token: token,
         deadline_unix: round.deadline_ms / 1000,
         upload: parts.upload,
+        encoding: task.config.update_encoding,
         block: parts.block,
         control: parts.control,
     })
@@ -177,6 +190,13 @@ pub trait Strategy: Any + Send + Sync {
 
     /// The strategy's own checks of a task config; the coordinator checks the common fields.
     fn validate(&self, config: &TaskConfig) -> Result<(), ApiError>;
+
+    /// The update encodings its devices may be asked for (the task's `update_encoding`). Default:
+    /// f32 only; a strategy whose uploads go through the default [`decode_update`](Strategy::decode_update)
+    /// into dense sums can take int8 too.
+    fn update_encodings(&self) -> &'static [UpdateEncoding] {
+        &[UpdateEncoding::F32]
+    }
 
     /// Checks a new task's initial weights (blocking: called off the async threads).
     fn check_initial_model(&self, config: &TaskConfig, weights: &[u8]) -> Result<(), ApiError> {
@@ -255,9 +275,16 @@ pub trait Strategy: Any + Send + Sync {
 
     /// Checks an upload body (blocking: called off the async threads).
     fn decode_update(&self, config: &TaskConfig, body: &Bytes) -> Result<Update, ApiError> {
-        Ok(Update::Dense {
-            layout: TensorLayout::check(body, &self.upload_specs(config), DELTA_LIMIT)?,
-            body: body.clone(),
+        let specs = self.upload_specs(config);
+        Ok(match config.update_encoding {
+            UpdateEncoding::F32 => Update::Dense {
+                layout: TensorLayout::check(body, &specs, DELTA_LIMIT)?,
+                body: body.clone(),
+            },
+            UpdateEncoding::Int8 => Update::Int8 {
+                layout: Int8Layout::check(body, &specs, DELTA_LIMIT)?,
+                body: body.clone(),
+            },
         })
     }
 
