@@ -10,7 +10,9 @@
 //! handshakes` measures new connections per second (docs/performance.md has both costs).
 
 mod device;
+mod discard;
 mod handshakes;
+mod profile;
 mod report;
 mod server;
 mod stats;
@@ -29,7 +31,7 @@ use clap::{Parser, Subcommand};
 use fedhive_server::coordinator::default_upload_slots;
 use fedhive_shared::{
     NamedTensors,
-    wire::{RoundInfo, RoundState, TaskCreated, TaskStatus},
+    wire::{RoundInfo, RoundState, TaskCreated, TaskStatus, UpdateEncoding},
 };
 use fedhive_tls::{ClientTls, dev_ca::DevCa};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -64,6 +66,12 @@ enum Command {
     /// Measure new connections per second: `--devices` clients each open a connection, ask
     /// `/healthz` and close it, for `--duration-secs` (with `--tls`, a TLS handshake each).
     Handshakes(Box<RunArgs>),
+    /// The baseline's discard server: reads request bodies and drops them (what `run` starts after
+    /// the server under test, for `--baseline-secs`).
+    Discard {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +96,9 @@ struct RunArgs {
     /// Model parameters (f32).
     #[arg(long, default_value_t = 1_000_000)]
     params: usize,
+    /// How the devices encode their updates: f32 or int8 (the task asks for it).
+    #[arg(long, default_value = "f32", value_parser = parse_encoding)]
+    update_encoding: UpdateEncoding,
     /// Tensors the parameters are split into.
     #[arg(long, default_value_t = 4)]
     tensors: usize,
@@ -123,6 +134,11 @@ struct RunArgs {
     threads: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// After the run, the same devices upload the same bodies back to back to a server that reads
+    /// and drops them, for this long: the machine's own limit, which the report divides the run's
+    /// ingest by (0: no baseline).
+    #[arg(long, default_value_t = 10)]
+    baseline_secs: u64,
 
     /// Target this running server instead of starting one (needs --admin-token).
     #[arg(long)]
@@ -166,6 +182,11 @@ struct RunArgs {
     client_tls: fedhive_tls::ClientTlsArgs,
 }
 
+fn parse_encoding(s: &str) -> Result<UpdateEncoding, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("unknown update encoding `{s}` (expected f32 or int8)"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -180,6 +201,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fedhive-load: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Discard { listen } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(discard::serve(listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fedhive-load discard: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -394,6 +425,19 @@ async fn admin_get<T: serde::de::DeserializeOwned>(
     Ok(resp.json().await?)
 }
 
+/// The server's Prometheus text (`GET /metrics`).
+async fn server_metrics(http: &reqwest::Client, target: &Target) -> anyhow::Result<String> {
+    let resp = http
+        .get(format!("{}/metrics", target.base_url))
+        .bearer_auth(&target.admin_token)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("GET /metrics: {}", resp.status());
+    }
+    Ok(resp.text().await?)
+}
+
 /// Runs the load; `Ok(true)` when the exactly-once check passed.
 async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let specs = synth::model_specs(args.params, args.tensors);
@@ -405,11 +449,12 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         over_selection: args.over_selection,
         round_deadline_secs: args.round_deadline_secs,
         rounds: if args.rounds == 0 { u32::MAX } else { args.rounds },
+        update_encoding: args.update_encoding,
     };
-    let (variants, seed) = (args.update_variants, args.seed);
+    let (variants, seed, encoding) = (args.update_variants, args.seed, args.update_encoding);
     let bodies = {
         let specs = specs.clone();
-        tokio::task::spawn_blocking(move || synth::update_bodies(&specs, variants, seed)).await?
+        tokio::task::spawn_blocking(move || synth::update_bodies(&specs, variants, seed, encoding)).await?
     };
     let update_bytes = bodies[0].len() as u64;
 
@@ -599,12 +644,13 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let endpoints = stats.summaries(Duration::from_secs_f64(seconds));
     let c = &stats.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let report = Report {
+    let mut report = Report {
         setup: Setup {
             devices: args.devices,
             devices_per_round: k,
             params: args.params,
             update_bytes,
+            update_encoding: args.update_encoding,
             database: target.database.clone(),
             train_ms: args.train_ms,
             dropout: args.dropout,
@@ -643,11 +689,32 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         server: server_usage,
         generator,
         exactly_once,
+        server_stages: match server_metrics(&admin_http, &target).await {
+            Ok(text) => profile::stages(&text),
+            Err(e) => {
+                eprintln!("fedhive-load: no stage profile: {e:#}");
+                Vec::new()
+            }
+        },
+        baseline: None,
     };
+    // The server under test is gone before the baseline starts, so the two never share the CPU.
+    target.cleanup().await?;
+    if args.baseline_secs > 0 {
+        let server = discard::DiscardProcess::spawn()?;
+        let baseline = discard::measure(
+            &fleet.http,
+            (server.addr, server.pid()),
+            fleet.bodies.clone(),
+            args.devices,
+            Duration::from_secs(args.baseline_secs),
+        )
+        .await?;
+        report.baseline = Some(report::BaselineComparison::new(baseline, &report));
+    }
     print!("{}", report.table());
     println!("{}", serde_json::to_string(&report)?);
 
-    target.cleanup().await?;
     Ok(report.exactly_once.ok && report.events.duplicates_different == 0)
 }
 

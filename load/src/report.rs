@@ -4,7 +4,9 @@ use std::{collections::BTreeMap, fmt::Write};
 
 use serde::Serialize;
 
-use crate::{server::ProcSample, stats::EndpointSummary, verify::Verification};
+use crate::{
+    discard::Baseline, profile::StageTime, server::ProcSample, stats::EndpointSummary, verify::Verification,
+};
 
 /// What the run was asked to do.
 #[derive(Debug, Clone, Serialize)]
@@ -13,6 +15,7 @@ pub struct Setup {
     pub devices_per_round: u32,
     pub params: usize,
     pub update_bytes: u64,
+    pub update_encoding: fedhive_shared::wire::UpdateEncoding,
     pub database: String,
     pub train_ms: u64,
     pub dropout: f64,
@@ -129,6 +132,39 @@ pub struct Report {
     pub server: Option<ProcessUsage>,
     pub generator: ProcessUsage,
     pub exactly_once: Verification,
+    /// Mean server time of an accepted upload per stage (the server's `/metrics`).
+    pub server_stages: Vec<StageTime>,
+    /// The machine's own limit for these uploads, measured after the run (`--baseline-secs`).
+    pub baseline: Option<BaselineComparison>,
+}
+
+/// The run's ingest against the discard server's, same devices and bodies.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineComparison {
+    #[serde(flatten)]
+    pub baseline: Baseline,
+    /// The run's accepted updates per second between commits (over the whole run if fewer than
+    /// two commits were seen) divided by the discard server's uploads per second.
+    pub ingest_ratio: f64,
+}
+
+impl BaselineComparison {
+    pub fn new(baseline: Baseline, report: &Report) -> BaselineComparison {
+        let steady = report.round_times.steady_updates_per_sec;
+        let rate = if steady > 0.0 {
+            steady
+        } else {
+            report.updates_per_sec
+        };
+        BaselineComparison {
+            ingest_ratio: if baseline.uploads_per_sec > 0.0 {
+                rate / baseline.uploads_per_sec
+            } else {
+                0.0
+            },
+            baseline,
+        }
+    }
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -154,11 +190,12 @@ impl Report {
         let s = &self.setup;
         let _ = writeln!(
             out,
-            "fedhive-load: {} devices, K={} per round, {} params ({:.1} MB updates), {}, {:.0} s",
+            "fedhive-load: {} devices, K={} per round, {} params ({:.2} MB {:?} updates), {}, {:.0} s",
             s.devices,
             s.devices_per_round,
             s.params,
             mb(s.update_bytes),
+            s.update_encoding,
             s.database,
             self.seconds
         );
@@ -238,6 +275,34 @@ impl Report {
             let _ = writeln!(out, "{}", usage("server", server));
         }
         let _ = writeln!(out, "{}", usage("load generator", &self.generator));
+        if !self.server_stages.is_empty() {
+            let total: f64 = self.server_stages.iter().map(|s| s.mean_ms).sum();
+            let parts: Vec<String> = self
+                .server_stages
+                .iter()
+                .map(|s| format!("{} {:.2}", s.stage, s.mean_ms))
+                .collect();
+            let _ = writeln!(
+                out,
+                "server time per accepted upload (mean ms, wall): {} = {:.2}",
+                parts.join(", "),
+                total
+            );
+        }
+        if let Some(b) = &self.baseline {
+            let _ = writeln!(
+                out,
+                "baseline (discard server, same {} devices and bodies, {:.0} s): {:.1} uploads/s, {:.0} MB/s, \
+                 {} failed, its CPU {:.2} cores; this run's ingest = {:.3} of it",
+                b.baseline.devices,
+                b.baseline.seconds,
+                b.baseline.uploads_per_sec,
+                b.baseline.megabytes_per_sec,
+                b.baseline.failed,
+                b.baseline.server_cpu_cores,
+                b.ingest_ratio
+            );
+        }
         let v = &self.exactly_once;
         let _ = writeln!(
             out,

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use fedhive_shared::{
-    NamedTensors, Tensor, TensorSpec,
-    wire::{StrategyConfig, TaskConfig, TrainingParams},
+    NamedTensors, Tensor, TensorSpec, int8,
+    wire::{StrategyConfig, TaskConfig, TrainingParams, UpdateEncoding},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -39,6 +39,7 @@ pub struct TaskShape {
     pub over_selection: f32,
     pub round_deadline_secs: u64,
     pub rounds: u32,
+    pub update_encoding: UpdateEncoding,
 }
 
 pub fn task_config(shape: &TaskShape) -> TaskConfig {
@@ -57,12 +58,19 @@ pub fn task_config(shape: &TaskShape) -> TaskConfig {
         over_selection: shape.over_selection,
         round_deadline_secs: shape.round_deadline_secs,
         require_enrolled_device: false,
+        update_encoding: shape.update_encoding,
         rounds: shape.rounds,
     }
 }
 
-/// `variants` distinct update bodies (safetensors), values uniform in ±0.01, deterministic in `seed`.
-pub fn update_bodies(specs: &[TensorSpec], variants: usize, seed: u64) -> Vec<Bytes> {
+/// `variants` distinct update bodies (safetensors, f32 or int8), values uniform in ±0.01,
+/// deterministic in `seed`.
+pub fn update_bodies(
+    specs: &[TensorSpec],
+    variants: usize,
+    seed: u64,
+    encoding: UpdateEncoding,
+) -> Vec<Bytes> {
     (0..variants.max(1))
         .map(|v| {
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(v as u64));
@@ -77,7 +85,11 @@ pub fn update_bodies(specs: &[TensorSpec], variants: usize, seed: u64) -> Vec<By
                     (s.name.clone(), t)
                 })
                 .collect();
-            Bytes::from(NamedTensors(tensors).encode())
+            let delta = NamedTensors(tensors);
+            Bytes::from(match encoding {
+                UpdateEncoding::F32 => delta.encode(),
+                UpdateEncoding::Int8 => int8::encode(&delta, || rng.random::<f32>()),
+            })
         })
         .collect()
 }
@@ -98,10 +110,14 @@ mod tests {
     #[test]
     fn update_bodies_decode_against_the_specs() {
         let specs = model_specs(1000, 3);
-        let bodies = update_bodies(&specs, 2, 7);
+        let limit = fedhive_shared::fedavg::DELTA_LIMIT;
+        let bodies = update_bodies(&specs, 2, 7, UpdateEncoding::F32);
         assert_ne!(bodies[0], bodies[1]);
         for body in &bodies {
-            NamedTensors::decode_checked(body, &specs, fedhive_shared::fedavg::DELTA_LIMIT).unwrap();
+            NamedTensors::decode_checked(body, &specs, limit).unwrap();
+        }
+        for body in update_bodies(&specs, 2, 7, UpdateEncoding::Int8) {
+            int8::Int8Layout::check(&body, &specs, limit).unwrap();
         }
     }
 }
