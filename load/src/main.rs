@@ -409,11 +409,12 @@ async fn create_task(
     Ok(resp.json().await?)
 }
 
-async fn admin_get<T: serde::de::DeserializeOwned>(
+/// `GET path` with the admin token; a non-2xx answer is an error naming the path.
+async fn admin_response(
     http: &reqwest::Client,
     target: &Target,
     path: &str,
-) -> anyhow::Result<T> {
+) -> anyhow::Result<reqwest::Response> {
     let resp = http
         .get(format!("{}{path}", target.base_url))
         .bearer_auth(&target.admin_token)
@@ -422,20 +423,20 @@ async fn admin_get<T: serde::de::DeserializeOwned>(
     if !resp.status().is_success() {
         bail!("GET {path}: {} {}", resp.status(), resp.text().await?);
     }
-    Ok(resp.json().await?)
+    Ok(resp)
+}
+
+async fn admin_get<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    target: &Target,
+    path: &str,
+) -> anyhow::Result<T> {
+    Ok(admin_response(http, target, path).await?.json().await?)
 }
 
 /// The server's Prometheus text (`GET /metrics`).
 async fn server_metrics(http: &reqwest::Client, target: &Target) -> anyhow::Result<String> {
-    let resp = http
-        .get(format!("{}/metrics", target.base_url))
-        .bearer_auth(&target.admin_token)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!("GET /metrics: {}", resp.status());
-    }
-    Ok(resp.text().await?)
+    Ok(admin_response(http, target, "/metrics").await?.text().await?)
 }
 
 /// Runs the load; `Ok(true)` when the exactly-once check passed.

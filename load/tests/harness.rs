@@ -1,5 +1,6 @@
 //! The harness against the real server binary: a few seconds of load with dropouts and duplicate
-//! deliveries must end with the exactly-once check passing, on SQLite and on PostgreSQL.
+//! deliveries must end with the exactly-once check passing, on SQLite (f32 updates) and on
+//! PostgreSQL (int8 updates), with the stage profile and the discard-server baseline in the report.
 
 use std::process::Command;
 
@@ -17,7 +18,14 @@ fn run(extra: &[&str]) -> Value {
             "--checkin-retry-ms",
             "100",
         ])
-        .args(["--threads", "2", "--round-deadline-secs", "2"])
+        .args([
+            "--threads",
+            "2",
+            "--round-deadline-secs",
+            "2",
+            "--baseline-secs",
+            "2",
+        ])
         .args(extra)
         .output()
         .expect("running fedhive-load");
@@ -56,7 +64,27 @@ fn check(report: &Value) {
         assert!(e["p99_ms"].as_f64().unwrap() >= e["p50_ms"].as_f64().unwrap());
     }
     assert!(n(&["server", "peak_rss_bytes"]) > 1e6);
-    assert!(n(&["bytes_sent"]) >= n(&["updates_accepted"]) * 80_000.0);
+    assert!(n(&["bytes_sent"]) >= n(&["updates_accepted"]) * n(&["setup", "update_bytes"]));
+    // The stage profile covers every accepted upload, once each, in pipeline order.
+    let stages = report["server_stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["queue", "read", "hash", "decode", "store", "accept", "fold"],
+        "{report}"
+    );
+    for stage in stages {
+        assert_eq!(
+            stage["uploads"].as_f64(),
+            Some(n(&["updates_accepted"])),
+            "{stage}"
+        );
+    }
+    // The discard server took the same bodies, faster than the server under test.
+    assert!(n(&["baseline", "uploads"]) > 0.0, "{report}");
+    assert_eq!(n(&["baseline", "failed"]), 0.0, "{report}");
+    let ratio = n(&["baseline", "ingest_ratio"]);
+    assert!(ratio > 0.0 && ratio < 1.0, "{report}");
 }
 
 #[test]
@@ -68,7 +96,8 @@ fn sqlite_load_counts_every_update_once() {
 fn postgres_load_counts_every_update_once() {
     let server = std::env::var("FEDHIVE_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let report = run(&["--postgres", &server]);
+    let report = run(&["--postgres", &server, "--update-encoding", "int8"]);
     assert_eq!(report["setup"]["database"], "postgres");
+    assert_eq!(report["setup"]["update_encoding"], "int8");
     check(&report);
 }
