@@ -8,12 +8,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use fedhive_shared::anon::{SampleShape, Samples};
 use fedhive_shared::blocks::BlockStatus;
 use fedhive_shared::sparse::{Enrolment, FeatureSet, HeatReport, RowsRequest};
 use fedhive_shared::wire::{
-    ArtifactReceipt, CheckinResponse, CloudStatus, DeviceCredentials, DeviceInfo, EnrolledDevice,
-    EnrolmentKey, EnrolmentKeyCreated, EnrolmentKeyRequest, ErrorBody, MetricsReport, RoundInfo, TaskConfig,
-    TaskCreated, TaskStatus, UploadReceipt,
+    AnonStatus, ArtifactReceipt, CheckinResponse, CloudStatus, DeviceCredentials, DeviceInfo, EnrolledDevice,
+    EnrolmentKey, EnrolmentKeyCreated, EnrolmentKeyRequest, ErrorBody, MetricsReport, RoundInfo,
+    SamplesAccepted, TaskConfig, TaskCreated, TaskStatus, UploadReceipt,
 };
 
 /// The header that carries a device credential beside an upload token.
@@ -32,6 +33,8 @@ pub enum ClientError {
     Unexpected { status: StatusCode, text: String },
     #[error("TLS settings: {0}")]
     Tls(#[from] fedhive_tls::TlsError),
+    #[error("server sent a body that does not check: {0}")]
+    Malformed(String),
 }
 
 impl ClientError {
@@ -53,7 +56,7 @@ impl ClientError {
                     || body.error == "round_closing"
             }
             ClientError::Unexpected { status, .. } => status.is_server_error(),
-            ClientError::Tls(_) => false,
+            ClientError::Tls(_) | ClientError::Malformed(_) => false,
         }
     }
 }
@@ -538,6 +541,70 @@ impl FedhiveClient {
         body: Bytes,
     ) -> Result<ArtifactReceipt, ClientError> {
         let path = format!("/v1/tasks/{task_id}/control-model/{version}");
+        self.put_artifact(&path, worker_token, body).await
+    }
+
+    /// Anonymous embeddings: submits labelled samples with their embeddings, with no credential
+    /// of any kind. Each call takes a fresh random `Idempotency-Key`, which its retries repeat, so
+    /// a retry after a lost answer stores nothing twice and two calls share nothing.
+    pub async fn submit_anonymous_samples(
+        &self,
+        task_id: &str,
+        samples: &Samples,
+    ) -> Result<SamplesAccepted, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/anonymous/samples");
+        let key = format!("{:032x}", rand::random::<u128>());
+        let body = Bytes::from(samples.encode());
+        let resp = self
+            .send(|| {
+                self.request(Method::POST, &path)
+                    .header("idempotency-key", &key)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(resp.json().await?)
+    }
+
+    /// Anonymous embeddings' cloud worker: its task's batches and round (with the worker token).
+    pub async fn anonymous_status(
+        &self,
+        task_id: &str,
+        worker_token: &str,
+    ) -> Result<AnonStatus, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/anonymous");
+        let resp = self
+            .send(|| self.request(Method::GET, &path).bearer_auth(worker_token))
+            .await?;
+        Ok(resp.json().await?)
+    }
+
+    /// Anonymous embeddings' cloud worker: shuffled batch `number` (from 1) of the task's samples.
+    pub async fn anonymous_batch(
+        &self,
+        task_id: &str,
+        number: i64,
+        worker_token: &str,
+        shape: SampleShape,
+    ) -> Result<Samples, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/anonymous/batches/{number}");
+        let resp = self
+            .send(|| self.request(Method::GET, &path).bearer_auth(worker_token))
+            .await?;
+        let bytes = resp.bytes().await?;
+        Samples::decode_checked(&bytes, shape, usize::MAX).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+
+    /// Anonymous embeddings' cloud worker: the model fine-tuned for `round_id` (whole weights),
+    /// which the round commits as the task's next version. Safe to repeat with the same body.
+    pub async fn submit_round_model(
+        &self,
+        task_id: &str,
+        round_id: i64,
+        worker_token: &str,
+        body: Bytes,
+    ) -> Result<ArtifactReceipt, ClientError> {
+        let path = format!("/v1/tasks/{task_id}/anonymous/rounds/{round_id}/model");
         self.put_artifact(&path, worker_token, body).await
     }
 

@@ -5,6 +5,7 @@
 //! every upload ([`tensors`]), the order-independent FedAvg accumulator ([`fedavg`]) and FedLaAvg's running sum of
 //! latest gradient sums ([`fedlaavg`]), and DC-CCL's device-cloud fusion ([`dc_ccl`]).
 
+pub mod anon;
 pub mod blocks;
 pub mod dc_ccl;
 pub mod fedavg;

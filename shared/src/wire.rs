@@ -78,6 +78,30 @@ pub enum StrategyConfig {
         /// Every tensor of `F_m`; the worker's published control models must match exactly.
         control_tensors: Vec<TensorSpec>,
     },
+    /// Personalisation without user identifiers (see [`crate::anon`]): devices send labelled
+    /// samples, each with a fresh embedding drawn from their private `N(mu_u, sigma^2 I)`, to a
+    /// route that takes no credential; the task's cloud worker fine-tunes the model on the
+    /// server's shuffled batches of them, and each round commits the model it submits.
+    AnonEmbeddings {
+        /// Width of `e`, fed to the model beside the input.
+        embedding_dim: u32,
+        /// `sigma` of every device's `q_u` (larger: less linkable, less personal).
+        sigma: f32,
+        /// Width of an input.
+        input_features: u32,
+        num_classes: u32,
+        /// Most samples in one submission.
+        #[serde(default = "default_max_samples_per_submission")]
+        max_samples_per_submission: u32,
+        /// Samples per shuffled batch the server stores (the worker sees full batches only).
+        #[serde(default = "default_mix_batch_samples")]
+        mix_batch_samples: u32,
+        /// The task's global sample budget: samples per second over all submitters, and its burst.
+        #[serde(default = "default_samples_per_second")]
+        samples_per_second: f32,
+        #[serde(default = "default_samples_burst")]
+        samples_burst: u32,
+    },
 }
 
 /// DC-CCL: what a round whose deadline passed without the cloud worker's contribution does.
@@ -123,6 +147,22 @@ fn one() -> f32 {
 
 fn half() -> f32 {
     0.5
+}
+
+fn default_max_samples_per_submission() -> u32 {
+    1024
+}
+
+fn default_mix_batch_samples() -> u32 {
+    256
+}
+
+fn default_samples_per_second() -> f32 {
+    2000.0
+}
+
+fn default_samples_burst() -> u32 {
+    20_000
 }
 
 fn default_selection_window_ms() -> u64 {
@@ -397,6 +437,23 @@ impl TaskState {
 }
 
 impl StrategyConfig {
+    /// The shapes of an anonymous-embeddings task's samples.
+    pub fn sample_shape(&self) -> Option<crate::anon::SampleShape> {
+        match self {
+            StrategyConfig::AnonEmbeddings {
+                embedding_dim,
+                input_features,
+                num_classes,
+                ..
+            } => Some(crate::anon::SampleShape {
+                features: *input_features as usize,
+                embedding_dim: *embedding_dim as usize,
+                num_classes: *num_classes as usize,
+            }),
+            _ => None,
+        }
+    }
+
     /// The strategy's `name` as the config spells it.
     pub fn name(&self) -> &'static str {
         match self {
@@ -406,6 +463,7 @@ impl StrategyConfig {
             StrategyConfig::MmPsgd { .. } => "mm_psgd",
             StrategyConfig::McPsgd { .. } => "mc_psgd",
             StrategyConfig::DcCcl { .. } => "dc_ccl",
+            StrategyConfig::AnonEmbeddings { .. } => "anon_embeddings",
         }
     }
 }
@@ -512,6 +570,37 @@ pub struct CloudStatus {
     pub cloud_submitted: bool,
     /// Latest published control model version (`None`: none yet; devices wait for one).
     pub control_version: Option<i64>,
+}
+
+/// Anonymous embeddings: the answer to a submission of samples
+/// (`POST /v1/tasks/{id}/anonymous/samples`). It names nothing the device could be known by again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SamplesAccepted {
+    pub accepted_samples: u32,
+    /// True when this answers a retry of a submission already stored (same `Idempotency-Key`):
+    /// nothing was stored again.
+    pub duplicate: bool,
+}
+
+/// Anonymous embeddings: what the task's cloud worker needs to know
+/// (`GET /v1/tasks/{id}/anonymous`, worker token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AnonStatus {
+    pub task_id: String,
+    pub state: TaskState,
+    pub model_version: i64,
+    pub model: String,
+    pub training: TrainingParams,
+    /// Shuffled batches stored so far, numbered 1..=batches (`GET .../anonymous/batches/{n}`).
+    pub batches: i64,
+    /// Samples accepted and not yet in a batch (they wait for `mix_batch_samples` more).
+    pub pending_samples: i64,
+    /// The round now open or closing, if any.
+    pub round: Option<RoundInfo>,
+    /// Whether that round already holds the worker's model.
+    pub round_model_submitted: bool,
 }
 
 /// Acknowledgement of the cloud's contribution to a round, or of a published control model
@@ -644,6 +733,16 @@ mod tests {
                 without_cloud: WithoutCloud::Abandon,
                 control_model: "m".into(),
                 control_tensors: vec![],
+            },
+            StrategyConfig::AnonEmbeddings {
+                embedding_dim: 8,
+                sigma: 0.3,
+                input_features: 784,
+                num_classes: 10,
+                max_samples_per_submission: 1024,
+                mix_batch_samples: 256,
+                samples_per_second: 2000.0,
+                samples_burst: 20_000,
             },
         ];
         for config in configs {
