@@ -12,6 +12,7 @@
 //!   (FedSubAvg).
 //! - [`backend`]: run-time choice of the compute device (`flex` CPU or `wgpu`).
 
+pub mod anon;
 pub mod backend;
 pub mod block_cyclic;
 pub mod client;

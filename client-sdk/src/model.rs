@@ -307,6 +307,16 @@ pub(crate) fn load<M: Classifier>(
     specs: &[TensorSpec],
     device: &Device,
 ) -> Result<M, ModelError> {
+    load_into(M::init(device), weights, specs)
+}
+
+/// [`load`] for a module built by the caller (with burn's lazy initialisation, so its own
+/// weights are never materialised): every float parameter becomes the tensor of its path.
+pub(crate) fn load_into<M: Module>(
+    module: M,
+    weights: &NamedTensors,
+    specs: &[TensorSpec],
+) -> Result<M, ModelError> {
     weights.check(specs, f32::INFINITY)?;
     for (name, t) in &weights.0 {
         let expected = t.shape.iter().product::<usize>();
@@ -324,7 +334,7 @@ pub(crate) fn load<M: Classifier>(
         weights,
         missing: None,
     };
-    let module = M::init(device).map(&mut loader);
+    let module = module.map(&mut loader);
     match loader.missing {
         // Only reachable if `specs` disagrees with the module, which a unit test rules out.
         Some(name) => Err(ModelError::Weights(TensorError::MissingTensor(name))),
