@@ -44,6 +44,7 @@ use fedhive_shared::{
 };
 use tracing::info;
 
+pub mod anon;
 pub mod cli;
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +136,7 @@ fn co_model_params(task: &TrainingParams, cap: Option<u32>) -> TrainingParams {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;

@@ -1,6 +1,7 @@
 //! fedhive simulations: a real server and simulated devices that really train (burn) on real data,
 //! talking over HTTP on loopback.
 
+pub mod anon_embeddings;
 pub mod availability;
 pub mod availability_scenario;
 pub mod bench_training;
