@@ -5,6 +5,7 @@
 //! - [`fedlaavg`]: FedLaAvg's enrolment, selection window and latest-gradient average.
 //! - [`block_cyclic`]: MM-PSGD and MC-PSGD's block schedule, predictors and chains.
 //! - [`dc_ccl`]: DC-CCL's device-cloud fusion, its cloud worker's contributions and control models.
+//! - [`worker`]: the cloud worker's token, for the strategies that have one.
 //!
 //! A task's strategy is found in the [`Registry`] by its config; the coordinator calls only the
 //! trait. Adding an algorithm: ARCHITECTURE.md, "Adding a strategy".
@@ -15,6 +16,7 @@ pub mod fedavg;
 pub mod fedlaavg;
 pub mod fedsubavg;
 pub mod interface;
+pub mod worker;
 
 use std::sync::Arc;
 
