@@ -80,6 +80,15 @@ fn params(config: &TaskConfig) -> Params {
     }
 }
 
+/// Most bytes a submission's body or a batch may take: a task's config must keep both below this,
+/// as it bounds what one request reads and what one mixing holds in memory.
+const MAX_BYTES: u64 = 256 << 20;
+
+/// Bytes of one sample: its input, embedding and label as f32.
+fn sample_width(shape: SampleShape) -> usize {
+    (shape.features + shape.embedding_dim + 1) * 4
+}
+
 /// One sample as a pending row stores it: input, embedding and label, f32 little-endian.
 fn sample_bytes(samples: &Samples, i: usize) -> Vec<u8> {
     let label = [samples.labels[i] as f32];
@@ -141,8 +150,7 @@ impl AnonEmbeddings {
     /// safetensors header of three tensors.
     pub fn samples_limit(&self, config: &TaskConfig) -> usize {
         let p = params(config);
-        let per_sample = (p.shape.features + p.shape.embedding_dim + 1) * 4;
-        p.max_samples * per_sample + 4096
+        p.max_samples * sample_width(p.shape) + 4096
     }
 
     /// Checks a body of samples against the task's shape and maximum (blocking).
@@ -354,6 +362,19 @@ impl Strategy for AnonEmbeddings {
             return bad(
                 "`strategy.max_samples_per_submission` and `strategy.mix_batch_samples` must be >= 1".into(),
             );
+        }
+        // In u64 from u32 fields: no overflow.
+        let width = (p.shape.features as u64 + p.shape.embedding_dim as u64 + 1) * 4;
+        for (field, samples) in [
+            ("max_samples_per_submission", p.max_samples),
+            ("mix_batch_samples", p.mix),
+        ] {
+            let bytes = samples as u64 * width;
+            if bytes > MAX_BYTES {
+                return bad(format!(
+                    "`strategy.{field}` samples of {width} bytes take {bytes} bytes, more than {MAX_BYTES}"
+                ));
+            }
         }
         let RateLimit { per_second, burst } = p.budget;
         if !(per_second.is_finite() && per_second > 0.0) {
