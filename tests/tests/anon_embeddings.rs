@@ -29,6 +29,8 @@ on_both_databases!(
     bad_input_is_refused_and_stores_nothing,
     the_global_budget_refuses_then_recovers,
     the_worker_fine_tunes_and_the_round_commits_its_model,
+    a_restart_keeps_pending_samples_batches_and_seen_keys,
+    configs_that_cannot_run_are_refused,
 );
 
 const SHAPE: SampleShape = SampleShape {
@@ -845,4 +847,119 @@ async fn the_worker_fine_tunes_and_the_round_commits_its_model(backend: Backend)
     );
     let last = s.status(&task, &worker).await;
     assert_eq!(last.state, fedhive_shared::wire::TaskState::Finished);
+}
+
+async fn a_restart_keeps_pending_samples_batches_and_seen_keys(backend: Backend) {
+    let mut s = setup(backend).await;
+    let (task, worker) = s.create(&anon_task(4, 8, 1000.0, 1000, 1)).await;
+    let keys: Vec<String> = (0..3).map(|_| fresh_key()).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let a = s.post_samples(&task, Some(key), marked(i, 3).encode(), &[]).await;
+        assert_eq!(a.status, 200);
+    }
+    assert_eq!(s.counts(&task).await, (1, 3, 2));
+    let before = s
+        .worker_get(&format!("/v1/tasks/{task}/anonymous/batches/2"), &worker)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+
+    s.server.kill();
+    s.server.restart().await.unwrap();
+    // Every key is still known: retries store nothing.
+    for (i, key) in keys.iter().enumerate() {
+        let a = s.post_samples(&task, Some(key), marked(i, 3).encode(), &[]).await;
+        assert_eq!(a.body["duplicate"].as_bool(), Some(true), "{}", a.body);
+    }
+    assert_eq!(s.counts(&task).await, (1, 3, 2));
+    // The pending sample joins the next batch, numbered on from the last.
+    assert_eq!(s.submit(&task, &marked(3, 3)).await.status, 200);
+    let status = s.status(&task, &worker).await;
+    assert_eq!((status.batches, status.pending_samples), (3, 0));
+    let after = s
+        .worker_get(&format!("/v1/tasks/{task}/anonymous/batches/2"), &worker)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(after, before, "a batch never changes");
+    let third = sdk_batch(&s, &task, 3, &worker).await;
+    let mut origins = origins(&third);
+    origins.sort();
+    let last = origins.iter().filter(|(from, _)| *from == 3).count();
+    assert_eq!(
+        last, 3,
+        "the batch holds the new submission's three samples: {origins:?}"
+    );
+    assert!(
+        origins.iter().any(|(from, _)| *from < 3),
+        "and the one pending since before"
+    );
+}
+
+async fn sdk_batch(s: &Setup, task: &str, n: i64, worker: &str) -> Samples {
+    FedhiveClient::new(&s.server.base_url)
+        .unwrap()
+        .anonymous_batch(task, n, worker, SHAPE)
+        .await
+        .unwrap()
+}
+
+/// A change of one field of an anonymous-embeddings config.
+macro_rules! edit {
+    ($($field:ident = $value:expr),+) => {
+        |c: &mut TaskConfig| {
+            let StrategyConfig::AnonEmbeddings { $($field,)+ .. } = &mut c.strategy else {
+                unreachable!("an anonymous-embeddings config")
+            };
+            $(*$field = $value;)+
+        }
+    };
+}
+
+async fn configs_that_cannot_run_are_refused(backend: Backend) {
+    let s = setup(backend).await;
+    type Edit = fn(&mut TaskConfig);
+    let cases: Vec<(&str, Edit)> = vec![
+        ("embedding_dim 0", edit!(embedding_dim = 0)),
+        ("input_features 0", edit!(input_features = 0)),
+        ("one class", edit!(num_classes = 1)),
+        ("sigma NaN (null in JSON)", edit!(sigma = f32::NAN)),
+        ("sigma negative", edit!(sigma = -0.1)),
+        ("no samples per submission", edit!(max_samples_per_submission = 0)),
+        ("no samples per batch", edit!(mix_batch_samples = 0)),
+        ("no budget", edit!(samples_per_second = 0.0)),
+        (
+            "an infinite budget (null in JSON)",
+            edit!(samples_per_second = f32::INFINITY),
+        ),
+        ("a burst below a submission", edit!(samples_burst = 7)),
+        (
+            "batches of gigabytes",
+            edit!(input_features = 1 << 20, mix_batch_samples = 1 << 10),
+        ),
+        ("enrolled devices", |c| c.require_enrolled_device = true),
+    ];
+    for (what, change) in cases {
+        let mut config = anon_task(4, 8, 10.0, 10, 1);
+        change(&mut config);
+        let refused = s
+            .admin
+            .create_task(&config, small_tensors(|_| 0.0).encode())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some("invalid_config"), "{what}: {refused}");
+    }
+    let tasks: Value = s
+        .http
+        .get(s.url("/v1/tasks"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tasks, serde_json::json!([]), "no task was created");
 }
