@@ -59,6 +59,8 @@ async fn worker_task(
         (status = 413, description = "`body_too_large`", body = ErrorBody),
         (status = 429, description = "`sample_budget_exhausted`: the task's global budget", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
+        (status = 503, description = "`server_busy`: as many bodies as the server reads at once (uploads included); send the same submission again after `retry_after_ms`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds"))),
     ))]
 async fn submit_samples(
     State(state): State<AppState>,
@@ -98,6 +100,9 @@ async fn submit(
         });
     }
     let limit = anon.samples_limit(&task.config);
+    // Held until the submission is stored: sample bodies share the uploads' bound on bodies in
+    // memory (the slot's queue is first come, first served: it knows no sender).
+    let _slot = state.coordinator.upload_slot().await?;
     let body = read_body(body, headers, limit, state.body_read_timeout).await?;
     let config = task.config.clone();
     let samples =
