@@ -363,13 +363,13 @@ impl Strategy for AnonEmbeddings {
                 "`strategy.max_samples_per_submission` and `strategy.mix_batch_samples` must be >= 1".into(),
             );
         }
-        // In u64 from u32 fields: no overflow.
+        // From u32 fields: the width fits in u64, the product saturates.
         let width = (p.shape.features as u64 + p.shape.embedding_dim as u64 + 1) * 4;
         for (field, samples) in [
             ("max_samples_per_submission", p.max_samples),
             ("mix_batch_samples", p.mix),
         ] {
-            let bytes = samples as u64 * width;
+            let bytes = (samples as u64).saturating_mul(width);
             if bytes > MAX_BYTES {
                 return bad(format!(
                     "`strategy.{field}` samples of {width} bytes take {bytes} bytes, more than {MAX_BYTES}"
@@ -483,6 +483,42 @@ mod tests {
         assert_eq!(rows[0].1.len(), (2 + 3 + 1) * 4);
         assert_eq!(samples_of(shape, &rows), s);
         assert_eq!(samples_of(shape, &rows[1..]).labels, vec![0]);
+    }
+
+    #[test]
+    fn the_largest_fields_are_refused_without_overflow() {
+        let config = TaskConfig {
+            model: "m".into(),
+            tensors: vec![],
+            strategy: StrategyConfig::AnonEmbeddings {
+                embedding_dim: u32::MAX,
+                sigma: 1.0,
+                input_features: u32::MAX,
+                num_classes: u32::MAX,
+                max_samples_per_submission: u32::MAX,
+                mix_batch_samples: u32::MAX,
+                samples_per_second: f32::MAX,
+                samples_burst: u32::MAX,
+            },
+            training: fedhive_shared::wire::TrainingParams {
+                local_epochs: 1,
+                max_local_steps: 0,
+                batch_size: 1,
+                learning_rate: 0.1,
+            },
+            devices_per_round: 1,
+            min_devices_per_round: 1,
+            over_selection: 1.0,
+            round_deadline_secs: 1,
+            require_enrolled_device: false,
+            update_encoding: Default::default(),
+            rounds: 1,
+        };
+        let refused = AnonEmbeddings::default().validate(&config).unwrap_err();
+        assert!(
+            refused.to_string().contains("max_samples_per_submission"),
+            "{refused}"
+        );
     }
 
     #[test]
