@@ -433,6 +433,20 @@ async fn samples_are_stored_with_nothing_that_names_their_sender(backend: Backen
         );
         assert_eq!(batch.labels[i], original.labels[j]);
     }
+    // Metrics count submissions by outcome and name nobody either.
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let accepted = format!("fedhive_anon_submissions_total{{task=\"{task}\",outcome=\"accepted\"}} 5");
+    assert!(metrics.contains(&accepted), "{accepted} in:\n{metrics}");
+    assert_holds_none("/metrics", metrics.as_bytes(), &secrets);
     // The worker reads the same bytes.
     let served = s
         .worker_get(&format!("/v1/tasks/{task}/anonymous/batches/1"), &worker)
