@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use crate::{
     access::{Action, AuditRecord, Principal},
-    admission::UploadAdmission,
+    admission::{UploadAdmission, UploadSlot},
     blobs::BlobStore,
     db::{Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
     devices::{self, Device},
@@ -513,6 +513,16 @@ impl Coordinator {
         strategy
             .checkin(&self.store, &task, &round, device.as_deref(), clock)
             .await
+    }
+
+    /// A processing slot for a body that is not a device update (anonymous samples), so that
+    /// those bodies count against the same bound on what is read at once; `503 server_busy` past
+    /// the queue.
+    pub async fn upload_slot(&self) -> Result<UploadSlot<'_>, ApiError> {
+        self.uploads
+            .enter()
+            .await
+            .map_err(|retry_after_ms| ApiError::ServerBusy { retry_after_ms })
     }
 
     /// Model bytes of `version` (the current one when `None`).

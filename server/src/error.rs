@@ -6,7 +6,9 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use fedhive_shared::{TensorError, fedavg::AggregateError, sparse::SparseError, wire::ErrorBody};
+use fedhive_shared::{
+    TensorError, anon::SamplesError, fedavg::AggregateError, sparse::SparseError, wire::ErrorBody,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -76,6 +78,20 @@ pub enum ApiError {
     UnknownChainVersion { block: String, version: i64 },
     #[error("task `{0}` does not use DC-CCL (no cloud worker or control model)")]
     NotDcCcl(String),
+    #[error("task `{0}` does not use anonymous embeddings (no anonymous samples or batches)")]
+    NotAnonEmbeddings(String),
+    #[error("task `{0}` takes anonymous samples (POST /v1/tasks/{{id}}/anonymous/samples), not check-ins")]
+    AnonymousTask(String),
+    #[error("{0}")]
+    Samples(#[from] SamplesError),
+    #[error("`Idempotency-Key` {0}: send 32 lowercase hex characters, fresh for each submission")]
+    BadIdempotencyKey(&'static str),
+    #[error("the task's sample budget is spent for now; retry in {retry_after_ms} ms")]
+    SampleBudgetExhausted { retry_after_ms: u64 },
+    #[error("task `{task}` has no batch {number}")]
+    UnknownBatch { task: String, number: i64 },
+    #[error("round {round} already has a model (sha256 {stored}); a round takes one model")]
+    RoundModelConflict { round: i64, stored: String },
     #[error("missing or wrong cloud-worker token for task `{0}`")]
     WorkerUnauthorized(String),
     #[error(
@@ -132,6 +148,10 @@ impl ApiError {
             DeviceRevoked(_) | EnrolmentKeyRevoked(_) => StatusCode::FORBIDDEN,
             UnknownEnrolmentKey(_) | UnknownDevice(_) => StatusCode::NOT_FOUND,
             NotDcCcl(_) | UnknownRound { .. } | UnknownControlModel { .. } => StatusCode::NOT_FOUND,
+            NotAnonEmbeddings(_) | UnknownBatch { .. } => StatusCode::NOT_FOUND,
+            AnonymousTask(_) | RoundModelConflict { .. } => StatusCode::CONFLICT,
+            Samples(_) | BadIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            SampleBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             ControlVersionOutOfOrder { .. } | TaskStateConflict { .. } => StatusCode::CONFLICT,
             UnknownTask(_) | UnknownModelVersion { .. } | NoRoute { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -189,6 +209,13 @@ impl ApiError {
             UnknownBlock { .. } => "unknown_block",
             UnknownChainVersion { .. } => "unknown_chain_version",
             NotDcCcl(_) => "not_dc_ccl",
+            NotAnonEmbeddings(_) => "not_anon_embeddings",
+            AnonymousTask(_) => "anonymous_task",
+            Samples(e) => e.code(),
+            BadIdempotencyKey(_) => "bad_idempotency_key",
+            SampleBudgetExhausted { .. } => "sample_budget_exhausted",
+            UnknownBatch { .. } => "unknown_batch",
+            RoundModelConflict { .. } => "round_model_conflict",
             WorkerUnauthorized(_) => "worker_unauthorized",
             ClientCertificateRequired => "client_certificate_required",
             UnknownRound { .. } => "unknown_round",
@@ -234,9 +261,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let retry_after_ms = match self {
-            ApiError::ServerBusy { retry_after_ms } | ApiError::RateLimited { retry_after_ms, .. } => {
-                Some(retry_after_ms)
-            }
+            ApiError::ServerBusy { retry_after_ms }
+            | ApiError::RateLimited { retry_after_ms, .. }
+            | ApiError::SampleBudgetExhausted { retry_after_ms } => Some(retry_after_ms),
             _ => None,
         };
         if matches!(self, ApiError::Internal(_)) {

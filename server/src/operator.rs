@@ -267,7 +267,7 @@ pub async fn task(args: TaskArgs) -> anyhow::Result<()> {
             }
             println!("created task {} (model version 0)", created.task_id);
             if let Some(token) = &created.worker_token {
-                println!("cloud-worker token (shown once; give it to the task's fedhive-cloud): {token}");
+                println!("cloud-worker token (shown once; give it to the task's cloud worker): {token}");
             }
         }
         TaskCommand::List => {

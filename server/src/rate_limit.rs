@@ -21,9 +21,32 @@ pub struct RateLimit {
     pub burst: f64,
 }
 
-struct Bucket {
+/// One key's tokens. Also used on its own where the cost of a request is more than one token (a
+/// task's global sample budget, [`crate::strategy::anon_embeddings`]).
+pub struct Bucket {
     tokens: f64,
     updated: Instant,
+}
+
+impl Bucket {
+    pub fn full(limit: RateLimit, now: Instant) -> Self {
+        Bucket {
+            tokens: limit.burst,
+            updated: now,
+        }
+    }
+
+    /// Takes `cost` tokens at `now`, or says how long until that many are back (nothing taken).
+    pub fn take(&mut self, limit: RateLimit, cost: f64, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * limit.per_second).min(limit.burst);
+        self.updated = now;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((cost - self.tokens) / limit.per_second))
+    }
 }
 
 /// The buckets of every key seen recently (an IP address by default).
@@ -62,23 +85,10 @@ impl<K: Hash + Eq> RateLimiter<K> {
         }
         // Looked up by reference first: the common case (a known key) copies nothing.
         if !buckets.contains_key(key) {
-            buckets.insert(
-                key.to_owned(),
-                Bucket {
-                    tokens: burst,
-                    updated: now,
-                },
-            );
+            buckets.insert(key.to_owned(), Bucket::full(self.limit, now));
         }
         let bucket = buckets.get_mut(key).expect("inserted above");
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * per_second).min(burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
-        }
-        Err(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second))
+        bucket.take(self.limit, 1.0, now)
     }
 }
 
@@ -115,6 +125,20 @@ mod tests {
             assert!(limiter.check(&a, later).is_ok());
         }
         assert!(limiter.check(&a, later).is_err());
+    }
+
+    #[test]
+    fn a_bucket_takes_a_cost_whole_or_not_at_all() {
+        let limit = RateLimit {
+            per_second: 10.0,
+            burst: 25.0,
+        };
+        let t0 = Instant::now();
+        let mut bucket = Bucket::full(limit, t0);
+        assert!(bucket.take(limit, 20.0, t0).is_ok());
+        assert_eq!(bucket.take(limit, 10.0, t0), Err(Duration::from_millis(500)));
+        assert!(bucket.take(limit, 5.0, t0).is_ok(), "a refusal took nothing");
+        assert!(bucket.take(limit, 10.0, t0 + Duration::from_secs(1)).is_ok());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | `fedhive_rounds_finished_total` | task, outcome = committed, abandoned | rounds finalised |
 //! | `fedhive_updates_total` | task, outcome = accepted, replayed, late, or the refusal's error code | device uploads |
 //! | `fedhive_checkins_total` | task, outcome = assigned, retry, finished, or the error code | device check-ins |
+//! | `fedhive_anon_submissions_total` | task, outcome = accepted, duplicate, or the error code | anonymous sample submissions (nothing about the submitter) |
 //! | `fedhive_http_request_duration_seconds` | route, method, status | every request (check-in and upload latency) |
 //! | `fedhive_http_request_body_bytes_total`, `..._response_body_bytes_total` | route, method | bytes in and out |
 //! | `fedhive_upload_stage_duration_seconds` | stage = queue, read, hash, decode, store, accept, fold | an accepted upload's stages: `store` is the blob store's durable write, `accept` the database transaction |
@@ -130,6 +131,7 @@ pub struct Telemetry {
     rounds_finished: Family<TaskOutcome, Counter>,
     updates: Family<TaskOutcome, Counter>,
     checkins: Family<TaskOutcome, Counter>,
+    anon_submissions: Family<TaskOutcome, Counter>,
     credential_refusals: Family<Reason, Counter>,
     request_duration: Histograms<Request>,
     request_bytes: Family<Route, Counter>,
@@ -158,6 +160,7 @@ impl Telemetry {
             rounds_finished: Family::default(),
             updates: Family::default(),
             checkins: Family::default(),
+            anon_submissions: Family::default(),
             credential_refusals: Family::default(),
             request_duration: histograms(),
             request_bytes: Family::default(),
@@ -183,6 +186,11 @@ impl Telemetry {
             "fedhive_checkins",
             "Device check-ins, by outcome",
             t.checkins.clone(),
+        );
+        r.register(
+            "fedhive_anon_submissions",
+            "Anonymous sample submissions, by outcome",
+            t.anon_submissions.clone(),
         );
         r.register(
             "fedhive_credential_refusals",
@@ -284,6 +292,17 @@ impl Telemetry {
     pub fn checkin(&self, task: &str, outcome: Result<&'static str, &ApiError>) {
         let outcome = outcome.unwrap_or_else(ApiError::code);
         self.checkins
+            .get_or_create(&TaskOutcome {
+                task: task.into(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// An anonymous submission's outcome: `accepted`, `duplicate` or the refusal's error code.
+    pub fn anon_submission(&self, task: &str, outcome: Result<&'static str, &ApiError>) {
+        let outcome = outcome.unwrap_or_else(ApiError::code);
+        self.anon_submissions
             .get_or_create(&TaskOutcome {
                 task: task.into(),
                 outcome,

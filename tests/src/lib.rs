@@ -115,6 +115,9 @@ pub struct ServerProcess {
     pub client_tls: ClientTls,
     /// The flags it was started with (a restart keeps them).
     flags: Vec<String>,
+    /// Where its log goes and at what `RUST_LOG` (a restart appends); `None`: the test's stderr at
+    /// `warn`.
+    log: Option<(PathBuf, String)>,
 }
 
 /// The `fedhive-e2e-server` binary: cargo builds a package's binaries for its integration tests and
@@ -142,12 +145,60 @@ fn free_port() -> u16 {
 impl ServerProcess {
     /// Starts the server on `data_dir` (and `db`'s URL) and waits until it answers.
     pub async fn start(data_dir: &Path, db: &TestDb) -> anyhow::Result<ServerProcess> {
-        Self::start_on(data_dir, db.url.clone(), free_port(), &[], ClientTls::default()).await
+        Self::start_on(
+            data_dir,
+            db.url.clone(),
+            free_port(),
+            &[],
+            ClientTls::default(),
+            None,
+        )
+        .await
+    }
+
+    /// Like [`ServerProcess::start_with`], its log (at `rust_log`, a `RUST_LOG` filter) written to
+    /// `log_file` instead of the test's stderr, for a test to read ([`ServerProcess::log`]).
+    pub async fn start_logged(
+        data_dir: &Path,
+        db: &TestDb,
+        flags: &[&str],
+        log_file: &Path,
+        rust_log: &str,
+    ) -> anyhow::Result<ServerProcess> {
+        let log = Some((log_file.to_path_buf(), rust_log.to_string()));
+        Self::start_on(
+            data_dir,
+            db.url.clone(),
+            free_port(),
+            flags,
+            ClientTls::default(),
+            log,
+        )
+        .await
+    }
+
+    /// What the server has logged so far (started with [`ServerProcess::start_logged`]).
+    pub fn log(&self) -> String {
+        let (path, _) = self.log.as_ref().expect("started with start_logged");
+        std::fs::read_to_string(path).expect("reading the server's log")
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Like [`ServerProcess::start`], with extra `fedhive serve` flags.
     pub async fn start_with(data_dir: &Path, db: &TestDb, flags: &[&str]) -> anyhow::Result<ServerProcess> {
-        Self::start_on(data_dir, db.url.clone(), free_port(), flags, ClientTls::default()).await
+        Self::start_on(
+            data_dir,
+            db.url.clone(),
+            free_port(),
+            flags,
+            ClientTls::default(),
+            None,
+        )
+        .await
     }
 
     /// Like [`ServerProcess::start_with`], serving HTTPS as `https://localhost:PORT` with a
@@ -170,7 +221,7 @@ impl ServerProcess {
             ca_pem: Some(ca.cert_pem()),
             ..ClientTls::default()
         };
-        Self::start_on(data_dir, db.url.clone(), free_port(), &all, client_tls).await
+        Self::start_on(data_dir, db.url.clone(), free_port(), &all, client_tls, None).await
     }
 
     async fn start_on(
@@ -179,6 +230,7 @@ impl ServerProcess {
         port: u16,
         flags: &[&str],
         client_tls: ClientTls,
+        log: Option<(PathBuf, String)>,
     ) -> anyhow::Result<ServerProcess> {
         let https = flags.contains(&"--tls-cert");
         let mut cmd = Command::new(server_binary());
@@ -191,9 +243,20 @@ impl ServerProcess {
             .arg(ADMIN_TOKEN)
             .args(["--tick-ms", "50", "--checkin-retry-ms", "100"])
             .args(flags)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::null());
+        match &log {
+            Some((path, filter)) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .context("opening the server's log file")?;
+                cmd.env("RUST_LOG", filter).env("NO_COLOR", "1").stderr(file);
+            }
+            None => {
+                cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
+            }
+        }
         if let Some(url) = &database_url {
             cmd.arg("--database-url").arg(url);
         }
@@ -210,6 +273,7 @@ impl ServerProcess {
             port,
             client_tls,
             flags: flags.iter().map(|flag| flag.to_string()).collect(),
+            log,
         };
         server.wait_ready().await?;
         Ok(server)
@@ -278,6 +342,7 @@ impl ServerProcess {
             self.port,
             &flags,
             self.client_tls.clone(),
+            self.log.clone(),
         )
         .await?;
         *self = fresh;

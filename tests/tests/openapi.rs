@@ -32,11 +32,14 @@ fn schemathesis_program() -> String {
 /// What exists on the server before schemathesis starts, for it to find.
 struct Population {
     /// One task of each strategy (FedAvg twice: one finished, one with an open round), DC-CCL's
-    /// third.
+    /// third, anonymous embeddings' fourth.
     tasks: Vec<String>,
     /// The DC-CCL task and its cloud-worker token.
     dc_ccl_task: String,
     worker_token: String,
+    /// The anonymous-embeddings task and its cloud-worker token.
+    anon_task: String,
+    anon_worker_token: String,
     /// An upload token of the open FedAvg round.
     upload_token: String,
     /// A named read-only token, for `DELETE /v1/tokens/{name}` to find.
@@ -88,6 +91,9 @@ values = ["{decoy_key}"]
 [dictionaries.dc_ccl_task]
 values = ["{dc_ccl_task}"]
 
+[dictionaries.anon_task]
+values = ["{anon_task}"]
+
 [parameters]
 "path.task_id" = {{ dictionary = "tasks", probability = 0.7 }}
 "path.block" = {{ dictionary = "blocks", probability = 0.7 }}
@@ -109,6 +115,12 @@ include-tag = "dc_ccl"
 headers = {{ Authorization = "Bearer {worker}" }}
 parameters = {{ "path.task_id" = {{ dictionary = "dc_ccl_task", probability = 0.7 }} }}
 
+# Likewise the anonymous-embeddings worker's (its samples route reads no credential at all).
+[[operations]]
+include-tag = "anon_embeddings"
+headers = {{ Authorization = "Bearer {anon_worker}" }}
+parameters = {{ "path.task_id" = {{ dictionary = "anon_task", probability = 0.7 }} }}
+
 [[operations]]
 include-path-regex = "^/v1/(updates|metrics)$"
 headers = {{ Authorization = "Bearer {upload}" }}
@@ -126,6 +138,8 @@ headers = {{ Authorization = "Bearer {device}" }}
         upload = population.upload_token,
         token_name = population.token_name,
         dc_ccl_task = population.dc_ccl_task,
+        anon_task = population.anon_task,
+        anon_worker = population.anon_worker_token,
         enrolment_key = population.enrolment_key,
         decoy_key = population.decoy_key_id,
         device = population.device,
@@ -177,7 +191,19 @@ async fn populate(server: &ServerProcess) -> Population {
     })
     .await;
     let dc_ccl_task = dc_ccl.task_id.clone();
-    let mut tasks = vec![finished, running, dc_ccl.task_id];
+    let anon = create(StrategyConfig::AnonEmbeddings {
+        embedding_dim: 2,
+        sigma: 0.5,
+        input_features: 3,
+        num_classes: 4,
+        max_samples_per_submission: 8,
+        mix_batch_samples: 4,
+        samples_per_second: 100.0,
+        samples_burst: 100,
+    })
+    .await;
+    let anon_task = anon.task_id.clone();
+    let mut tasks = vec![finished, running, dc_ccl.task_id, anon.task_id];
     for strategy in [
         StrategyConfig::FedSubAvg {
             server_lr: 1.0,
@@ -222,6 +248,10 @@ async fn populate(server: &ServerProcess) -> Population {
         tasks,
         dc_ccl_task,
         worker_token: dc_ccl.worker_token.expect("a DC-CCL task has a worker token"),
+        anon_task,
+        anon_worker_token: anon
+            .worker_token
+            .expect("an anonymous-embeddings task has a worker token"),
         upload_token,
         token_name,
         enrolment_key,
@@ -286,14 +316,14 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         .await
         .unwrap();
     let paths = document["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 33, "described paths: {:?}", paths.keys());
+    assert_eq!(paths.len(), 37, "described paths: {:?}", paths.keys());
 
     let (passed, output) = run_schemathesis(&server.base_url, dir.path(), &population).await;
     println!("{output}");
     assert!(passed, "schemathesis found failures ({backend:?}):\n{output}");
     assert!(
-        output.contains("Tested: 38"),
-        "schemathesis did not test all 38 operations:\n{output}"
+        output.contains("Tested: 42"),
+        "schemathesis did not test all 42 operations:\n{output}"
     );
 
     // The generated traffic got past the refusals into each strategy's working paths (the server
@@ -312,6 +342,7 @@ async fn schemathesis_finds_no_failure(backend: Backend) {
         ("GET", "/v1/tasks/{task_id}/model"),
         ("GET", "/v1/tasks/{task_id}/rounds"),
         ("GET", "/v1/tasks/{task_id}/cloud"),
+        ("GET", "/v1/tasks/{task_id}/anonymous"),
         ("GET", "/v1/tasks/{task_id}/devices"),
         ("GET", "/v1/tasks/{task_id}/predictor"),
         ("GET", "/v1/tasks/{task_id}/blocks"),

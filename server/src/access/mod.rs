@@ -124,6 +124,8 @@ pub enum Action {
     CloudUpdate,
     /// A DC-CCL cloud worker's new control model version, which every device then trains against.
     CloudControlModel,
+    /// An anonymous-embeddings cloud worker's model for a round, which the round commits.
+    CloudRoundModel,
     EnrolmentKeyCreate,
     EnrolmentKeyRevoke,
     DeviceRevoke,
@@ -140,6 +142,7 @@ impl Action {
             Action::TokenRevoke => "token.revoke",
             Action::CloudUpdate => "cloud.update",
             Action::CloudControlModel => "cloud.control_model",
+            Action::CloudRoundModel => "cloud.round_model",
             Action::EnrolmentKeyCreate => "enrolment_key.create",
             Action::EnrolmentKeyRevoke => "enrolment_key.revoke",
             Action::DeviceRevoke => "device.revoke",

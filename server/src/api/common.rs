@@ -84,6 +84,30 @@ async fn identify(state: &AppState, headers: &HeaderMap) -> Result<Principal, Ap
     named_token(state, token).await?.ok_or(ApiError::Unauthorized)
 }
 
+/// The task's cloud worker: the task's own worker token ([`crate::strategy::worker`]) or a named
+/// `cloud-worker` token for the task. `401 worker_unauthorized` for no token, an unknown or a
+/// revoked one; `403 forbidden` for a named token of another scope or task. (The admin token is not
+/// a worker's.) The caller checks first that the task is one of its strategy's.
+pub(crate) async fn authorize_worker(
+    state: &AppState,
+    task_id: &str,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
+    let token = bearer(headers);
+    if crate::strategy::worker::is_task_worker(state.coordinator.store(), task_id, token).await? {
+        return Ok(Principal::TaskWorker(task_id.to_string()));
+    }
+    let named = match token {
+        Some(token) => named_token(state, token).await?,
+        None => None,
+    };
+    match named {
+        Some(who) => who.require(Need::Worker(task_id)).map(|()| who),
+        None => Err(ApiError::WorkerUnauthorized(task_id.to_string())),
+    }
+    .inspect_err(|e| state.credential_refused(e))
+}
+
 /// The named token `token` is, unless it is unknown or revoked (read on every request, so a
 /// revocation holds from the next one); notes its use at most once a minute. It is found by its
 /// SHA-256: the lookup's timing depends only on that hash, which does not lead back to a token of

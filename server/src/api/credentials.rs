@@ -11,7 +11,7 @@ use crate::{
     access::{Action, AuditRecord, Need, Principal, check_token_name, new_operator_token},
     error::ApiError,
     store::now_ms,
-    strategy::dc_ccl::DcCcl,
+    strategy::{anon_embeddings::AnonEmbeddings, dc_ccl::DcCcl},
 };
 
 pub(super) fn routes() -> OpenApiRouter<AppState> {
@@ -30,7 +30,7 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         (status = 400, description = "`invalid_request`: the body, the name, or `task_id` missing for `cloud-worker` or given for another scope", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`: only the admin token creates tokens", body = ErrorBody),
-        (status = 404, description = "`unknown_task`, `not_dc_ccl` (a `cloud-worker` token's task)", body = ErrorBody),
+        (status = 404, description = "`unknown_task`, `not_dc_ccl` (a `cloud-worker` token's task has no cloud worker: neither DC-CCL nor anonymous embeddings)", body = ErrorBody),
         (status = 409, description = "`token_name_taken`: names are not reused, even after a revocation", body = ErrorBody),
     ))]
 async fn create_token(
@@ -50,10 +50,16 @@ async fn create(state: &AppState, who: &Principal, new: &NewToken) -> Result<Tok
     check_token_name(&new.name)?;
     match (new.scope, &new.task_id) {
         (TokenScope::CloudWorker, Some(task_id)) => {
-            state
-                .strategy::<DcCcl>()?
-                .task(state.coordinator.store(), task_id)
-                .await?;
+            // A task with a cloud worker: anonymous embeddings, else DC-CCL (whose refusal,
+            // `not_dc_ccl`, clients may already match on).
+            let store = state.coordinator.store();
+            match state.strategy::<AnonEmbeddings>()?.task(store, task_id).await {
+                Ok(_) => {}
+                Err(ApiError::NotAnonEmbeddings(_)) => {
+                    state.strategy::<DcCcl>()?.task(store, task_id).await?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         (TokenScope::CloudWorker, None) => {
             return Err(ApiError::InvalidRequest(

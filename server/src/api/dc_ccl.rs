@@ -9,9 +9,9 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiPath, ApiQuery, AppState, bearer, named_token, read_body, versioned_blob};
+use super::common::{ApiPath, ApiQuery, AppState, authorize_worker, read_body, versioned_blob};
 use crate::{
-    access::{Action, Need, Principal},
+    access::{Action, Principal},
     db::TaskRow,
     error::ApiError,
     strategy::dc_ccl::DcCcl,
@@ -25,32 +25,16 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(control_model))
 }
 
-/// The DC-CCL task and its cloud worker: the task's own worker token or a named `cloud-worker`
-/// token for the task. `401 worker_unauthorized` for no token, an unknown or a revoked one; `403
-/// forbidden` for a named token of another scope or task. (The admin token is not a worker's.)
-async fn authorize_worker(
+/// The DC-CCL task, if the request is its cloud worker's (see [`authorize_worker`]).
+async fn worker_task(
     state: &AppState,
     dc: &DcCcl,
     task_id: &str,
     headers: &HeaderMap,
 ) -> Result<(TaskRow, Principal), ApiError> {
-    let store = state.coordinator.store();
-    let token = bearer(headers);
-    match dc.authorize_worker(store, task_id, token).await {
-        Ok(task) => return Ok((task, Principal::TaskWorker(task_id.to_string()))),
-        Err(ApiError::WorkerUnauthorized(_)) => {}
-        Err(e) => return Err(e),
-    }
-    let named = match token {
-        Some(token) => named_token(state, token).await?,
-        None => None,
-    };
-    let who = match named {
-        Some(who) => who.require(Need::Worker(task_id)).map(|()| who),
-        None => Err(ApiError::WorkerUnauthorized(task_id.to_string())),
-    }
-    .inspect_err(|e| state.credential_refused(e))?;
-    Ok((dc.task(store, task_id).await?, who))
+    let task = dc.task(state.coordinator.store(), task_id).await?;
+    let who = authorize_worker(state, task_id, headers).await?;
+    Ok((task, who))
 }
 
 /// What the cloud worker needs: the round in progress, whether it contributed to it, the latest
@@ -69,7 +53,7 @@ async fn cloud_status(
     headers: HeaderMap,
 ) -> Result<Json<CloudStatus>, ApiError> {
     let dc = state.strategy::<DcCcl>()?;
-    let (task, _) = authorize_worker(&state, dc, &task_id, &headers).await?;
+    let (task, _) = worker_task(&state, dc, &task_id, &headers).await?;
     Ok(Json(dc.cloud_status(state.coordinator.store(), &task).await?))
 }
 
@@ -97,7 +81,7 @@ async fn cloud_update(
     body: Body,
 ) -> Result<Json<ArtifactReceipt>, ApiError> {
     let dc = state.strategy::<DcCcl>()?;
-    let (task, who) = authorize_worker(&state, dc, &task_id, &headers).await?;
+    let (task, who) = worker_task(&state, dc, &task_id, &headers).await?;
     let limit = crate::strategy::Strategy::upload_limit(dc, &task.config);
     let submitted = async {
         let body = read_body(body, &headers, limit, state.body_read_timeout).await?;
@@ -140,7 +124,7 @@ async fn publish_control(
     body: Body,
 ) -> Result<Json<ArtifactReceipt>, ApiError> {
     let dc = state.strategy::<DcCcl>()?;
-    let (task, who) = authorize_worker(&state, dc, &task_id, &headers).await?;
+    let (task, who) = worker_task(&state, dc, &task_id, &headers).await?;
     let limit = dc.control_limit(&task.config);
     let published = async {
         let body = read_body(body, &headers, limit, state.body_read_timeout).await?;

@@ -2,9 +2,9 @@
 //!
 //! Who: `anyone`; `device` (its upload token or FedLaAvg credentials); `read` (the admin token, or a
 //! named token of scope `read-only` or `operator`); `operate` (the admin token or an `operator`
-//! token); `admin` (the bootstrap admin token alone); `worker` (a DC-CCL task's own worker token or a
-//! named `cloud-worker` token for that task). Without an admin token (`--insecure-dev`) every
-//! `read`, `operate` and `admin` route is open. See [`crate::access`].
+//! token); `admin` (the bootstrap admin token alone); `worker` (a DC-CCL or anonymous-embeddings
+//! task's own worker token or a named `cloud-worker` token for that task). Without an admin token
+//! (`--insecure-dev`) every `read`, `operate` and `admin` route is open. See [`crate::access`].
 //!
 //! | method | path | who | what |
 //! |---|---|---|---|
@@ -40,6 +40,10 @@
 //! | PUT | /v1/tasks/{id}/rounds/{round}/cloud-update | worker | DC-CCL: the cloud's delta of `F_s` for the round (safetensors), once |
 //! | PUT | /v1/tasks/{id}/control-model/{version} | worker | DC-CCL: publish control model `F_m` version N (the next one), immutable |
 //! | GET | /v1/tasks/{id}/control-model[?version=N] | device | DC-CCL: control model safetensors; ETag = version |
+//! | POST | /v1/tasks/{id}/anonymous/samples | anyone (no credential is read; `Idempotency-Key` required) | anonymous embeddings: labelled samples with their embeddings, stored once per key |
+//! | GET | /v1/tasks/{id}/anonymous | worker | anonymous embeddings: batches, pending samples, the round and whether its model is in |
+//! | GET | /v1/tasks/{id}/anonymous/batches/{n} | worker | anonymous embeddings: shuffled batch n (safetensors) |
+//! | PUT | /v1/tasks/{id}/anonymous/rounds/{round}/model | worker | anonymous embeddings: the round's fine-tuned model (safetensors), once; the round commits it |
 //! | POST | /v1/tokens | admin | create a named token (`NewToken` -> `TokenCreated`, the token shown once) |
 //! | GET | /v1/tokens | admin | every named token (`TokenInfo`: names, scopes, times; never a token or hash) |
 //! | DELETE | /v1/tokens/{name} | admin | revoke a named token: refused from the next request on |
@@ -50,9 +54,10 @@
 //!
 //! One module per group of routes: [`tasks`] (every task), [`devices`] (enrolment keys and device
 //! identity), one per strategy that has routes of its own ([`fedlaavg`], [`fedsubavg`],
-//! [`block_cyclic`], [`dc_ccl`]), which call that strategy directly, and [`credentials`] (named
-//! tokens and the audit log).
+//! [`block_cyclic`], [`dc_ccl`], [`anon_embeddings`]), which call that strategy directly, and
+//! [`credentials`] (named tokens and the audit log).
 
+mod anon_embeddings;
 mod block_cyclic;
 mod client_certificate;
 mod common;
@@ -84,6 +89,7 @@ fn described_routes() -> OpenApiRouter<AppState> {
         .merge(fedsubavg::routes())
         .merge(block_cyclic::routes())
         .merge(dc_ccl::routes())
+        .merge(anon_embeddings::routes())
         .merge(credentials::routes())
         .merge(observe::routes())
         .merge(ui::routes())

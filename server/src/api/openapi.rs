@@ -35,6 +35,7 @@ use utoipa::{
         (name = "fedlaavg", description = "FedLaAvg: per-task device enrolment and the task's devices."),
         (name = "block_cyclic", description = "MM-PSGD and MC-PSGD: predictors, chains, the block schedule."),
         (name = "dc_ccl", description = "DC-CCL: the cloud worker's routes and the control model."),
+        (name = "anon_embeddings", description = "Anonymous embeddings: samples with no credential, the cloud worker's batches and round models."),
         (name = "access", description = "Named operator tokens (the admin's) and the audit log."),
         (name = "operations", description = "Health, readiness, metrics and the dashboard."),
     )
@@ -79,8 +80,8 @@ impl Modify for Credentials {
         components.add_security_scheme(
             "worker_token",
             bearer(
-                "DC-CCL: the task's cloud-worker token (returned when the task is created), or a \
-                 named `cloud-worker` token for the task.",
+                "DC-CCL and anonymous embeddings: the task's cloud-worker token (returned when the \
+                 task is created), or a named `cloud-worker` token for the task.",
             ),
         );
     }

@@ -257,6 +257,7 @@ async fn task_rounds(
         (status = 401, description = "`device_unauthorized`: a credential that is wrong, or none where the task needs one (FedLaAvg, or a task with `require_enrolled_device`: enrol first, then check in with the credential)", body = ErrorBody),
         (status = 403, description = "`device_revoked`, `enrolment_key_revoked` (the device's enrolment key)", body = ErrorBody),
         (status = 404, description = "`unknown_task`", body = ErrorBody),
+        (status = 409, description = "`anonymous_task`: an anonymous-embeddings task takes samples (`POST /v1/tasks/{task_id}/anonymous/samples`), not check-ins", body = ErrorBody),
         (status = 429, description = "`rate_limited` (with `--rate-limit-per-address` or `--rate-limit-per-device`)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
     ))]

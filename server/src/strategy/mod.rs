@@ -5,16 +5,21 @@
 //! - [`fedlaavg`]: FedLaAvg's enrolment, selection window and latest-gradient average.
 //! - [`block_cyclic`]: MM-PSGD and MC-PSGD's block schedule, predictors and chains.
 //! - [`dc_ccl`]: DC-CCL's device-cloud fusion, its cloud worker's contributions and control models.
+//! - [`anon_embeddings`]: anonymous samples with user embeddings, mixed for the cloud worker, whose
+//!   model each round commits.
+//! - [`worker`]: the cloud worker's token, for the strategies that have one.
 //!
 //! A task's strategy is found in the [`Registry`] by its config; the coordinator calls only the
 //! trait. Adding an algorithm: ARCHITECTURE.md, "Adding a strategy".
 
+pub mod anon_embeddings;
 pub mod block_cyclic;
 pub mod dc_ccl;
 pub mod fedavg;
 pub mod fedlaavg;
 pub mod fedsubavg;
 pub mod interface;
+pub mod worker;
 
 use std::sync::Arc;
 
@@ -40,6 +45,7 @@ impl Default for Registry {
                 Arc::new(fedlaavg::FedLaAvg),
                 Arc::new(block_cyclic::BlockCyclic),
                 Arc::new(dc_ccl::DcCcl),
+                Arc::new(anon_embeddings::AnonEmbeddings::default()),
             ],
         }
     }

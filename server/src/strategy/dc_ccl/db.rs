@@ -1,5 +1,5 @@
-//! DC-CCL's tables (migration 0005): the task's worker token, its control models, and each round's
-//! cloud contribution.
+//! DC-CCL's tables (migration 0005): the task's control models and each round's cloud contribution
+//! (its worker token is in [`super::super::worker`]).
 
 use sqlx::Row;
 
@@ -22,23 +22,6 @@ fn artifact(r: &sqlx::any::AnyRow, id: &str) -> Result<ArtifactRow, sqlx::Error>
 }
 
 impl Db {
-    pub(super) async fn dc_ccl_set_worker(&self, task_id: &str, token_hash: &str) -> Result<(), DbError> {
-        sqlx::query("INSERT INTO dc_ccl_workers (task_id, token_hash) VALUES ($1, $2)")
-            .bind(task_id)
-            .bind(token_hash)
-            .execute(self.pool())
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn dc_ccl_worker(&self, task_id: &str) -> Result<Option<String>, DbError> {
-        let row = sqlx::query("SELECT token_hash FROM dc_ccl_workers WHERE task_id = $1")
-            .bind(task_id)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row.map(|r| r.try_get("token_hash")).transpose()?)
-    }
-
     /// Version `version` of the task's control model, or the latest when `None`.
     pub(super) async fn dc_ccl_control(
         &self,

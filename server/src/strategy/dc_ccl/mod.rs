@@ -12,7 +12,7 @@
 //! without the contribution it is abandoned, or commits the devices' average alone, as the task's
 //! `without_cloud` says. Devices are told to come back until a control model exists.
 //!
-//! The worker authenticates with a token issued at task creation (stored hashed), or with a named
+//! The worker authenticates with a token issued at task creation ([`super::worker`]), or with a named
 //! `cloud-worker` token for the task (see [`crate::access`]): it reads its task's round, submits
 //! contributions and publishes control models for that task, nothing else.
 
@@ -30,14 +30,15 @@ use fedhive_shared::{
 };
 
 use self::db::ArtifactRow;
-use super::interface::{
-    AssignmentParts, CheckinClock, CommitHold, Strategy, Sums, async_trait, first_come, new_token,
+use super::{
+    interface::{AssignmentParts, CheckinClock, CommitHold, Strategy, Sums, async_trait, first_come},
+    worker,
 };
 use crate::{
     coordinator::check_tensor_specs,
     db::{RoundRow, TaskRow},
     error::ApiError,
-    store::{Store, constant_time_eq, model_key, now_ms, sha256_hex},
+    store::{Store, model_key, now_ms, sha256_hex},
 };
 
 pub struct DcCcl;
@@ -84,22 +85,6 @@ fn same_or_conflict(stored: &ArtifactRow, sha256: &str) -> Result<ArtifactReceip
 }
 
 impl DcCcl {
-    /// The task, if it is a DC-CCL task and `bearer` is its worker's token.
-    pub async fn authorize_worker(
-        &self,
-        store: &Store,
-        task_id: &str,
-        bearer: Option<&str>,
-    ) -> Result<TaskRow, ApiError> {
-        let task = self.task(store, task_id).await?;
-        let stored = store.db.dc_ccl_worker(task_id).await?;
-        let given = bearer.map(|b| sha256_hex(b.as_bytes()));
-        match (stored, given) {
-            (Some(stored), Some(given)) if constant_time_eq(stored.as_bytes(), given.as_bytes()) => Ok(task),
-            _ => Err(ApiError::WorkerUnauthorized(task_id.to_string())),
-        }
-    }
-
     /// The task, if it runs DC-CCL.
     pub async fn task(&self, store: &Store, task_id: &str) -> Result<TaskRow, ApiError> {
         let task = store.task(task_id).await?;
@@ -268,9 +253,7 @@ impl Strategy for DcCcl {
         task_id: &str,
         _config: &TaskConfig,
     ) -> Result<Option<String>, ApiError> {
-        let (token, hash) = new_token();
-        store.db.dc_ccl_set_worker(task_id, &hash).await?;
-        Ok(Some(token))
+        Ok(Some(worker::issue_token(store, task_id).await?))
     }
 
     async fn checkin(
