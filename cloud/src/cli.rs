@@ -1,16 +1,23 @@
-//! The `fedhive-cloud` command line: the DC-CCL cloud worker of one task (see the crate doc).
+//! The `fedhive-cloud` command line: the cloud worker of one task, DC-CCL (see the crate doc) or,
+//! with `--anon-embeddings`, anonymous user embeddings ([`crate::anon`]).
 //!
 //! ```text
 //! FEDHIVE_WORKER_TOKEN=... fedhive-cloud --server http://127.0.0.1:8080 --task t-... \
 //!     --state-dir /var/lib/fedhive-cloud --classes 0,1,2,3,4,5
+//! FEDHIVE_WORKER_TOKEN=... fedhive-cloud --anon-embeddings --server http://127.0.0.1:8080 \
+//!     --task t-... --state-dir /var/lib/fedhive-cloud
 //! ```
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use crate::{HeadTuning, Worker, WorkerOptions};
+use crate::{
+    HeadTuning, Worker, WorkerOptions,
+    anon::{AnonWorker, AnonWorkerOptions},
+};
 use anyhow::Context;
 use clap::Parser;
 use fedhive_client::{
+    anon::FitParams,
     backend::Backend,
     client::FedhiveClient,
     data::{Split, default_data_dir, load_fashion_mnist},
@@ -21,7 +28,7 @@ use fedhive_shared::wire::TrainingParams;
 #[command(
     name = "fedhive-cloud",
     version,
-    about = "fedhive's DC-CCL cloud worker for one task"
+    about = "fedhive's cloud worker for one task (DC-CCL, or anonymous embeddings)"
 )]
 struct Cli {
     /// The fedhive server, e.g. http://127.0.0.1:8080.
@@ -79,9 +86,60 @@ struct Cli {
     poll_ms: u64,
     #[arg(long, env = "FEDHIVE_BACKEND", default_value = "flex")]
     backend: String,
+    /// Run the task as an anonymous-embeddings task: no cloud data of its own; each round trains
+    /// the model on the server's shuffled batches of anonymous samples (the DC-CCL flags above
+    /// other than the server, task, token, state, seed, poll and backend ones do not apply).
+    #[arg(long)]
+    anon_embeddings: bool,
+    /// Anonymous embeddings: epochs of the first round (the base model) and of each later round.
+    #[arg(long, default_value_t = 3)]
+    anon_base_epochs: u32,
+    #[arg(long, default_value_t = 5)]
+    anon_fine_tune_epochs: u32,
+    /// Anonymous embeddings: Adam's step and minibatch size.
+    #[arg(long, default_value_t = 0.002)]
+    anon_learning_rate: f32,
+    #[arg(long, default_value_t = 64)]
+    anon_batch_size: usize,
+    /// Anonymous embeddings: new batches a round waits for before the worker trains.
+    #[arg(long, default_value_t = 1)]
+    anon_min_new_batches: i64,
+}
+
+/// The anonymous-embeddings worker of `cli.task`, until the task is over.
+async fn run_anon(cli: Cli) -> anyhow::Result<()> {
+    let backend: Backend = cli.backend.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = FedhiveClient::with_tls(&cli.server, &cli.tls.load()?)?;
+    let status = client.anonymous_status(&cli.task, &cli.token).await?;
+    let fit = |epochs| FitParams {
+        epochs,
+        batch_size: cli.anon_batch_size,
+        learning_rate: cli.anon_learning_rate,
+    };
+    let worker = AnonWorker {
+        client,
+        task_id: cli.task.clone(),
+        token: cli.token.clone(),
+        device: backend.device().context("opening the training backend")?,
+        shape: status.sample_shape(),
+        state_dir: cli.state_dir.clone(),
+        options: AnonWorkerOptions {
+            base: fit(cli.anon_base_epochs),
+            fine_tune: fit(cli.anon_fine_tune_epochs),
+            min_new_batches: cli.anon_min_new_batches,
+            seed: cli.seed,
+            poll: Duration::from_millis(cli.poll_ms),
+        },
+    };
+    let rounds = worker.run().await?;
+    tracing::info!(rounds, "task finished");
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.anon_embeddings {
+        return run_anon(cli).await;
+    }
     let backend: Backend = cli.backend.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let train = load_fashion_mnist(&data_dir, Split::Train).context("loading Fashion-MNIST")?;

@@ -593,6 +593,10 @@ pub struct AnonStatus {
     pub model_version: i64,
     pub model: String,
     pub training: TrainingParams,
+    /// Width of an input, of `e`, and the class count (the shape of every sample).
+    pub input_features: u32,
+    pub embedding_dim: u32,
+    pub num_classes: u32,
     /// Shuffled batches stored so far, numbered 1..=batches (`GET .../anonymous/batches/{n}`).
     pub batches: i64,
     /// Samples accepted and not yet in a batch (they wait for `mix_batch_samples` more).
@@ -601,6 +605,16 @@ pub struct AnonStatus {
     pub round: Option<RoundInfo>,
     /// Whether that round already holds the worker's model.
     pub round_model_submitted: bool,
+}
+
+impl AnonStatus {
+    pub fn sample_shape(&self) -> crate::anon::SampleShape {
+        crate::anon::SampleShape {
+            features: self.input_features as usize,
+            embedding_dim: self.embedding_dim as usize,
+            num_classes: self.num_classes as usize,
+        }
+    }
 }
 
 /// Acknowledgement of the cloud's contribution to a round, or of a published control model

@@ -48,7 +48,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-/// Scenario settings (defaults: about two minutes per seed on 2 CPU cores).
+/// Scenario settings (defaults: about six minutes per seed on 2 busy CPU cores).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AnonOptions {
     /// Seeds, one full comparison each.
@@ -68,7 +68,7 @@ pub struct AnonOptions {
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.3,1,3")]
     pub sigmas: Vec<f32>,
     /// Rounds of each task: the base model, then fine-tunes.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     pub rounds: u32,
     /// Samples per anonymous submission.
     #[arg(long, default_value_t = 50)]
@@ -77,7 +77,7 @@ pub struct AnonOptions {
     pub mix_batch_samples: u32,
     #[arg(long, default_value_t = 3)]
     pub base_epochs: u32,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub fine_tune_epochs: u32,
     /// The worker's Adam step.
     #[arg(long, default_value_t = 0.002)]

@@ -21,7 +21,10 @@ use fedhive_shared::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-on_both_databases!(the_worker_and_the_devices_personalise_without_identifiers);
+on_both_databases!(
+    the_worker_and_the_devices_personalise_without_identifiers,
+    the_worker_program_runs_a_task_to_its_end,
+);
 
 const SHAPE: SampleShape = SampleShape {
     features: 6,
@@ -67,13 +70,8 @@ async fn model(client: &FedhiveClient, task: &str) -> (i64, NamedTensors) {
     (version, NamedTensors::decode(&bytes).unwrap())
 }
 
-async fn the_worker_and_the_devices_personalise_without_identifiers(backend: Backend) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::create(backend).await.unwrap();
-    let server = ServerProcess::start(&dir.path().join("data"), &db).await.unwrap();
-    let admin = server.client();
-    let device = fedhive_client::backend::Backend::Flex.device().unwrap();
-    let config = TaskConfig {
+fn task_config() -> TaskConfig {
+    TaskConfig {
         model: anon::MODEL_NAME.into(),
         tensors: anon::tensor_specs(SHAPE),
         strategy: StrategyConfig::AnonEmbeddings {
@@ -87,7 +85,78 @@ async fn the_worker_and_the_devices_personalise_without_identifiers(backend: Bac
             samples_burst: 10_000,
         },
         ..small_task(1, 1, 2, 300)
+    }
+}
+
+/// `fedhive-cloud --anon-embeddings` as its own process trains each round once its batches are
+/// there, and exits when the task is over.
+async fn the_worker_program_runs_a_task_to_its_end(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(&dir.path().join("data"), &db).await.unwrap();
+    let admin = server.client();
+    let created = admin
+        .create_task(&task_config(), anon::initial_weights(SHAPE, 2).encode())
+        .await
+        .unwrap();
+    let task = created.task_id.clone();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fedhive-e2e-cloud"))
+        .args(["--anon-embeddings", "--server", &server.base_url, "--task", &task])
+        .arg("--state-dir")
+        .arg(dir.path().join("worker"))
+        .args([
+            "--poll-ms",
+            "50",
+            "--backend",
+            "flex",
+            "--anon-fine-tune-epochs",
+            "2",
+        ])
+        .env("FEDHIVE_WORKER_TOKEN", created.worker_token.unwrap())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starting the worker");
+    let devices = FedhiveClient::new(&server.base_url).unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let data = [user_examples(0, 40, &mut rng), user_examples(1, 40, &mut rng)];
+    let q = UserEmbedding::random(SHAPE.embedding_dim, 0.1, &mut rng);
+    submit_round(&devices, &task, &[(None, &data[0]), (None, &data[1])], &mut rng).await;
+    wait_for_version(&admin, &task, 1, Duration::from_secs(60)).await;
+    submit_round(
+        &devices,
+        &task,
+        &[(Some(&q), &data[0]), (Some(&q), &data[1])],
+        &mut rng,
+    )
+    .await;
+    wait_for_version(&admin, &task, 2, Duration::from_secs(60)).await;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the worker did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    assert!(status.success(), "{status}");
+    let files = std::fs::read_dir(dir.path().join("worker")).unwrap().count();
+    assert_eq!(
+        files, 3,
+        "two round models and the batch cursor in its state directory"
+    );
+}
+
+async fn the_worker_and_the_devices_personalise_without_identifiers(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(&dir.path().join("data"), &db).await.unwrap();
+    let admin = server.client();
+    let device = fedhive_client::backend::Backend::Flex.device().unwrap();
+    let config = task_config();
     let initial = anon::initial_weights(SHAPE, 1);
     let created = admin.create_task(&config, initial.encode()).await.unwrap();
     let task = created.task_id.clone();

@@ -240,12 +240,16 @@ impl AnonEmbeddings {
             Some(r) => store.db.anon_round_model(r.id).await?.is_some(),
             None => false,
         };
+        let shape = params(&task.config).shape;
         Ok(AnonStatus {
             task_id: task.id.clone(),
             state: task.state.clone(),
             model_version: task.model_version,
             model: task.config.model.clone(),
             training: task.config.training.clone(),
+            input_features: shape.features as u32,
+            embedding_dim: shape.embedding_dim as u32,
+            num_classes: shape.num_classes as u32,
             batches,
             pending_samples,
             round: round.as_ref().map(RoundRow::info),
