@@ -3,13 +3,14 @@
 //! stored hashed (table `task_workers`); a named `cloud-worker` token for the task works too (see
 //! [`crate::access`], checked by the routes).
 
+use bytes::Bytes;
 use sqlx::Row;
 
 use super::interface::new_token;
 use crate::{
-    db::{Db, DbError},
+    db::{Db, DbError, RoundRow, TaskRow},
     error::ApiError,
-    store::{Store, constant_time_eq, sha256_hex},
+    store::{Store, constant_time_eq, now_ms, sha256_hex},
 };
 
 /// Issues the worker token of a new task: returned once, stored only as its SHA-256.
@@ -27,6 +28,37 @@ pub async fn is_task_worker(store: &Store, task_id: &str, bearer: Option<&str>) 
         (Some(stored), Some(given)) => constant_time_eq(stored.as_bytes(), given.as_bytes()),
         _ => false,
     })
+}
+
+/// The round `round_id` of `task` that a worker sends its once-per-round artefact for (DC-CCL's
+/// cloud contribution, anonymous embeddings' round model), and the SHA-256 of `body` (hashed off
+/// the async threads), by which a retry is told from a conflicting second body.
+pub async fn artifact_round(
+    store: &Store,
+    task: &TaskRow,
+    round_id: i64,
+    body: &Bytes,
+) -> Result<(RoundRow, String), ApiError> {
+    let round = store
+        .db
+        .round(round_id)
+        .await?
+        .filter(|r| r.task_id == task.id)
+        .ok_or_else(|| ApiError::UnknownRound {
+            task: task.id.clone(),
+            round: round_id,
+        })?;
+    let hashed = body.clone();
+    let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&hashed)).await?;
+    Ok((round, sha256))
+}
+
+/// A new artefact (not a retry of a stored one) is taken only while its round is open.
+pub fn check_open(round: &RoundRow) -> Result<(), ApiError> {
+    if round.state != "open" || now_ms() >= round.deadline_ms {
+        return Err(ApiError::RoundClosed(round.id));
+    }
+    Ok(())
 }
 
 impl Db {

@@ -130,23 +130,11 @@ impl DcCcl {
         round_id: i64,
         body: Bytes,
     ) -> Result<(ArtifactReceipt, bool), ApiError> {
-        let round = store
-            .db
-            .round(round_id)
-            .await?
-            .filter(|r| r.task_id == task.id)
-            .ok_or_else(|| ApiError::UnknownRound {
-                task: task.id.clone(),
-                round: round_id,
-            })?;
-        let hashed = body.clone();
-        let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&hashed)).await?;
+        let (round, sha256) = worker::artifact_round(store, task, round_id, &body).await?;
         if let Some(stored) = store.db.dc_ccl_cloud_update(round_id).await? {
             return same_or_conflict(&stored, &sha256).map(|r| (r, false));
         }
-        if round.state != "open" || now_ms() >= round.deadline_ms {
-            return Err(ApiError::RoundClosed(round_id));
-        }
+        worker::check_open(&round)?;
         let (config, checked) = (task.config.clone(), body.clone());
         tokio::task::spawn_blocking(move || DcCcl.decode_update(&config, &checked)).await??;
         let row = ArtifactRow {
