@@ -11,13 +11,25 @@
 //! distribution yet ([`AnonWorkerOptions::base`]); later rounds fine-tune
 //! ([`AnonWorkerOptions::fine_tune`]).
 //!
+//! Thin clients that cannot run the model ask the worker: [`predict_router`] answers
+//! `POST /v1/predict` with `(input, e)` rows (`fedhive-cloud --anon-embeddings --anon-serve ADDR`).
+//!
 //! Crash safety as in the DC-CCL worker: the round's model is written to the state directory
 //! (write, fsync, rename) before it is sent and sent again unchanged after a restart; the server
 //! stores one model per round and answers a repeat of the same bytes with the same receipt. The
 //! batches a round used are recorded after its model is accepted.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use axum::{
+    Json, Router,
+    extract::{State, rejection::JsonRejection},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::post,
+};
 
 use bytes::Bytes;
 use fedhive_client::{
@@ -29,6 +41,7 @@ use fedhive_shared::{
     anon::{SampleShape, Samples},
     wire::RoundState,
 };
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::{WorkerError, write_atomic};
@@ -184,16 +197,111 @@ impl AnonWorker {
         }
     }
 
-    /// Serves thin clients: the class of each `(input, e)` sample under the task's current model
-    /// (a library call; the worker answers no HTTP itself).
-    pub async fn predict(&self, samples: Samples) -> Result<Vec<u32>, WorkerError> {
-        let (_, current) = self.client.download_model(&self.task_id, None).await?;
+    /// The class of each `(input, e)` sample under the task's current model, and that model's
+    /// version: what thin clients get from [`predict_router`].
+    pub async fn predict(&self, samples: Samples) -> Result<(i64, Vec<u32>), WorkerError> {
+        let (version, current) = self.client.download_model(&self.task_id, None).await?;
         let current = NamedTensors::decode(&current)?;
         let (shape, device) = (self.shape, self.device.clone());
-        Ok(
+        let classes =
             tokio::task::spawn_blocking(move || anon::predict_samples(&current, shape, &samples, &device))
                 .await
-                .map_err(std::io::Error::other)??,
-        )
+                .map_err(std::io::Error::other)??;
+        Ok((version, classes))
+    }
+}
+
+/// Most rows in one prediction request.
+pub const MAX_PREDICTIONS: usize = 1024;
+
+/// A thin client's request: inputs and, for each, a fresh embedding it drew from its own `q_u`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictRequest {
+    pub inputs: Vec<Vec<f32>>,
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictResponse {
+    pub model_version: i64,
+    pub classes: Vec<u32>,
+}
+
+/// A refusal: `{error, message}` like the server's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictError {
+    pub error: String,
+    pub message: String,
+}
+
+fn refuse(status: StatusCode, error: &str, message: String) -> Response {
+    let body = PredictError {
+        error: error.into(),
+        message,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Checks a request against the task's shape and builds its samples (labels unused).
+fn request_samples(shape: SampleShape, request: &PredictRequest) -> Result<Samples, String> {
+    let n = request.inputs.len();
+    if n == 0 || n > MAX_PREDICTIONS || request.embeddings.len() != n {
+        return Err(format!(
+            "{n} inputs and {} embeddings: one embedding per input, 1 to {MAX_PREDICTIONS} rows",
+            request.embeddings.len()
+        ));
+    }
+    let mut samples = Samples::empty(shape);
+    for (i, (x, e)) in request.inputs.iter().zip(&request.embeddings).enumerate() {
+        if x.len() != shape.features || e.len() != shape.embedding_dim {
+            return Err(format!(
+                "row {i}: an input of {} values and an embedding of {}, the task's are {} and {}",
+                x.len(),
+                e.len(),
+                shape.features,
+                shape.embedding_dim
+            ));
+        }
+        if x.iter().chain(e).any(|v| !v.is_finite()) {
+            return Err(format!("row {i} holds a non-finite value"));
+        }
+        samples.push(x, e, 0);
+    }
+    Ok(samples)
+}
+
+/// The worker's HTTP face for thin clients: `POST /v1/predict` with a [`PredictRequest`] (JSON)
+/// answers a [`PredictResponse`], or `400 bad_request` / `502 upstream` as `{error, message}`. It
+/// reads no credential and logs no peer address: like the samples route, a request names nobody.
+pub fn predict_router(worker: Arc<AnonWorker>) -> Router {
+    Router::new()
+        .route("/v1/predict", post(predict_handler))
+        .with_state(worker)
+}
+
+/// Serves [`predict_router`] on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, worker: Arc<AnonWorker>) -> std::io::Result<()> {
+    axum::serve(listener, predict_router(worker)).await
+}
+
+async fn predict_handler(
+    State(worker): State<Arc<AnonWorker>>,
+    body: Result<Json<PredictRequest>, JsonRejection>,
+) -> Response {
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let samples = match request_samples(worker.shape, &request) {
+        Ok(samples) => samples,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, "bad_request", message),
+    };
+    match worker.predict(samples).await {
+        Ok((model_version, classes)) => Json(PredictResponse {
+            model_version,
+            classes,
+        })
+        .into_response(),
+        Err(e) => refuse(StatusCode::BAD_GATEWAY, "upstream", e.to_string()),
     }
 }

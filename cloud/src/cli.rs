@@ -12,7 +12,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use crate::{
     HeadTuning, Worker, WorkerOptions,
-    anon::{AnonWorker, AnonWorkerOptions},
+    anon::{AnonWorker, AnonWorkerOptions, serve},
 };
 use anyhow::Context;
 use clap::Parser;
@@ -104,6 +104,11 @@ struct Cli {
     /// Anonymous embeddings: new batches a round waits for before the worker trains.
     #[arg(long, default_value_t = 1)]
     anon_min_new_batches: i64,
+    /// Anonymous embeddings: answer thin clients' `POST /v1/predict` on this address (plain HTTP:
+    /// put it behind a TLS proxy that logs no addresses), while training and after the task ends,
+    /// until interrupted.
+    #[arg(long)]
+    anon_serve: Option<std::net::SocketAddr>,
 }
 
 /// The anonymous-embeddings worker of `cli.task`, until the task is over.
@@ -131,8 +136,26 @@ async fn run_anon(cli: Cli) -> anyhow::Result<()> {
             poll: Duration::from_millis(cli.poll_ms),
         },
     };
+    let worker = std::sync::Arc::new(worker);
+    let Some(addr) = cli.anon_serve else {
+        let rounds = worker.run().await?;
+        tracing::info!(rounds, "task finished");
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "serving predictions");
+    let serving = tokio::spawn(serve(listener, worker.clone()));
     let rounds = worker.run().await?;
-    tracing::info!(rounds, "task finished");
+    tracing::info!(
+        rounds,
+        "task finished; still serving predictions until interrupted"
+    );
+    tokio::select! {
+        served = serving => served?.context("serving predictions")?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
     Ok(())
 }
 

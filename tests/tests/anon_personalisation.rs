@@ -5,13 +5,15 @@
 //! `mu_u` lowers its loss and leaves the model's bytes unchanged, and with their embeddings two
 //! users whose inputs look alike get their own labels back, on the device and from the worker.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use fedhive_client::{
     anon::{self, Examples, FitParams, UserEmbedding},
     client::FedhiveClient,
 };
-use fedhive_cloud::anon::{AnonStep, AnonWorker, AnonWorkerOptions};
+use fedhive_cloud::anon::{
+    AnonStep, AnonWorker, AnonWorkerOptions, PredictError, PredictRequest, PredictResponse,
+};
 use fedhive_e2e::{Backend, ServerProcess, TestDb, on_both_databases, small_task, wait_for_version};
 use fedhive_shared::{
     NamedTensors,
@@ -239,6 +241,12 @@ async fn the_worker_and_the_devices_personalise_without_identifiers(backend: Bac
     let (version, tuned) = model(&devices, &task).await;
     assert_eq!(version, 2);
 
+    let worker = Arc::new(worker);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let predict_url = format!("http://{}/v1/predict", listener.local_addr().unwrap());
+    tokio::spawn(fedhive_cloud::anon::serve(listener, worker.clone()));
+    let http = reqwest::Client::new();
+
     // The devices re-fit mu against version 2 and predict new inputs with fresh draws: each user
     // gets their own label back, which no model without the embedding could do for both.
     for (u, q) in qs.iter_mut().enumerate() {
@@ -248,9 +256,28 @@ async fn the_worker_and_the_devices_personalise_without_identifiers(backend: Bac
         let right = predicted.iter().filter(|&&p| p == u as u32).count();
         assert!(right >= 45, "user {u}: {right} of 50 right ({predicted:?})");
 
-        // A thin client asks the worker with the same (input, e): the same answers.
+        // A thin client asks the worker over HTTP with the same (input, e): the same answers.
         let samples = anon::draw_samples(SHAPE, Some(q), &fresh, &mut rng);
         let on_device = anon::predict_samples(&tuned, SHAPE, &samples, &device).unwrap();
-        assert_eq!(worker.predict(samples).await.unwrap(), on_device);
+        let request = PredictRequest {
+            inputs: (0..samples.len()).map(|i| samples.input(i).to_vec()).collect(),
+            embeddings: (0..samples.len())
+                .map(|i| samples.embedding(i).to_vec())
+                .collect(),
+        };
+        let resp = http.post(&predict_url).json(&request).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let answer: PredictResponse = resp.json().await.unwrap();
+        assert_eq!((answer.model_version, answer.classes), (2, on_device));
     }
+    // A request whose embedding has the wrong width is refused, naming the problem.
+    let bad = PredictRequest {
+        inputs: vec![vec![0.5; SHAPE.features]],
+        embeddings: vec![vec![0.5; SHAPE.embedding_dim + 1]],
+    };
+    let resp = http.post(&predict_url).json(&bad).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let refusal: PredictError = resp.json().await.unwrap();
+    assert_eq!(refusal.error, "bad_request");
+    assert!(refusal.message.contains("embedding of 3"), "{}", refusal.message);
 }
