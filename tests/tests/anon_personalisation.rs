@@ -114,6 +114,9 @@ async fn the_worker_program_runs_a_task_to_its_end(backend: Backend) {
             "--anon-fine-tune-epochs",
             "2",
         ])
+        // A round's 80 samples make 4 batches of 20: the worker waits for all of them (with 1 it
+        // could train round 2 on its first batch and finish the task under the later submissions).
+        .args(["--anon-min-new-batches", "4"])
         .env("FEDHIVE_WORKER_TOKEN", created.worker_token.unwrap())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
