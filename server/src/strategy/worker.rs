@@ -4,6 +4,7 @@
 //! [`crate::access`], checked by the routes).
 
 use bytes::Bytes;
+use fedhive_shared::wire::ArtifactReceipt;
 use sqlx::Row;
 
 use super::interface::new_token;
@@ -61,7 +62,114 @@ pub fn check_open(round: &RoundRow) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A stored worker artefact: a DC-CCL control model version, or the one artefact a round takes
+/// from its worker (DC-CCL's cloud contribution, anonymous embeddings' round model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArtifactRow {
+    /// The version, or the round.
+    pub id: i64,
+    pub sha256: String,
+    pub blob_key: String,
+}
+
+impl ArtifactRow {
+    /// From a row with columns `sha256`, `blob_key` and `id_column`.
+    pub fn from_row(r: &sqlx::any::AnyRow, id_column: &str) -> Result<Self, sqlx::Error> {
+        Ok(ArtifactRow {
+            id: r.try_get(id_column)?,
+            sha256: r.try_get("sha256")?,
+            blob_key: r.try_get("blob_key")?,
+        })
+    }
+
+    /// What the worker is answered, the first time and for every identical retry.
+    pub fn receipt(&self) -> ArtifactReceipt {
+        ArtifactReceipt {
+            id: self.id,
+            sha256: self.sha256.clone(),
+        }
+    }
+}
+
+/// The tables of once-per-round worker artefacts; each has the columns `round_id` (primary key),
+/// `sha256`, `blob_key` and `created_ms`.
+#[derive(Debug, Clone, Copy)]
+pub enum RoundArtifacts {
+    DcCclCloudUpdates,
+    AnonRoundModels,
+}
+
+impl RoundArtifacts {
+    /// The lookup of a round's artefact (`$1` = round).
+    fn select(self) -> &'static str {
+        match self {
+            RoundArtifacts::DcCclCloudUpdates => {
+                "SELECT round_id, sha256, blob_key FROM dc_ccl_cloud_updates WHERE round_id = $1"
+            }
+            RoundArtifacts::AnonRoundModels => {
+                "SELECT round_id, sha256, blob_key FROM anon_round_models WHERE round_id = $1"
+            }
+        }
+    }
+
+    /// The insert of a round's artefact, a no-op if the round has one.
+    fn insert(self) -> &'static str {
+        match self {
+            RoundArtifacts::DcCclCloudUpdates => {
+                "INSERT INTO dc_ccl_cloud_updates (round_id, sha256, blob_key, created_ms) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (round_id) DO NOTHING"
+            }
+            RoundArtifacts::AnonRoundModels => {
+                "INSERT INTO anon_round_models (round_id, sha256, blob_key, created_ms) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (round_id) DO NOTHING"
+            }
+        }
+    }
+}
+
 impl Db {
+    /// Round `round_id`'s artefact in `table`, if stored.
+    pub async fn round_artifact(
+        &self,
+        table: RoundArtifacts,
+        round_id: i64,
+    ) -> Result<Option<ArtifactRow>, DbError> {
+        let row = sqlx::query(table.select())
+            .bind(round_id)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.map(|r| ArtifactRow::from_row(&r, "round_id")).transpose()?)
+    }
+
+    /// Stores round `row.id`'s artefact in `table` if the round is still open and has none; false
+    /// otherwise. The guard updates the round's row, so in PostgreSQL it waits for (and then sees)
+    /// a concurrent close, as [`Db::accept_update`] does: a closing round's set is frozen.
+    pub async fn insert_round_artifact(
+        &self,
+        table: RoundArtifacts,
+        row: &ArtifactRow,
+        now_ms: i64,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool().begin().await?;
+        let open =
+            sqlx::query("UPDATE rounds SET state = state WHERE id = $1 AND state = 'open' RETURNING id")
+                .bind(row.id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if open.is_none() {
+            return Ok(false);
+        }
+        let done = sqlx::query(table.insert())
+            .bind(row.id)
+            .bind(&row.sha256)
+            .bind(&row.blob_key)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn set_worker(&self, task_id: &str, token_hash: &str) -> Result<(), DbError> {
         sqlx::query("INSERT INTO task_workers (task_id, token_hash) VALUES ($1, $2)")
             .bind(task_id)

@@ -9,14 +9,6 @@ use crate::db::{Db, DbError};
 /// Rows per multi-row statement: far below either database's limit on bound parameters.
 const CHUNK: usize = 256;
 
-/// A round's model, as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct RoundModelRow {
-    pub(super) round_id: i64,
-    pub(super) sha256: String,
-    pub(super) blob_key: String,
-}
-
 /// Locks the task's state row for the rest of the transaction (creating it at the first
 /// submission) and returns the number of batches so far. In PostgreSQL a concurrent submission
 /// waits here until this one commits, then sees its batches and pending rows.
@@ -161,52 +153,5 @@ impl Db {
             .fetch_optional(self.pool())
             .await?;
         Ok(row.map(|r| r.try_get("blob_key")).transpose()?)
-    }
-
-    pub(super) async fn anon_round_model(&self, round_id: i64) -> Result<Option<RoundModelRow>, DbError> {
-        let row = sqlx::query("SELECT round_id, sha256, blob_key FROM anon_round_models WHERE round_id = $1")
-            .bind(round_id)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row
-            .map(|r| {
-                Ok::<_, sqlx::Error>(RoundModelRow {
-                    round_id: r.try_get("round_id")?,
-                    sha256: r.try_get("sha256")?,
-                    blob_key: r.try_get("blob_key")?,
-                })
-            })
-            .transpose()?)
-    }
-
-    /// Stores the worker's model for round `row.round_id` if the round is still open and has none;
-    /// false otherwise. The guard updates the round's row, so in PostgreSQL it waits for (and then
-    /// sees) a concurrent close, as DC-CCL's cloud contribution does.
-    pub(super) async fn anon_insert_round_model(
-        &self,
-        row: &RoundModelRow,
-        now_ms: i64,
-    ) -> Result<bool, DbError> {
-        let mut tx = self.pool().begin().await?;
-        let open =
-            sqlx::query("UPDATE rounds SET state = state WHERE id = $1 AND state = 'open' RETURNING id")
-                .bind(row.round_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if open.is_none() {
-            return Ok(false);
-        }
-        let done = sqlx::query(
-            "INSERT INTO anon_round_models (round_id, sha256, blob_key, created_ms) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (round_id) DO NOTHING",
-        )
-        .bind(row.round_id)
-        .bind(&row.sha256)
-        .bind(&row.blob_key)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
     }
 }

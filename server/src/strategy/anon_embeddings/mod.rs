@@ -27,10 +27,9 @@ use fedhive_shared::{
 };
 use rand::seq::SliceRandom;
 
-use self::db::RoundModelRow;
 use super::{
     interface::{CheckinClock, CommitHold, Strategy, Sums, async_trait},
-    worker,
+    worker::{self, ArtifactRow, RoundArtifacts},
 };
 use crate::{
     db::{RoundRow, TaskRow},
@@ -237,7 +236,7 @@ impl AnonEmbeddings {
         let (batches, pending_samples) = store.db.anon_counts(&task.id).await?;
         let round = store.db.active_round(&task.id).await?;
         let round_model_submitted = match &round {
-            Some(r) => store.db.anon_round_model(r.id).await?.is_some(),
+            Some(r) => store.db.round_artifact(ROUND_MODELS, r.id).await?.is_some(),
             None => false,
         };
         let shape = params(&task.config).shape;
@@ -281,7 +280,7 @@ impl AnonEmbeddings {
         body: Bytes,
     ) -> Result<(ArtifactReceipt, bool), ApiError> {
         let (round, sha256) = worker::artifact_round(store, task, round_id, &body).await?;
-        if let Some(stored) = store.db.anon_round_model(round_id).await? {
+        if let Some(stored) = store.db.round_artifact(ROUND_MODELS, round_id).await? {
             return same_or_conflict(&stored, &sha256).map(|r| (r, false));
         }
         worker::check_open(&round)?;
@@ -290,38 +289,38 @@ impl AnonEmbeddings {
             NamedTensors::decode_checked(&checked, &config.tensors, f32::MAX)
         })
         .await??;
-        let row = RoundModelRow {
-            round_id,
+        let row = ArtifactRow {
+            id: round_id,
             blob_key: round_model_key(round_id, &sha256),
             sha256,
         };
         store.blobs.put(&row.blob_key, body).await?;
-        if !store.db.anon_insert_round_model(&row, now_ms()).await? {
+        if !store
+            .db
+            .insert_round_artifact(ROUND_MODELS, &row, now_ms())
+            .await?
+        {
             // Closed meanwhile, or a concurrent retry stored first.
-            return match store.db.anon_round_model(round_id).await? {
+            return match store.db.round_artifact(ROUND_MODELS, round_id).await? {
                 Some(stored) => same_or_conflict(&stored, &row.sha256).map(|r| (r, false)),
                 None => Err(ApiError::RoundClosed(round_id)),
             };
         }
         tracing::info!(task = %task.id, round = round_id, "round model accepted");
-        Ok((receipt(&row), true))
+        Ok((row.receipt(), true))
     }
 }
 
-fn receipt(row: &RoundModelRow) -> ArtifactReceipt {
-    ArtifactReceipt {
-        id: row.round_id,
-        sha256: row.sha256.clone(),
-    }
-}
+/// Where a round's model is stored until the round commits it.
+const ROUND_MODELS: RoundArtifacts = RoundArtifacts::AnonRoundModels;
 
 /// A retry of a round's model: the same receipt for the same body, a conflict for another.
-fn same_or_conflict(stored: &RoundModelRow, sha256: &str) -> Result<ArtifactReceipt, ApiError> {
+fn same_or_conflict(stored: &ArtifactRow, sha256: &str) -> Result<ArtifactReceipt, ApiError> {
     if stored.sha256 == sha256 {
-        return Ok(receipt(stored));
+        return Ok(stored.receipt());
     }
     Err(ApiError::RoundModelConflict {
-        round: stored.round_id,
+        round: stored.id,
         stored: stored.sha256.clone(),
     })
 }
@@ -425,7 +424,7 @@ impl Strategy for AnonEmbeddings {
     }
 
     async fn round_full(&self, store: &Store, _task: &TaskRow, round: &RoundRow) -> Result<bool, ApiError> {
-        Ok(store.db.anon_round_model(round.id).await?.is_some())
+        Ok(store.db.round_artifact(ROUND_MODELS, round.id).await?.is_some())
     }
 
     async fn commits(
@@ -435,7 +434,7 @@ impl Strategy for AnonEmbeddings {
         round: &RoundRow,
         _accepted: usize,
     ) -> Result<bool, ApiError> {
-        Ok(store.db.anon_round_model(round.id).await?.is_some())
+        Ok(store.db.round_artifact(ROUND_MODELS, round.id).await?.is_some())
     }
 
     async fn commit(
@@ -448,7 +447,7 @@ impl Strategy for AnonEmbeddings {
     ) -> Result<CommitHold, ApiError> {
         let row = store
             .db
-            .anon_round_model(round.id)
+            .round_artifact(ROUND_MODELS, round.id)
             .await?
             .ok_or_else(|| ApiError::Internal(format!("round {} commits without its model", round.id)))?;
         let model = store.blobs.get(&row.blob_key).await?;

@@ -29,10 +29,9 @@ use fedhive_shared::{
     },
 };
 
-use self::db::ArtifactRow;
 use super::{
     interface::{AssignmentParts, CheckinClock, CommitHold, Strategy, Sums, async_trait, first_come},
-    worker,
+    worker::{self, ArtifactRow, RoundArtifacts},
 };
 use crate::{
     coordinator::check_tensor_specs,
@@ -67,17 +66,13 @@ fn control_key(task_id: &str, version: i64, sha256: &str) -> String {
     format!("dc_ccl/{task_id}/control/{version}-{sha256}.safetensors")
 }
 
-fn receipt(row: &ArtifactRow) -> ArtifactReceipt {
-    ArtifactReceipt {
-        id: row.id,
-        sha256: row.sha256.clone(),
-    }
-}
+/// Where a round's cloud contribution is stored.
+const CLOUD_UPDATES: RoundArtifacts = RoundArtifacts::DcCclCloudUpdates;
 
 /// A retry of a stored artefact: the same receipt for the same body, a conflict for another.
 fn same_or_conflict(stored: &ArtifactRow, sha256: &str) -> Result<ArtifactReceipt, ApiError> {
     if stored.sha256 == sha256 {
-        return Ok(receipt(stored));
+        return Ok(stored.receipt());
     }
     Err(ApiError::ConflictingRetry {
         stored: stored.sha256.clone(),
@@ -98,7 +93,7 @@ impl DcCcl {
     pub async fn cloud_status(&self, store: &Store, task: &TaskRow) -> Result<CloudStatus, ApiError> {
         let round = store.db.active_round(&task.id).await?;
         let cloud_submitted = match &round {
-            Some(r) => store.db.dc_ccl_cloud_update(r.id).await?.is_some(),
+            Some(r) => store.db.round_artifact(CLOUD_UPDATES, r.id).await?.is_some(),
             None => false,
         };
         let control_version = store.db.dc_ccl_control(&task.id, None).await?.map(|c| c.id);
@@ -131,7 +126,7 @@ impl DcCcl {
         body: Bytes,
     ) -> Result<(ArtifactReceipt, bool), ApiError> {
         let (round, sha256) = worker::artifact_round(store, task, round_id, &body).await?;
-        if let Some(stored) = store.db.dc_ccl_cloud_update(round_id).await? {
+        if let Some(stored) = store.db.round_artifact(CLOUD_UPDATES, round_id).await? {
             return same_or_conflict(&stored, &sha256).map(|r| (r, false));
         }
         worker::check_open(&round)?;
@@ -143,16 +138,20 @@ impl DcCcl {
             sha256,
         };
         store.blobs.put(&row.blob_key, body).await?;
-        if !store.db.dc_ccl_insert_cloud_update(&row, now_ms()).await? {
+        if !store
+            .db
+            .insert_round_artifact(CLOUD_UPDATES, &row, now_ms())
+            .await?
+        {
             // Closed meanwhile, or a concurrent retry stored first.
-            return match store.db.dc_ccl_cloud_update(round_id).await? {
+            return match store.db.round_artifact(CLOUD_UPDATES, round_id).await? {
                 Some(stored) => same_or_conflict(&stored, &row.sha256).map(|r| (r, false)),
                 None => Err(ApiError::RoundClosed(round_id)),
             };
         }
         tracing::info!(task = %task.id, round = round_id, "cloud contribution accepted");
         let full = round.accepted >= i64::from(task.config.devices_per_round);
-        Ok((receipt(&row), full))
+        Ok((row.receipt(), full))
     }
 
     /// Publishes control model `version` (the next one after the latest), once: a retry with the
@@ -193,7 +192,7 @@ impl DcCcl {
             return same_or_conflict(&stored.expect("the insert found this version"), &row.sha256);
         }
         tracing::info!(task = %task.id, version, "control model published");
-        Ok(receipt(&row))
+        Ok(row.receipt())
     }
 
     /// Control model `version` (the latest when `None`) and its bytes.
@@ -284,7 +283,7 @@ impl Strategy for DcCcl {
 
     async fn round_full(&self, store: &Store, task: &TaskRow, round: &RoundRow) -> Result<bool, ApiError> {
         Ok(round.accepted >= i64::from(task.config.devices_per_round)
-            && store.db.dc_ccl_cloud_update(round.id).await?.is_some())
+            && store.db.round_artifact(CLOUD_UPDATES, round.id).await?.is_some())
     }
 
     async fn commits(
@@ -299,7 +298,7 @@ impl Strategy for DcCcl {
         }
         Ok(match params(&task.config).1 {
             WithoutCloud::DevicesOnly => true,
-            WithoutCloud::Abandon => store.db.dc_ccl_cloud_update(round.id).await?.is_some(),
+            WithoutCloud::Abandon => store.db.round_artifact(CLOUD_UPDATES, round.id).await?.is_some(),
         })
     }
 
@@ -314,7 +313,7 @@ impl Strategy for DcCcl {
         let Some(Sums::Dense(devices)) = sums else {
             unreachable!("DC-CCL folds dense sums");
         };
-        let cloud = match store.db.dc_ccl_cloud_update(round.id).await? {
+        let cloud = match store.db.round_artifact(CLOUD_UPDATES, round.id).await? {
             Some(row) => Some(store.blobs.get(&row.blob_key).await?),
             None => None,
         };
