@@ -33,7 +33,7 @@ use rand_distr::{Distribution, StandardNormal, Uniform};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{self, ModelError};
-use crate::training::{Evaluation, TrainError, backend_err};
+use crate::training::{Evaluation, TrainError, backend_err, evaluate_in_batches};
 
 /// The model family's name in a task config.
 pub const MODEL_NAME: &str = "anon_mlp";
@@ -368,37 +368,11 @@ pub fn evaluate(
     samples: &Samples,
     device: &Device,
 ) -> Result<Evaluation, TrainError> {
-    if samples.is_empty() {
-        return Err(TrainError::EmptyDataset);
-    }
     let device = device.clone().without_autodiff();
     let model = AnonMlp::load(weights, shape, &device)?;
-    let criterion = CrossEntropyLossConfig::new().init(&device);
-    let all: Vec<usize> = (0..samples.len()).collect();
-    let (mut loss_sum, mut correct) = (0f64, 0i64);
-    for idx in all.chunks(crate::training::EVAL_BATCH) {
+    evaluate_in_batches(samples.len(), &device, |idx| {
         let (x, e, y) = samples_batch(samples, idx, &device);
-        let logits = model.forward(x, e);
-        let hits: i64 = logits
-            .clone()
-            .argmax(1)
-            .squeeze_dim::<1>(1)
-            .equal(y.clone())
-            .int()
-            .sum()
-            .try_into_scalar()
-            .map_err(backend_err)?;
-        let loss: f32 = criterion
-            .forward(logits, y)
-            .try_into_scalar()
-            .map_err(backend_err)?;
-        loss_sum += f64::from(loss) * idx.len() as f64;
-        correct += hits;
-    }
-    let n = samples.len() as f64;
-    Ok(Evaluation {
-        accuracy: (correct as f64 / n) as f32,
-        loss: (loss_sum / n) as f32,
+        Ok((model.forward(x, e), y))
     })
 }
 

@@ -22,8 +22,8 @@ use fedhive_shared::wire::TrainingParams;
 use crate::data::{Dataset, IMAGE_PIXELS};
 use crate::model::{self, Classifier, ModelKind, with_model};
 use crate::training::{
-    EVAL_BATCH, Evaluation, LocalUpdate, TrainError, backend_err, batch, check_dataset, check_params, fit,
-    local_update,
+    EVAL_BATCH, Evaluation, LocalUpdate, TrainError, backend_err, batch, check_dataset, check_params,
+    evaluate_in_batches, fit, local_update,
 };
 
 /// A model's family and weights.
@@ -185,32 +185,9 @@ fn eval_sum<A: Classifier, B: Classifier>(
 ) -> Result<Evaluation, TrainError> {
     let device = device.clone().without_autodiff();
     let (ma, mb): (A, B) = (a.load(&device)?, b.load(&device)?);
-    let criterion = CrossEntropyLossConfig::new().init(&device);
-    let all: Vec<usize> = (0..data.len()).collect();
-    let (mut loss_sum, mut correct) = (0.0f64, 0i64);
-    for idx in all.chunks(EVAL_BATCH) {
+    evaluate_in_batches(data.len(), &device, |idx| {
         let (x, y) = batch(data, idx, &device);
-        let logits = ma.forward(x.clone()) + mb.forward(x);
-        let right: i64 = logits
-            .clone()
-            .argmax(1)
-            .squeeze_dim::<1>(1)
-            .equal(y.clone())
-            .int()
-            .sum()
-            .try_into_scalar()
-            .map_err(backend_err)?;
-        let loss: f32 = criterion
-            .forward(logits, y)
-            .try_into_scalar()
-            .map_err(backend_err)?;
-        correct += right;
-        loss_sum += f64::from(loss) * idx.len() as f64;
-    }
-    let n = data.len() as f64;
-    Ok(Evaluation {
-        accuracy: (correct as f64 / n) as f32,
-        loss: (loss_sum / n) as f32,
+        Ok((ma.forward(x.clone()) + mb.forward(x), y))
     })
 }
 

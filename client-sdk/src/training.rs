@@ -138,6 +138,43 @@ pub(crate) fn check_dataset(data: &Dataset) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Accuracy and mean cross-entropy over samples `0..n`, [`EVAL_BATCH`] at a time: `batch(idx)`
+/// gives the logits and labels of the samples `idx` (on `device`, without autodiff).
+pub(crate) fn evaluate_in_batches(
+    n: usize,
+    device: &Device,
+    mut batch: impl FnMut(&[usize]) -> Result<(Tensor<2>, Tensor<1, Int>), TrainError>,
+) -> Result<Evaluation, TrainError> {
+    if n == 0 {
+        return Err(TrainError::EmptyDataset);
+    }
+    let criterion = CrossEntropyLossConfig::new().init(device);
+    let all: Vec<usize> = (0..n).collect();
+    let (mut loss_sum, mut correct) = (0f64, 0i64);
+    for idx in all.chunks(EVAL_BATCH) {
+        let (logits, y) = batch(idx)?;
+        let hits: i64 = logits
+            .clone()
+            .argmax(1)
+            .squeeze_dim::<1>(1)
+            .equal(y.clone())
+            .int()
+            .sum()
+            .try_into_scalar()
+            .map_err(backend_err)?;
+        let loss: f32 = criterion
+            .forward(logits, y)
+            .try_into_scalar()
+            .map_err(backend_err)?;
+        loss_sum += f64::from(loss) * idx.len() as f64;
+        correct += hits;
+    }
+    Ok(Evaluation {
+        accuracy: (correct as f64 / n as f64) as f32,
+        loss: (loss_sum / n as f64) as f32,
+    })
+}
+
 pub(crate) fn backend_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Backend(e.to_string())
 }
