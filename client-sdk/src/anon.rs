@@ -15,8 +15,7 @@
 //! spread of the users' means, and an unbounded mean would outgrow any `sigma`, and with it the
 //! noise that keeps the device's samples unlinkable.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -33,6 +32,8 @@ use rand_distr::{Distribution, StandardNormal, Uniform};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{self, ModelError};
+use crate::state;
+pub use crate::state::StateError;
 use crate::training::{Evaluation, TrainError, backend_err, evaluate_in_batches};
 
 /// The model family's name in a task config.
@@ -125,15 +126,6 @@ impl Examples {
     }
 }
 
-/// Why a device's stored embedding could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("device state {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("device state {path} is corrupt ({reason}); delete it to start a new embedding")]
-    Corrupt { path: PathBuf, reason: String },
-}
-
 /// A device's `q_u = N(mu, sigma^2 I)`: private state, never sent anywhere.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UserEmbedding {
@@ -164,46 +156,25 @@ impl UserEmbedding {
             .collect()
     }
 
-    /// The stored distribution at `path`, `None` when there is none yet.
+    /// The stored distribution at `path`, `None` when there is none yet. Keep it in the task's
+    /// private state ([`crate::state::DeviceState::private_dir`]).
     pub fn load(path: &Path) -> Result<Option<Self>, StateError> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Io {
-                    path: path.into(),
-                    source,
-                });
-            }
-        };
-        let corrupt = |reason: String| StateError::Corrupt {
-            path: path.into(),
-            reason,
-        };
-        let q: UserEmbedding = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if !(q.sigma.is_finite() && q.sigma >= 0.0) || q.mu.iter().any(|m| !m.is_finite()) {
-            return Err(corrupt("a non-finite or negative value".into()));
+        let q: Option<UserEmbedding> = state::read_json(path)?;
+        if let Some(q) = &q
+            && (!(q.sigma.is_finite() && q.sigma >= 0.0) || q.mu.iter().any(|m| !m.is_finite()))
+        {
+            return Err(StateError::Corrupt {
+                path: path.into(),
+                reason: "a non-finite or negative value".into(),
+            });
         }
-        Ok(Some(q))
+        Ok(q)
     }
 
-    /// Writes the distribution to `path` atomically (a temporary file, fsync, rename), so a
-    /// device killed mid-write keeps the previous one.
+    /// Writes the distribution to `path` atomically, so a device killed mid-write keeps the
+    /// previous one.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let io = |source| StateError::Io {
-            path: path.into(),
-            source,
-        };
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&serde_json::to_vec(self).expect("plain numbers serialise"))
-            .map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        Ok(())
+        state::write_json(path, self)
     }
 }
 

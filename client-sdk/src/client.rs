@@ -35,6 +35,8 @@ pub enum ClientError {
     Tls(#[from] fedhive_tls::TlsError),
     #[error("server sent a body that does not check: {0}")]
     Malformed(String),
+    #[error("the download is {bytes} bytes, over the {limit} allowed")]
+    TooLarge { bytes: u64, limit: u64 },
 }
 
 impl ClientError {
@@ -56,7 +58,7 @@ impl ClientError {
                     || body.error == "round_closing"
             }
             ClientError::Unexpected { status, .. } => status.is_server_error(),
-            ClientError::Tls(_) | ClientError::Malformed(_) => false,
+            ClientError::Tls(_) | ClientError::Malformed(_) | ClientError::TooLarge { .. } => false,
         }
     }
 }
@@ -226,11 +228,27 @@ impl FedhiveClient {
         task_id: &str,
         version: Option<i64>,
     ) -> Result<(i64, Bytes), ClientError> {
+        self.download_model_within(task_id, version, None).await
+    }
+
+    /// [`download_model`](Self::download_model), refused with [`ClientError::TooLarge`] before
+    /// its body is read when the server announces more than `max_bytes` (a metered network).
+    pub async fn download_model_within(
+        &self,
+        task_id: &str,
+        version: Option<i64>,
+        max_bytes: Option<u64>,
+    ) -> Result<(i64, Bytes), ClientError> {
         let path = match version {
             Some(v) => format!("/v1/tasks/{task_id}/model?version={v}"),
             None => format!("/v1/tasks/{task_id}/model"),
         };
         let resp = self.send(|| self.request(Method::GET, &path)).await?;
+        if let (Some(limit), Some(bytes)) = (max_bytes, resp.content_length())
+            && bytes > limit
+        {
+            return Err(ClientError::TooLarge { bytes, limit });
+        }
         let version = resp
             .headers()
             .get("fedhive-model-version")
@@ -325,10 +343,26 @@ impl FedhiveClient {
         task_id: &str,
         request: &RowsRequest,
     ) -> Result<(i64, Bytes), ClientError> {
+        self.download_submodel_within(task_id, request, None).await
+    }
+
+    /// [`download_submodel`](Self::download_submodel), refused with [`ClientError::TooLarge`]
+    /// before its body is read when the server announces more than `max_bytes`.
+    pub async fn download_submodel_within(
+        &self,
+        task_id: &str,
+        request: &RowsRequest,
+        max_bytes: Option<u64>,
+    ) -> Result<(i64, Bytes), ClientError> {
         let path = format!("/v1/tasks/{task_id}/submodel");
         let resp = self
             .send(|| self.request(Method::POST, &path).json(request))
             .await?;
+        if let (Some(limit), Some(bytes)) = (max_bytes, resp.content_length())
+            && bytes > limit
+        {
+            return Err(ClientError::TooLarge { bytes, limit });
+        }
         let version = resp
             .headers()
             .get("fedhive-model-version")

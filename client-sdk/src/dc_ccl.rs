@@ -15,7 +15,7 @@
 use burn::module::{ModuleMapper, Param};
 use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
 use burn::optim::{AdamConfig, SgdConfig};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedhive_shared::NamedTensors;
 use fedhive_shared::wire::TrainingParams;
 
@@ -58,7 +58,7 @@ pub fn train_co_model(
     check_params(params)?;
     let (after, loss) = with_model!(co.kind, S => with_model!(control.kind, M =>
         train_beside::<S, M>(co, control, Objective::CoModel, device, data, params, seed)?));
-    local_update(after, co.tensors, data, loss)
+    local_update(after, co.tensors, data.len(), loss)
 }
 
 /// Step 2: distils `student` (`F_m`, from these initial weights) from frozen `teacher` (`F_c`) on
@@ -156,13 +156,14 @@ fn train_beside<S: Classifier, F: Classifier>(
         Objective::CoModel | Objective::Head => SgdConfig::new().init(),
         Objective::Distil => AdamConfig::new().init(),
     };
-    let (model, loss) = fit(model, optim, &device, data, params, seed, |s, x, y| {
+    let loss_of = |s: &S, (x, y): (Tensor<2>, Tensor<1, Int>)| {
         let fixed = frozen.forward(x.clone()).detach();
         match objective {
             Objective::CoModel | Objective::Head => criterion.forward(fixed + s.forward(x), y),
             Objective::Distil => MseLoss::new().forward(s.forward(x), fixed, Reduction::Mean),
         }
-    })?;
+    };
+    let (model, loss) = fit(model, optim, &device, data, params, seed, loss_of, &mut |_| true)?;
     Ok((model::read(&model)?, loss))
 }
 

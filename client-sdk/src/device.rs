@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use bytes::Bytes;
 use fedhive_shared::{
     NamedTensors, fedlaavg,
-    wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport, UpdateEncoding},
+    wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport},
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
     client::{ClientError, FedhiveClient},
     data::Dataset,
     dc_ccl::{self, Weights},
-    local_work::LocalWork,
+    local_work::{LocalWork, encode_update},
     model::ModelKind,
     training::{self, TrainError},
 };
@@ -274,13 +274,7 @@ impl Device {
                 (body, update.num_samples, update.loss)
             }
         };
-        let body = Bytes::from(match a.encoding {
-            UpdateEncoding::F32 => body.encode(),
-            UpdateEncoding::Int8 => {
-                let mut rng = rand::rng();
-                fedhive_shared::int8::encode(&body, || rand::Rng::random::<f32>(&mut rng))
-            }
-        });
+        let body = Bytes::from(encode_update(&body, a.encoding));
         self.traffic.uploaded += body.len() as u64;
         let credentials = self.credentials.as_ref();
         self.client

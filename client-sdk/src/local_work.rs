@@ -4,7 +4,8 @@
 //! [`fedhive_shared::fedlaavg`]). FedSubAvg's submodel rounds have their own loop
 //! ([`crate::submodel_device`]): they download and upload rows, not a model.
 
-use fedhive_shared::wire::{Assignment, UploadKind};
+use fedhive_shared::NamedTensors;
+use fedhive_shared::wire::{Assignment, UpdateEncoding, UploadKind};
 
 /// One round's local work.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +48,18 @@ impl LocalWork {
         match a.upload {
             UploadKind::Delta => LocalWork::Delta,
             UploadKind::GradientSum => LocalWork::GradientSum,
+        }
+    }
+}
+
+/// An update's body in the task's encoding (int8: stochastic rounding, so its mean is the f32
+/// update's).
+pub fn encode_update(update: &NamedTensors, encoding: UpdateEncoding) -> Vec<u8> {
+    match encoding {
+        UpdateEncoding::F32 => update.encode(),
+        UpdateEncoding::Int8 => {
+            let mut rng = rand::rng();
+            fedhive_shared::int8::encode(update, || rand::Rng::random::<f32>(&mut rng))
         }
     }
 }

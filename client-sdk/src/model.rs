@@ -9,12 +9,13 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig};
+use burn::store::{ModuleSnapshot, burn_pack::Tensor as PackTensor};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Bytes, DType, Device, Tensor};
 use fedhive_shared::{NamedTensors, TensorError, TensorSpec};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -89,6 +90,8 @@ pub enum ModelError {
     },
     #[error("cannot read tensor `{name}` back from the device: {message}")]
     Readback { name: String, message: String },
+    #[error("cannot load the weights into the module: {0}")]
+    Apply(String),
 }
 
 /// Every tensor of `kind` with its shape and fan-in (which sets its initialisation range).
@@ -181,8 +184,21 @@ pub(crate) trait Classifier: Module + Sized {
     fn forward(&self, images: Tensor<2>) -> Tensor<2>;
 }
 
+/// The built-in classifiers as modules, for an app that trains one of them through a
+/// [`crate::session::Session`] (e.g. the bindings): `Mlp::new(&device)`.
+macro_rules! classifiers_are_constructible {
+    ($($model:ty),*) => {$(
+        impl $model {
+            pub fn new(device: &Device) -> Self {
+                <$model as Classifier>::init(device)
+            }
+        }
+    )*};
+}
+classifiers_are_constructible!(Mlp, MlpSmall, Cnn, CnnLarge);
+
 #[derive(Module, Debug)]
-pub(crate) struct Mlp {
+pub struct Mlp {
     fc1: Linear,
     fc2: Linear,
 }
@@ -201,7 +217,7 @@ impl Classifier for Mlp {
 }
 
 #[derive(Module, Debug)]
-pub(crate) struct MlpSmall {
+pub struct MlpSmall {
     fc1: Linear,
     fc2: Linear,
 }
@@ -220,7 +236,7 @@ impl Classifier for MlpSmall {
 }
 
 #[derive(Module, Debug)]
-pub(crate) struct CnnLarge {
+pub struct CnnLarge {
     conv1: Conv2d,
     conv2: Conv2d,
     pool: MaxPool2d,
@@ -275,7 +291,7 @@ macro_rules! with_model {
 pub(crate) use with_model;
 
 #[derive(Module, Debug)]
-pub(crate) struct Cnn {
+pub struct Cnn {
     conv1: Conv2d,
     conv2: Conv2d,
     pool: MaxPool2d,
@@ -311,9 +327,12 @@ pub(crate) fn load<M: Classifier>(
 }
 
 /// [`load`] for a module built by the caller (with burn's lazy initialisation, so its own
-/// weights are never materialised): every float parameter becomes the tensor of its path.
-pub(crate) fn load_into<M: Module>(
-    module: M,
+/// weights are never materialised): every float parameter becomes the tensor of its path, through
+/// burn's store. `specs` is what the caller expects (a task's tensors, or a model's table); the
+/// weights must match it exactly, and the module's own parameters must match the weights (name,
+/// shape: checked by the store before any value moves).
+pub fn load_into<M: Module>(
+    mut module: M,
     weights: &NamedTensors,
     specs: &[TensorSpec],
 ) -> Result<M, ModelError> {
@@ -329,96 +348,66 @@ pub(crate) fn load_into<M: Module>(
             });
         }
     }
-    let mut loader = Loader {
-        path: Vec::new(),
-        weights,
-        missing: None,
-    };
-    let module = module.map(&mut loader);
-    match loader.missing {
-        // Only reachable if `specs` disagrees with the module, which a unit test rules out.
-        Some(name) => Err(ModelError::Weights(TensorError::MissingTensor(name))),
-        None => Ok(module),
+    // The module against the weights: a parameter the weights lack, or one they hold that the
+    // module does not have, is refused here (the store would skip both silently).
+    weights.check(&specs_of(&module), f32::INFINITY)?;
+    let tensors = weights
+        .0
+        .iter()
+        .map(|(name, t)| {
+            PackTensor::new(
+                name.clone(),
+                DType::F32,
+                t.shape.clone(),
+                None,
+                Bytes::from_elems(t.data.clone()),
+            )
+        })
+        .collect();
+    let result = module.apply(tensors, None, None, false);
+    if let Some(error) = result.errors.first() {
+        return Err(ModelError::Apply(error.to_string()));
     }
+    Ok(module)
 }
 
-/// Reads every float parameter of `module` back to the host, keyed by its dotted path.
-pub(crate) fn read<M: Module>(module: &M) -> Result<NamedTensors, ModelError> {
-    let mut reader = Reader {
-        path: Vec::new(),
-        out: BTreeMap::new(),
-        error: None,
-    };
-    module.visit(&mut reader);
-    match reader.error {
-        Some(e) => Err(e),
-        None => Ok(NamedTensors(reader.out)),
-    }
+/// Names and shapes of every parameter of `module`, in name order; no value is read.
+pub fn specs_of<M: Module>(module: &M) -> Vec<TensorSpec> {
+    let mut specs: Vec<TensorSpec> = module
+        .collect(None, None, false)
+        .into_iter()
+        .map(|t| TensorSpec {
+            shape: t.shape.to_vec(),
+            name: t.name,
+        })
+        .collect();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    specs
 }
 
-/// Replaces each float parameter by the tensor of the same dotted path. burn 0.22's traversal
-/// reports only module boundaries, so the path is tracked here.
-struct Loader<'a> {
-    path: Vec<String>,
-    weights: &'a NamedTensors,
-    missing: Option<String>,
-}
-
-impl ModuleMapper for Loader<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let name = self.path.join(".");
-        let Some(t) = self.weights.0.get(&name) else {
-            self.missing.get_or_insert(name);
-            return param;
-        };
-        let data = TensorData::new(t.data.clone(), t.shape.clone());
-        let tensor = Tensor::<D>::from_data(data, &param.lazy_device());
-        let id = param.id;
-        // Keeps the parameter's id, device and gradient requirement; the lazy initialiser never runs.
-        param.transform_for_load(tensor, id)
-    }
-}
-
-struct Reader {
-    path: Vec<String>,
-    out: BTreeMap<String, fedhive_shared::Tensor>,
-    error: Option<ModelError>,
-}
-
-impl ModuleVisitor for Reader {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let name = self.path.join(".");
-        let tensor = param.val();
-        let shape = tensor.dims().to_vec();
-        let data = tensor
-            .try_into_data_as::<f32>()
-            .map_err(|e| e.to_string())
-            .and_then(|d| d.try_into_vec::<f32>().map_err(|e| format!("{e:?}")));
-        match data {
-            Ok(data) => {
-                self.out.insert(name, fedhive_shared::Tensor { shape, data });
-            }
-            Err(message) => {
-                self.error.get_or_insert(ModelError::Readback { name, message });
-            }
+/// Reads every parameter of `module` back to the host, keyed by its dotted path (burn's store).
+pub fn read<M: Module>(module: &M) -> Result<NamedTensors, ModelError> {
+    let mut out = BTreeMap::new();
+    for t in module.collect(None, None, false) {
+        if t.dtype != DType::F32 {
+            return Err(ModelError::Readback {
+                message: format!("its dtype is {:?}; tasks exchange f32 tensors", t.dtype),
+                name: t.name,
+            });
         }
+        let shape = t.shape.to_vec();
+        let name = t.name.clone();
+        let bytes = t.into_bytes().map_err(|e| ModelError::Readback {
+            name: name.clone(),
+            message: e.to_string(),
+        })?;
+        let data = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes")))
+            .collect();
+        out.insert(name, fedhive_shared::Tensor { shape, data });
     }
+    Ok(NamedTensors(out))
 }
 
 #[cfg(all(test, feature = "flex"))]

@@ -16,6 +16,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::data::{Dataset, IMAGE_PIXELS};
+use crate::federated::{FederatedModel, LocalData};
 use crate::model::{self, Classifier, ModelError, ModelKind, with_model};
 
 /// Samples per forward pass in [`evaluate`] (bounded memory, few dispatches).
@@ -53,6 +54,8 @@ pub enum TrainError {
     Backend(String),
     #[error("training diverged: the update of `{0}` is not finite (lower the learning rate)")]
     Diverged(String),
+    #[error("training was cancelled")]
+    Cancelled,
 }
 
 /// Runs FedAvg's local step: `local_epochs` epochs of plain SGD with cross-entropy over
@@ -69,16 +72,59 @@ pub fn train_local(
     seed: u64,
 ) -> Result<LocalUpdate, TrainError> {
     check_dataset(data)?;
+    with_model!(kind, M => train_model(M::init, device, global, data, params, seed, &mut |_| true))
+}
+
+/// FedAvg's local step (as [`train_local`]) for any [`FederatedModel`]: `init` builds the module on
+/// the training device (lazily initialised: the round's weights replace every parameter, after
+/// their names and shapes are checked against the module), `data` gives its batches, and
+/// `on_step` hears of every step and stops training by returning `false`
+/// ([`TrainError::Cancelled`]).
+pub fn train_model<M, D>(
+    init: impl FnOnce(&Device) -> M,
+    device: &Device,
+    global: &NamedTensors,
+    data: &D,
+    params: &TrainingParams,
+    seed: u64,
+    on_step: &mut dyn FnMut(StepProgress) -> bool,
+) -> Result<LocalUpdate, TrainError>
+where
+    M: FederatedModel,
+    D: LocalData<Batch = M::Batch>,
+{
     check_params(params)?;
-    let (after, loss) = with_model!(kind, M => run_sgd::<M>(kind, device, global, data, params, seed)?);
-    local_update(after, global, data, loss)
+    if data.num_samples() == 0 {
+        return Err(TrainError::EmptyDataset);
+    }
+    let device = device.clone().autodiff();
+    let model = model::load_into(init(&device), global, &global.specs())?;
+    let (model, loss) = fit(
+        model,
+        SgdConfig::new().init(),
+        &device,
+        data,
+        params,
+        seed,
+        |m, batch| m.loss(batch),
+        on_step,
+    )?;
+    local_update(model::read(&model)?, global, data.num_samples(), loss)
+}
+
+/// How far a local step is, after each optimiser step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepProgress {
+    pub step: usize,
+    /// Steps the local step runs in all (`local_epochs` epochs, cut at `max_local_steps`).
+    pub total_steps: usize,
 }
 
 /// The update of weights trained from `global` on `data`, refused if training diverged.
 pub(crate) fn local_update(
     after: NamedTensors,
     global: &NamedTensors,
-    data: &Dataset,
+    num_samples: usize,
     loss: f32,
 ) -> Result<LocalUpdate, TrainError> {
     let delta = after.sub(global);
@@ -91,7 +137,7 @@ pub(crate) fn local_update(
     }
     Ok(LocalUpdate {
         delta,
-        num_samples: data.len() as u64,
+        num_samples: num_samples as u64,
         loss,
     })
 }
@@ -193,49 +239,34 @@ pub(crate) fn batch(data: &Dataset, idx: &[usize], device: &Device) -> (Tensor<2
     )
 }
 
-/// Trains from `global`, returning the weights after training and the last epoch's mean loss.
-fn run_sgd<M: Classifier>(
-    kind: ModelKind,
-    device: &Device,
-    global: &NamedTensors,
-    data: &Dataset,
-    params: &TrainingParams,
-    seed: u64,
-) -> Result<(NamedTensors, f32), TrainError> {
-    let device = device.clone().autodiff();
-    let model: M = model::load(global, &model::tensor_specs(kind), &device)?;
-    let criterion = CrossEntropyLossConfig::new().init(&device);
-    let model = fit(
-        model,
-        SgdConfig::new().init(),
-        &device,
-        data,
-        params,
-        seed,
-        |m, x, y| criterion.forward(m.forward(x), y),
-    )?;
-    Ok((model::read(&model.0)?, model.1))
-}
-
 /// The training loop every local step shares: `local_epochs` epochs over minibatches of
 /// `batch_size` reshuffled each epoch with `seed`, at most `max_local_steps` steps when non-zero,
-/// minimising `loss(model, images, labels)` with `optim` at `learning_rate`. Returns the trained
-/// module and the last epoch's mean loss. `device` must have autodiff.
-pub(crate) fn fit<M: Module>(
+/// minimising `loss(model, batch)` with `optim` at `learning_rate`. `on_step` hears of each step
+/// and stops the loop by returning `false`. Returns the trained module and the last epoch's mean
+/// loss. `device` must have autodiff.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fit<M: Module, D: LocalData>(
     mut model: M,
     mut optim: ModuleOptimizer,
     device: &Device,
-    data: &Dataset,
+    data: &D,
     params: &TrainingParams,
     seed: u64,
-    loss: impl Fn(&M, Tensor<2>, Tensor<1, Int>) -> Tensor<1>,
+    loss: impl Fn(&M, D::Batch) -> Tensor<1>,
+    on_step: &mut dyn FnMut(StepProgress) -> bool,
 ) -> Result<(M, f32), TrainError> {
     let lr = f64::from(params.learning_rate);
     let batch_size = params.batch_size as usize;
     let max_steps = params.max_local_steps as usize;
+    let n = data.num_samples();
+    let per_epoch = n.div_ceil(batch_size);
+    let mut total_steps = per_epoch * params.local_epochs as usize;
+    if max_steps > 0 {
+        total_steps = total_steps.min(max_steps);
+    }
 
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut order: Vec<usize> = (0..n).collect();
     let mut steps = 0usize;
     let mut last_epoch_loss = f32::NAN;
     'epochs: for _ in 0..params.local_epochs {
@@ -245,8 +276,7 @@ pub(crate) fn fit<M: Module>(
         let mut loss_sum: Option<Tensor<1>> = None;
         let mut seen = 0usize;
         for idx in order.chunks(batch_size) {
-            let (x, y) = batch(data, idx, device);
-            let loss = loss(&model, x, y);
+            let loss = loss(&model, data.batch(idx, device));
             // In units of full batches; only a short last batch pays for the rescaling op.
             let mut weighted = loss.clone().detach().inner();
             if idx.len() != batch_size {
@@ -260,6 +290,12 @@ pub(crate) fn fit<M: Module>(
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
             steps += 1;
+            if !on_step(StepProgress {
+                step: steps,
+                total_steps,
+            }) {
+                return Err(TrainError::Cancelled);
+            }
             if max_steps > 0 && steps >= max_steps {
                 last_epoch_loss = epoch_mean(loss_sum, seen, batch_size)?;
                 break 'epochs;
