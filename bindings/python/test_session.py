@@ -5,7 +5,7 @@ MLP and train until it finishes (2 rounds of 2 devices). Device 0 cancels its fi
 progress callback and resumes it on the next call. Then the server's rounds are checked over HTTP:
 every round committed with both updates, each counted once.
 
-Run by the end-to-end test `tests/tests/python_binding.rs` (which generates `fedhive_ffi.py` from the
+Run by the end-to-end test `tests/tests/bindings.rs` (which generates `fedhive_ffi.py` from the
 built library and starts the server); exits non-zero on any failure.
 """
 

@@ -11,7 +11,8 @@
 //! Generate the foreign code from the built library:
 //! `cargo run -p fedhive-ffi --bin uniffi-bindgen -- generate --library <libfedhive_ffi.so>
 //! --language python|kotlin|swift --out-dir <dir>`, or [`generate_bindings`] from Rust (the
-//! end-to-end test `tests/tests/python_binding.rs` does, then runs `bindings/python/test_session.py`).
+//! end-to-end test `tests/tests/bindings.rs` does, then runs `bindings/python/test_session.py` and
+//! `bindings/kotlin/TestSession.kt`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
