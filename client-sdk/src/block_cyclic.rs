@@ -54,8 +54,7 @@ pub struct McStart<'a> {
 }
 
 /// Trains from `start.x` and from `start.chain` on `data`, and measures both trained models' loss
-/// there. Losses above the upload's value limit (a diverged model) are reported as that limit, which
-/// still ranks them last.
+/// there ([`mc_body`]).
 pub fn train_mc(
     kind: ModelKind,
     device: &Device,
@@ -77,8 +76,26 @@ pub fn train_mc(
     let on_chain = train_local(kind, device, chain, data, &chain_params, seed)?;
     let loss_x = evaluate(kind, device, &x.add(&on_x.delta), data)?.loss;
     let loss_chain = evaluate(kind, device, &chain.add(&on_chain.delta), data)?.loss;
-    let mut body = on_x.delta;
-    put_prefixed(&mut body, CHAIN_PREFIX, on_chain.delta);
+    Ok(McUpdate {
+        body: mc_body(on_x.delta, on_chain.delta, loss_x, loss_chain),
+        num_samples: on_x.num_samples,
+        loss_x,
+        loss_chain,
+        train_loss: on_x.loss,
+    })
+}
+
+/// The upload body of an MC-PSGD round: the update of `x`, the update of `y_m` under
+/// `chain/<name>`, and the two trained models' losses as `[1]` tensors. Losses above the upload's
+/// value limit (a diverged model) are reported as that limit, which still ranks them last.
+pub fn mc_body(
+    delta_x: NamedTensors,
+    delta_chain: NamedTensors,
+    loss_x: f32,
+    loss_chain: f32,
+) -> NamedTensors {
+    let mut body = delta_x;
+    put_prefixed(&mut body, CHAIN_PREFIX, delta_chain);
     for (name, loss) in [(LOSS_X, loss_x), (LOSS_CHAIN, loss_chain)] {
         let reported = if loss.is_finite() {
             loss.min(DELTA_LIMIT)
@@ -93,11 +110,5 @@ pub fn train_mc(
             },
         );
     }
-    Ok(McUpdate {
-        body,
-        num_samples: on_x.num_samples,
-        loss_x,
-        loss_chain,
-        train_loss: on_x.loss,
-    })
+    body
 }

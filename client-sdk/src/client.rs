@@ -510,10 +510,27 @@ impl FedhiveClient {
         block: &str,
         version: i64,
     ) -> Result<Bytes, ClientError> {
+        self.download_chain_within(task_id, block, version, None).await
+    }
+
+    /// [`FedhiveClient::download_chain`], refused with [`ClientError::TooLarge`] before the body
+    /// is read when the server announces more than `max_bytes`.
+    pub async fn download_chain_within(
+        &self,
+        task_id: &str,
+        block: &str,
+        version: i64,
+        max_bytes: Option<u64>,
+    ) -> Result<Bytes, ClientError> {
         let path = format!("/v1/tasks/{task_id}/blocks/{block}/chain");
         let resp = self
             .send(|| self.request(Method::GET, &path).query(&[("version", version)]))
             .await?;
+        if let (Some(limit), Some(bytes)) = (max_bytes, resp.content_length())
+            && bytes > limit
+        {
+            return Err(ClientError::TooLarge { bytes, limit });
+        }
         Ok(resp.bytes().await?)
     }
 

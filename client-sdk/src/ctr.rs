@@ -9,14 +9,14 @@
 //! Features", NeurIPS 2022; rule in `ALGORITHMS.md`): a device only ever needs the rows `R_i` its
 //! data touches. burn's
 //! embeddings get dense gradients, so the device builds a *local* table of just those rows (feature
-//! ids remapped to local indices `0..|R_i|`) and trains it with plain SGD; its update is the change
-//! of those rows plus the change of the dense tensors ([`SparseTensors`]).
+//! ids remapped to local indices `0..|R_i|`, [`crate::submodel`]) and trains [`CtrNet`] with the
+//! SDK's local step like any app's model; its update is the change of those rows plus the change
+//! of the dense tensors ([`SparseTensors`]).
 
 use std::collections::{BTreeMap, HashMap};
 
-use burn::module::{Module, Param};
-use burn::nn::Linear;
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedhive_shared::sparse::{SparseRows, SparseTensors};
@@ -24,11 +24,11 @@ use fedhive_shared::wire::TrainingParams;
 use fedhive_shared::{NamedTensors, TensorSpec};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Uniform};
 
-use crate::model::ModelError;
-use crate::training::TrainError;
+use crate::federated::{FederatedModel, LocalData};
+use crate::training::{self, TrainError};
+use crate::{model, submodel};
 
 /// Name of the model family in a task config.
 pub const CTR_MODEL: &str = "ctr";
@@ -139,22 +139,115 @@ pub struct SparseLocalUpdate {
     pub loss: f32,
 }
 
+/// The CTR network with a local table: row `k` of `emb.weight` is feature `R_i[k]` of the
+/// submodel (ids ascending). It takes part in training as any app's model does
+/// ([`FederatedModel`], [`crate::submodel`]).
 #[derive(Module, Debug)]
-struct CtrNet {
-    /// The local table: row `k` is feature `ids[k]` of the submodel.
-    emb: Param<Tensor<2>>,
+pub struct CtrNet {
+    emb: Embedding,
     fc1: Linear,
     fc2: Linear,
 }
 
 impl CtrNet {
-    /// Logits `[batch]` of samples given as local row indices `[batch * fields]`.
-    fn forward(&self, local: Tensor<1, Int>, batch: usize) -> Tensor<1> {
-        let [_, dim] = self.emb.val().dims();
-        let fields = local.dims()[0] / batch;
-        let x = self.emb.val().select(0, local).reshape([batch, fields * dim]);
+    /// A network with a local table of `rows` rows for samples of `fields` features.
+    pub fn new(rows: usize, fields: usize, dim: usize, hidden: usize, device: &Device) -> Self {
+        CtrNet {
+            emb: EmbeddingConfig::new(rows, dim).init(device),
+            fc1: LinearConfig::new(fields * dim, hidden).init(device),
+            fc2: LinearConfig::new(hidden, 1).init(device),
+        }
+    }
+
+    /// `(rows, dim, hidden)` of the submodel's table and first layer.
+    fn sizes(sub: &SparseTensors) -> Result<(usize, usize, usize), TrainError> {
+        let table = sub
+            .tables
+            .get(TABLE)
+            .ok_or_else(|| TrainError::InvalidParams(format!("the submodel carries no `{TABLE}` rows")))?;
+        let hidden = sub.dense.0.get("fc1.bias").map_or(0, |t| t.data.len());
+        Ok((table.len(), table.width, hidden))
+    }
+
+    /// The network for the submodel `sub` and samples of `fields` features, with its weights.
+    fn of(sub: &SparseTensors, fields: usize, device: &Device) -> Result<CtrNet, TrainError> {
+        let (rows, dim, hidden) = CtrNet::sizes(sub)?;
+        let weights = submodel::local_weights(sub);
+        let net = CtrNet::new(rows, fields, dim, hidden, device);
+        Ok(model::load_into(net, &weights, &weights.specs())?)
+    }
+
+    /// Logits `[batch]` of samples given as local row indices `[batch, fields]`.
+    fn forward(&self, local: Tensor<2, Int>) -> Tensor<1> {
+        let [batch, fields] = local.dims();
+        let [_, dim] = self.emb.weight.val().dims();
+        let x = self
+            .emb
+            .weight
+            .val()
+            .select(0, local.reshape([batch * fields]))
+            .reshape([batch, fields * dim]);
         let z = self.fc2.forward(relu(self.fc1.forward(x)));
         z.reshape([batch])
+    }
+}
+
+/// Local row indices `[batch, fields]` and 0/1 labels `[batch]`.
+pub type CtrBatch = (Tensor<2, Int>, Tensor<1>);
+
+impl FederatedModel for CtrNet {
+    type Batch = CtrBatch;
+
+    fn loss(&self, (local, labels): CtrBatch) -> Tensor<1> {
+        logistic(self.forward(local), labels).mean()
+    }
+}
+
+/// A device's samples with their features as rows of its local table.
+struct LocalSamples<'a> {
+    data: &'a CtrData,
+    /// Local row of every feature of `data`, sample-major.
+    local: Vec<i64>,
+}
+
+impl<'a> LocalSamples<'a> {
+    /// Fails if a feature of `data` is not a row of `sub`.
+    fn new(data: &'a CtrData, sub: &SparseTensors) -> Result<Self, TrainError> {
+        let mut ids = sub.tables.get(TABLE).map(|r| r.ids.clone()).unwrap_or_default();
+        ids.sort_unstable();
+        let index: HashMap<u64, i64> = ids.iter().enumerate().map(|(k, &id)| (id, k as i64)).collect();
+        let local = data
+            .features
+            .iter()
+            .map(|id| {
+                index.get(id).copied().ok_or_else(|| {
+                    TrainError::InvalidParams(format!("feature {id} is not a row of the submodel"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(LocalSamples { data, local })
+    }
+}
+
+impl LocalData for LocalSamples<'_> {
+    type Batch = CtrBatch;
+
+    fn num_samples(&self) -> usize {
+        self.data.len()
+    }
+
+    fn batch(&self, idx: &[usize], device: &Device) -> CtrBatch {
+        let f = self.data.fields;
+        let mut ids = Vec::with_capacity(idx.len() * f);
+        let mut labels = Vec::with_capacity(idx.len());
+        for &i in idx {
+            ids.extend_from_slice(&self.local[i * f..(i + 1) * f]);
+            labels.push(self.data.labels[i]);
+        }
+        (
+            Tensor::from_data(TensorData::new(ids, [idx.len(), f]), device),
+            Tensor::from_data(TensorData::new(labels, [idx.len()]), device),
+        )
     }
 }
 
@@ -163,105 +256,6 @@ fn logistic(z: Tensor<1>, y: Tensor<1>) -> Tensor<1> {
     let pos = log_sigmoid(z.clone()) * y.clone();
     let neg = log_sigmoid(z.neg()) * y.neg().add_scalar(1.0);
     (pos + neg).neg()
-}
-
-fn tensor<const D: usize>(t: &fedhive_shared::Tensor, device: &Device) -> Result<Tensor<D>, ModelError> {
-    let expected: usize = t.shape.iter().product();
-    if t.data.len() != expected || t.shape.len() != D {
-        return Err(ModelError::DataLength {
-            name: "tensor".into(),
-            shape: t.shape.clone(),
-            expected,
-            found: t.data.len(),
-        });
-    }
-    Ok(Tensor::from_data(
-        TensorData::new(t.data.clone(), t.shape.clone()),
-        device,
-    ))
-}
-
-fn dense<'a>(sub: &'a SparseTensors, name: &str) -> Result<&'a fedhive_shared::Tensor, TrainError> {
-    sub.dense.0.get(name).ok_or_else(|| {
-        TrainError::Model(ModelError::Weights(fedhive_shared::TensorError::MissingTensor(
-            name.into(),
-        )))
-    })
-}
-
-/// Builds the network from a submodel (dense tensors and the table rows it carries).
-fn build(sub: &SparseTensors, device: &Device) -> Result<(CtrNet, Vec<u64>), TrainError> {
-    let rows = sub
-        .tables
-        .get(TABLE)
-        .ok_or_else(|| TrainError::InvalidParams(format!("the submodel carries no `{TABLE}` rows")))?;
-    let emb = Tensor::from_data(
-        TensorData::new(rows.values.clone(), [rows.len(), rows.width]),
-        device,
-    );
-    let linear = |prefix: &str| -> Result<Linear, TrainError> {
-        let w = tensor::<2>(dense(sub, &format!("{prefix}.weight"))?, device)?;
-        let b = tensor::<1>(dense(sub, &format!("{prefix}.bias"))?, device)?;
-        Ok(Linear {
-            weight: Param::from_tensor(w),
-            bias: Some(Param::from_tensor(b)),
-        })
-    };
-    let net = CtrNet {
-        emb: Param::from_tensor(emb),
-        fc1: linear("fc1")?,
-        fc2: linear("fc2")?,
-    };
-    Ok((net, rows.ids.clone()))
-}
-
-fn to_vec<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<f32>), TrainError> {
-    let shape = t.dims().to_vec();
-    let data = t
-        .try_into_data_as::<f32>()
-        .map_err(|e| TrainError::Backend(e.to_string()))?
-        .try_into_vec::<f32>()
-        .map_err(|e| TrainError::Backend(format!("{e:?}")))?;
-    Ok((shape, data))
-}
-
-/// The network's weights as a submodel (same ids as it was built from).
-fn read(net: &CtrNet, ids: &[u64]) -> Result<SparseTensors, TrainError> {
-    let mut out = SparseTensors::default();
-    let (_, values) = to_vec(net.emb.val())?;
-    out.tables.insert(
-        TABLE.to_string(),
-        SparseRows {
-            ids: ids.to_vec(),
-            width: values.len() / ids.len().max(1),
-            values,
-        },
-    );
-    for (prefix, layer) in [("fc1", &net.fc1), ("fc2", &net.fc2)] {
-        let (shape, data) = to_vec(layer.weight.val())?;
-        out.dense
-            .0
-            .insert(format!("{prefix}.weight"), fedhive_shared::Tensor { shape, data });
-        let bias = layer.bias.as_ref().expect("built with a bias");
-        let (shape, data) = to_vec(bias.val())?;
-        out.dense
-            .0
-            .insert(format!("{prefix}.bias"), fedhive_shared::Tensor { shape, data });
-    }
-    Ok(out)
-}
-
-/// Local row index of every feature of `data` (all must be rows of the submodel).
-fn local_indices(data: &CtrData, ids: &[u64]) -> Result<Vec<i64>, TrainError> {
-    let index: HashMap<u64, i64> = ids.iter().enumerate().map(|(k, &id)| (id, k as i64)).collect();
-    data.features
-        .iter()
-        .map(|id| {
-            index.get(id).copied().ok_or_else(|| {
-                TrainError::InvalidParams(format!("feature {id} is not a row of the submodel"))
-            })
-        })
-        .collect()
 }
 
 fn check(data: &CtrData) -> Result<(), TrainError> {
@@ -279,27 +273,8 @@ fn check(data: &CtrData) -> Result<(), TrainError> {
     Ok(())
 }
 
-fn batch_tensors(
-    local: &[i64],
-    data: &CtrData,
-    idx: &[usize],
-    device: &Device,
-) -> (Tensor<1, Int>, Tensor<1>) {
-    let f = data.fields;
-    let mut ids = Vec::with_capacity(idx.len() * f);
-    let mut labels = Vec::with_capacity(idx.len());
-    for &i in idx {
-        ids.extend_from_slice(&local[i * f..(i + 1) * f]);
-        labels.push(data.labels[i]);
-    }
-    (
-        Tensor::from_data(TensorData::new(ids, [idx.len() * f]), device),
-        Tensor::from_data(TensorData::new(labels, [idx.len()]), device),
-    )
-}
-
-/// Trains the submodel `sub` (dense tensors + the table rows of the device's features) with plain
-/// minibatch SGD on the logistic loss, as [`crate::training::train_local`] does for images, and
+/// Trains the submodel `sub` (dense tensors + the table rows of the device's features) with the
+/// SDK's local step ([`training::train_model`], as for any app's model) on the logistic loss, and
 /// returns the change of every tensor and row.
 pub fn train_local_sparse(
     device: &Device,
@@ -309,84 +284,17 @@ pub fn train_local_sparse(
     seed: u64,
 ) -> Result<SparseLocalUpdate, TrainError> {
     check(data)?;
-    if params.batch_size == 0
-        || params.local_epochs == 0
-        || !(params.learning_rate.is_finite() && params.learning_rate > 0.0)
-    {
-        return Err(TrainError::InvalidParams(
-            "batch_size, local_epochs and learning_rate must be positive".into(),
-        ));
-    }
-    let device = device.clone().autodiff();
-    let (mut net, ids) = build(sub, &device)?;
-    let local = local_indices(data, &ids)?;
-    let mut optim = SgdConfig::new().init();
-    let lr = f64::from(params.learning_rate);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    let (mut steps, max_steps) = (0usize, params.max_local_steps as usize);
-    let mut last_loss = f32::NAN;
-    'epochs: for _ in 0..params.local_epochs {
-        order.shuffle(&mut rng);
-        let (mut sum, mut seen) = (0f64, 0usize);
-        for idx in order.chunks(params.batch_size as usize) {
-            let (x, y) = batch_tensors(&local, data, idx, &device);
-            let loss = logistic(net.forward(x, idx.len()), y).mean();
-            let value: f32 = loss
-                .clone()
-                .try_into_scalar()
-                .map_err(|e| TrainError::Backend(e.to_string()))?;
-            sum += f64::from(value) * idx.len() as f64;
-            seen += idx.len();
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = optim.step(lr, net, grads);
-            steps += 1;
-            if max_steps > 0 && steps >= max_steps {
-                last_loss = (sum / seen as f64) as f32;
-                break 'epochs;
-            }
-        }
-        last_loss = (sum / seen as f64) as f32;
-    }
-    let after = read(&net, &ids)?;
-    let delta = SparseTensors {
-        dense: after.dense.sub(&sub.dense),
-        tables: after
-            .tables
-            .iter()
-            .map(|(name, rows)| {
-                let before = &sub.tables[name];
-                let values = rows
-                    .values
-                    .iter()
-                    .zip(&before.values)
-                    .map(|(a, b)| a - b)
-                    .collect();
-                let rows = SparseRows {
-                    ids: rows.ids.clone(),
-                    values,
-                    width: rows.width,
-                };
-                (name.clone(), rows)
-            })
-            .collect(),
-    };
-    let finite = delta
-        .dense
-        .0
-        .values()
-        .all(|t| t.data.iter().all(|v| v.is_finite()))
-        && delta
-            .tables
-            .values()
-            .all(|r| r.values.iter().all(|v| v.is_finite()));
-    if !finite {
-        return Err(TrainError::Diverged(TABLE.into()));
-    }
+    let samples = LocalSamples::new(data, sub)?;
+    let start = submodel::local_weights(sub);
+    let (rows, dim, hidden) = CtrNet::sizes(sub)?;
+    let init = |d: &Device| CtrNet::new(rows, data.fields, dim, hidden, d);
+    let update = training::train_model(init, device, &start, &samples, params, seed, &mut |_| true)?;
+    let delta =
+        submodel::rows_update(update.delta, sub).map_err(|e| TrainError::InvalidParams(e.to_string()))?;
     Ok(SparseLocalUpdate {
         delta,
-        num_samples: data.len() as u64,
-        loss: last_loss,
+        num_samples: update.num_samples,
+        loss: update.loss,
     })
 }
 
@@ -394,13 +302,17 @@ pub fn train_local_sparse(
 pub fn sample_losses(device: &Device, sub: &SparseTensors, data: &CtrData) -> Result<Vec<f32>, TrainError> {
     check(data)?;
     let device = device.clone().without_autodiff();
-    let (net, ids) = build(sub, &device)?;
-    let local = local_indices(data, &ids)?;
+    let net = CtrNet::of(sub, data.fields, &device)?;
+    let samples = LocalSamples::new(data, sub)?;
     let all: Vec<usize> = (0..data.len()).collect();
     let mut out = Vec::with_capacity(data.len());
     for idx in all.chunks(4096) {
-        let (x, y) = batch_tensors(&local, data, idx, &device);
-        let (_, losses) = to_vec(logistic(net.forward(x, idx.len()), y))?;
+        let (x, y) = samples.batch(idx, &device);
+        let losses = logistic(net.forward(x), y)
+            .try_into_data_as::<f32>()
+            .map_err(|e| TrainError::Backend(e.to_string()))?
+            .try_into_vec::<f32>()
+            .map_err(|e| TrainError::Backend(format!("{e:?}")))?;
         out.extend(losses);
     }
     Ok(out)

@@ -14,9 +14,11 @@
 //! OS takes the time back, a wall-time limit, a byte limit for a metered network, and a progress
 //! callback. A stopped round keeps what was done and the next call goes on from there.
 //!
-//! Strategies: FedAvg, FedLaAvg and MM-PSGD rounds (an update of the whole model), and FedSubAvg
+//! Strategies: FedAvg, FedLaAvg and MM-PSGD rounds (an update of the whole model); MC-PSGD (the
+//! model trained from `x` and from the block's chain `y_m`, both trained models' losses reported,
+//! as [`crate::block_cyclic`]; progress counts through the two trainings in turn); and FedSubAvg
 //! when the app declares its rows ([`Session::with_submodel`]: the module holds local tables, see
-//! [`crate::submodel`]). MC-PSGD's chains and DC-CCL's co-model still need the SDK's built-in
+//! [`crate::submodel`]). DC-CCL's co-model and anonymous embeddings still need the SDK's built-in
 //! models ([`crate::device::Device`]); a session refuses them with [`SessionError::Unsupported`].
 
 use std::sync::Arc;
@@ -27,9 +29,12 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use fedhive_shared::sparse::{FeatureSet, RowsRequest, SparseTensors, split_specs};
-use fedhive_shared::wire::{Assignment, CheckinResponse, DeviceCredentials, MetricsReport, UploadReceipt};
+use fedhive_shared::wire::{
+    Assignment, CheckinResponse, DeviceCredentials, MetricsReport, TrainingParams, UploadReceipt,
+};
 use fedhive_shared::{NamedTensors, fedlaavg};
 
+use crate::block_cyclic;
 use crate::client::{ClientError, FedhiveClient};
 use crate::federated::{FederatedModel, LocalData};
 use crate::local_work::{LocalWork, encode_update};
@@ -50,7 +55,7 @@ pub enum SessionError {
     Submodel(#[from] SubmodelError),
     #[error("the server sent a model this device cannot read: {0}")]
     BadModel(String),
-    #[error("{0} rounds need one of the SDK's built-in models (a session trains whole-model updates)")]
+    #[error("{0} rounds need one of the SDK's built-in models (fedhive_client::device::Device)")]
     Unsupported(&'static str),
 }
 
@@ -512,6 +517,27 @@ where
         Ok(Ok(model))
     }
 
+    /// MC-PSGD: version `version` of `block`'s chain `y_m` (downloaded each round that needs it).
+    async fn chain(
+        &self,
+        block: &str,
+        version: i64,
+        budget: &mut Budget<'_>,
+    ) -> Result<Result<NamedTensors, StopReason>, SessionError> {
+        let fetched = self
+            .client
+            .download_chain_within(&self.task_id, block, version, budget.bytes_left())
+            .await;
+        let bytes = match fetched {
+            Err(ClientError::TooLarge { .. }) => return Ok(Err(StopReason::NetworkBytes)),
+            other => other?,
+        };
+        budget.downloaded += bytes.len() as u64;
+        NamedTensors::decode(&bytes)
+            .map(Ok)
+            .map_err(|e| SessionError::BadModel(format!("chain of block `{block}`: {e}")))
+    }
+
     /// Parses a downloaded (or cached) model; a submodel must carry exactly this device's rows
     /// with the widths and dense tensors of the app's module.
     fn decode(&self, bytes: &[u8]) -> Result<RoundModel, SessionError> {
@@ -552,14 +578,28 @@ where
     ) -> Result<Result<(Vec<u8>, u64, f32), StopReason>, SessionError> {
         let work = LocalWork::of(a);
         match work {
-            LocalWork::Chains { .. } => return Err(SessionError::Unsupported("MC-PSGD")),
             LocalWork::WithControl { .. } => return Err(SessionError::Unsupported("DC-CCL")),
-            LocalWork::Delta | LocalWork::GradientSum => {}
+            LocalWork::Chains { .. } if self.submodel.is_some() => {
+                return Err(SessionError::Unsupported("MC-PSGD with a submodel"));
+            }
+            LocalWork::Chains { .. } | LocalWork::Delta | LocalWork::GradientSum => {}
         }
         let (global, sub) = match self.round_model(a, budget).await? {
             Ok(RoundModel::Whole(global)) => (global, None),
             Ok(RoundModel::Submodel(sub)) => (submodel::local_weights(&sub), Some(sub)),
             Err(reason) => return Ok(Err(reason)),
+        };
+        // MC-PSGD: the block's chain `y_m`, trained beside `x` on the same data.
+        let chain = match &work {
+            LocalWork::Chains {
+                block,
+                version,
+                chain_learning_rate,
+            } => match self.chain(block, *version, budget).await? {
+                Ok(chain) => Some((chain, *chain_learning_rate)),
+                Err(reason) => return Ok(Err(reason)),
+            },
+            _ => None,
         };
         let (model, data, device) = (self.model.clone(), self.data.clone(), self.device.clone());
         let (params, round_id) = (a.training.clone(), a.round_id);
@@ -588,19 +628,27 @@ where
                     None => true,
                 }
             };
-            training::train_model(
-                |d| model(d),
-                &device,
-                &global,
-                &*data,
-                &params,
-                seed,
-                &mut on_step,
-            )
+            let mut train = |start: &NamedTensors, params: &TrainingParams| {
+                training::train_model(|d| model(d), &device, start, &*data, params, seed, &mut on_step)
+            };
+            let on_x = train(&global, &params)?;
+            let Some((chain, chain_learning_rate)) = chain else {
+                return Ok((on_x, None));
+            };
+            let chain_params = TrainingParams {
+                learning_rate: chain_learning_rate,
+                ..params.clone()
+            };
+            let on_chain = train(&chain, &chain_params)?;
+            // The losses of the two trained models on the block's data pick the predictor's chain.
+            let loss_x = training::mean_loss(|d| model(d), &device, &global.add(&on_x.delta), &*data)?;
+            let loss_chain = training::mean_loss(|d| model(d), &device, &chain.add(&on_chain.delta), &*data)?;
+            let body = block_cyclic::mc_body(on_x.delta.clone(), on_chain.delta, loss_x, loss_chain);
+            Ok((on_x, Some(body)))
         })
         .await
         .expect("training task panicked");
-        let update = match trained {
+        let (update, mc_body) = match trained {
             Err(TrainError::Cancelled) => {
                 let reason = stopped
                     .lock()
@@ -610,13 +658,14 @@ where
             }
             other => other?,
         };
-        let body = match (sub, work) {
-            (Some(sub), _) => submodel::rows_update(update.delta, &sub)?.encode(),
-            (None, LocalWork::GradientSum) => encode_update(
+        let body = match (sub, mc_body, work) {
+            (Some(sub), _, _) => submodel::rows_update(update.delta, &sub)?.encode(),
+            (None, Some(body), _) => encode_update(&body, a.encoding),
+            (None, None, LocalWork::GradientSum) => encode_update(
                 &fedlaavg::gradient_sum(&update.delta, a.training.learning_rate),
                 a.encoding,
             ),
-            (None, _) => encode_update(&update.delta, a.encoding),
+            (None, None, _) => encode_update(&update.delta, a.encoding),
         };
         Ok(Ok((body, update.num_samples, update.loss)))
     }

@@ -112,6 +112,35 @@ where
     local_update(model::read(&model)?, global, data.num_samples(), loss)
 }
 
+/// The mean of [`FederatedModel::loss`] over `data` for the model `init` builds, loaded with
+/// `weights`: [`EVAL_BATCH`] samples at a time, without autodiff, each batch weighted by its size.
+pub fn mean_loss<M, D>(
+    init: impl FnOnce(&Device) -> M,
+    device: &Device,
+    weights: &NamedTensors,
+    data: &D,
+) -> Result<f32, TrainError>
+where
+    M: FederatedModel,
+    D: LocalData<Batch = M::Batch>,
+{
+    let n = data.num_samples();
+    if n == 0 {
+        return Err(TrainError::EmptyDataset);
+    }
+    let model = model::load_into(init(device), weights, &weights.specs())?;
+    let all: Vec<usize> = (0..n).collect();
+    let mut total = 0.0f64;
+    for chunk in all.chunks(EVAL_BATCH) {
+        let loss: f32 = model
+            .loss(data.batch(chunk, device))
+            .try_into_scalar()
+            .map_err(backend_err)?;
+        total += f64::from(loss) * chunk.len() as f64;
+    }
+    Ok((total / n as f64) as f32)
+}
+
 /// How far a local step is, after each optimiser step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepProgress {

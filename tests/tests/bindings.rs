@@ -10,8 +10,8 @@
 //! - Swift: generated and checked to declare the session API; no Swift compiler is reachable here.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use fedhive_e2e::{ADMIN_TOKEN, Backend, ServerProcess, TestDb, on_both_databases};
 use fedhive_ffi::{TargetLanguage, generate_bindings};
@@ -111,7 +111,14 @@ fn kotlin_test_jar() -> &'static Path {
         let test = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bindings/kotlin/TestSession.kt");
         let jar = dir.join("test-session.jar");
         let output = Command::new(&kotlinc)
-            .args(["-nowarn", "-Werror", "-include-runtime", "-jvm-target", "17", "-cp"])
+            .args([
+                "-nowarn",
+                "-Werror",
+                "-include-runtime",
+                "-jvm-target",
+                "17",
+                "-cp",
+            ])
             .arg(jna_jar())
             .arg("-d")
             .arg(&jar)
@@ -145,7 +152,10 @@ async fn the_kotlin_binding_compiles_and_completes_rounds_of_a_real_task(backend
     let output = Command::new("java")
         .arg(format!("-Djna.library.path={}", lib.parent().unwrap().display()))
         // Debian's JNA loads its native part from the system (libjna-jni).
-        .args(["-Djna.nosys=false", "-Djava.library.path=/usr/lib/x86_64-linux-gnu/jni"])
+        .args([
+            "-Djna.nosys=false",
+            "-Djava.library.path=/usr/lib/x86_64-linux-gnu/jni",
+        ])
         .arg("-cp")
         .arg(classpath)
         .arg("TestSessionKt")

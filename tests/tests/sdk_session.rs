@@ -1,5 +1,6 @@
 //! The SDK as apps embed it (`fedhive_client::session`): a model the SDK has never seen (the
-//! example app's) joins a FedAvg task and trains on real data; a device process SIGKILLed at each
+//! example app's) joins a FedAvg task and a FedLaAvg task and trains on real data; a model with a
+//! sparse table joins a FedSubAvg task with its submodel; a device process SIGKILLed at each
 //! step of a round resumes it from its state directory without a second upload; corrupt state is
 //! refused with a clear error. Real server over HTTP, SQLite and PostgreSQL.
 
@@ -21,6 +22,7 @@ use fedhive_client::submodel::local_weights;
 use fedhive_e2e::{Backend, ServerProcess, TestDb, on_both_databases};
 use fedhive_example_app::{AppImages, TwoLayerNet, accuracy, initial_weights, run_rounds, task_config};
 use fedhive_shared::NamedTensors;
+use fedhive_shared::blocks::{BlockSchedule, PredictorAverage, RoundBlock, choose};
 use fedhive_shared::sparse::{RowsRequest, SparseTensors, split_specs};
 use fedhive_shared::wire::{RoundState, StrategyConfig, TaskConfig, TrainingParams};
 use rand::rngs::StdRng;
@@ -28,6 +30,8 @@ use rand::{Rng, SeedableRng};
 
 on_both_databases!(
     an_apps_own_model_joins_a_fedavg_task_and_learns,
+    an_apps_own_model_joins_a_fedlaavg_task_and_learns,
+    an_apps_own_model_trains_both_chains_of_an_mc_psgd_task,
     an_apps_own_model_with_a_sparse_table_joins_a_fedsubavg_task,
     a_device_killed_at_each_step_resumes_without_a_second_upload,
     corrupt_device_state_is_refused_with_a_clear_error,
@@ -43,6 +47,24 @@ fn images(split: Split, from: usize, n: usize) -> AppImages {
 }
 
 async fn an_apps_own_model_joins_a_fedavg_task_and_learns(backend: Backend) {
+    app_model_learns(backend, StrategyConfig::FedAvg { server_lr: 1.0 }).await
+}
+
+/// FedLaAvg's device uploads its gradient sum `(x_before - x_after) / gamma`, not a delta.
+async fn an_apps_own_model_joins_a_fedlaavg_task_and_learns(backend: Backend) {
+    app_model_learns(
+        backend,
+        StrategyConfig::FedLaAvg {
+            warmup_rounds: 0,
+            selection_window_ms: 2000,
+        },
+    )
+    .await
+}
+
+/// Two devices with the example app's model train 3 rounds of a `strategy` task on 1,000
+/// Fashion-MNIST images each; every round commits both updates and the model learns.
+async fn app_model_learns(backend: Backend, strategy: StrategyConfig) {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create(backend).await.unwrap();
     let server = ServerProcess::start(dir.path(), &db).await.unwrap();
@@ -52,6 +74,7 @@ async fn an_apps_own_model_joins_a_fedavg_task_and_learns(backend: Backend) {
     // Enrolled devices: each gets one upload token per round, so each trains every round.
     let base = task_config(&initial, 2, 3);
     let config = TaskConfig {
+        strategy: strategy.clone(),
         require_enrolled_device: true,
         training: TrainingParams {
             local_epochs: 3,
@@ -108,11 +131,97 @@ async fn an_apps_own_model_joins_a_fedavg_task_and_learns(backend: Backend) {
         accuracy(&initial, &test, &device).unwrap(),
         accuracy(&trained, &test, &device).unwrap(),
     );
-    eprintln!("FedAvg, the example app's model: test accuracy {before} -> {after}");
+    eprintln!("{strategy:?}, the example app's model: test accuracy {before} -> {after}");
     assert!(
         after > 0.6 && after > before + 0.3,
         "test accuracy {before} -> {after}"
     );
+}
+
+/// MC-PSGD: each device trains the example app's model from `x` and from the block's chain `y_m`
+/// and reports both trained models' losses, which pick the chain that feeds the block's predictor.
+async fn an_apps_own_model_trains_both_chains_of_an_mc_psgd_task(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(dir.path(), &db).await.unwrap();
+    let client = server.client();
+    let device = burn::tensor::Device::flex();
+    let initial = initial_weights(&device, 0).unwrap();
+    let base = task_config(&initial, 2, 2);
+    let config = TaskConfig {
+        strategy: StrategyConfig::McPsgd {
+            server_lr: 1.0,
+            schedule: BlockSchedule::Rounds {
+                blocks: vec![RoundBlock {
+                    name: "day".into(),
+                    rounds: 2,
+                }],
+            },
+            chain_learning_rate: Some(0.05),
+            predictor_average: PredictorAverage::All,
+        },
+        require_enrolled_device: true,
+        training: TrainingParams {
+            local_epochs: 3,
+            ..base.training
+        },
+        ..base
+    };
+    let task = client
+        .create_task(&config, initial.encode())
+        .await
+        .unwrap()
+        .task_id;
+    let key = client.create_enrolment_key("app").await.unwrap().enrolment_key;
+    let session = |shard: usize| {
+        let state = DeviceState::open(dir.path().join(format!("device-{shard}"))).unwrap();
+        let data = Arc::new(images(Split::Train, shard * 1000, 1000));
+        Session::new(
+            server.client(),
+            &task,
+            state,
+            device.clone(),
+            TwoLayerNet::new,
+            data,
+        )
+        .unwrap()
+        .with_seed(shard as u64)
+    };
+    let (mut a, mut b) = (session(0), session(1));
+    a.enrol(&key).await.unwrap();
+    b.enrol(&key).await.unwrap();
+    let conditions = RoundConditions::default();
+    let (ra, rb) = tokio::join!(
+        run_rounds(&mut a, &conditions, None),
+        run_rounds(&mut b, &conditions, None)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra.finished && rb.finished, "{ra:?} {rb:?}");
+    assert_eq!((ra.contributed, rb.contributed), (2, 2), "{ra:?} {rb:?}");
+
+    let status = client.block_status(&task).await.unwrap();
+    assert_eq!(status.history.len(), 2, "{status:?}");
+    for round in &status.history {
+        let (x, chain) = (
+            round.mean_loss_x.expect("MC-PSGD rounds carry x's loss"),
+            round.mean_loss_chain.expect("and the chain's"),
+        );
+        eprintln!(
+            "MC-PSGD round {}: mean loss of the trained x {x:.4}, of the trained chain {chain:.4}, chose {:?}",
+            round.round_id, round.chosen
+        );
+        // Both trained models beat chance (cross-entropy ln 10 = 2.303) on the data they trained on.
+        assert!(x > 0.0 && x < 2.2 && chain > 0.0 && chain < 2.2, "{round:?}");
+        assert_eq!(round.chosen, choose(x, chain), "{round:?}");
+    }
+    let (_, bytes) = client.download_model(&task, None).await.unwrap();
+    let test = images(Split::Test, 0, 2000);
+    let (before, after) = (
+        accuracy(&initial, &test, &device).unwrap(),
+        accuracy(&NamedTensors::decode(&bytes).unwrap(), &test, &device).unwrap(),
+    );
+    eprintln!("MC-PSGD, the example app's model: test accuracy of x {before} -> {after}");
+    assert!(after > before + 0.3, "test accuracy {before} -> {after}");
 }
 
 /// A model defined here, with a sparse table: a sample is 3 items; its label is whether most of
