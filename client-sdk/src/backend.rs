@@ -4,6 +4,11 @@
 //! (`flex`, always available) or on a GPU through wgpu (Vulkan, Metal, DX12; needs the `wgpu`
 //! feature). Asking for wgpu in a build without it is an error, not a silent CPU fallback, so a
 //! misconfigured fleet is noticed.
+//!
+//! With the `vulkan` feature, Vulkan adapters run cubecl's SPIR-V kernels, which burn can persist:
+//! [`enable_kernel_cache`] points that cache at a directory of the app's, so only a device's first
+//! process compiles its kernels (docs/benchmarks.md, "Kernel cache"). Other adapters (Metal, DX12,
+//! WebGPU) keep WGSL, compiled by the driver in every process.
 
 use std::str::FromStr;
 
@@ -32,6 +37,58 @@ pub enum BackendError {
     NotCompiled(&'static str),
     #[error("wgpu found no usable adapter: {0}")]
     WgpuInit(String),
+    #[error(
+        "the kernel cache must be enabled before the first wgpu device or tensor of the process \
+         (cubecl's configuration was already read)"
+    )]
+    KernelCacheTooLate,
+    #[error("kernel cache directory {}: {reason}", path.display())]
+    KernelCacheDir {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// Persists compiled GPU kernels under `dir`, so later processes load them instead of compiling.
+///
+/// Call it once, before the first wgpu device or tensor of the process. The cache holds SPIR-V for
+/// Vulkan adapters, keyed by the adapter's vendor and device ids and the binary's build id (an
+/// app update compiles afresh); a corrupt or foreign entry costs a recompile, not an error. Without
+/// the `vulkan` feature there is nothing to persist and this returns
+/// [`BackendError::NotCompiled`].
+pub fn enable_kernel_cache(dir: &std::path::Path) -> Result<(), BackendError> {
+    std::fs::create_dir_all(dir).map_err(|e| BackendError::KernelCacheDir {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    kernel_cache::enable(dir)
+}
+
+#[cfg(feature = "vulkan")]
+mod kernel_cache {
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
+
+    use super::BackendError;
+
+    pub(super) fn enable(dir: &std::path::Path) -> Result<(), BackendError> {
+        let mut config = CubeClRuntimeConfig::default();
+        config.compilation.cache = true;
+        config.environment.path = CacheConfig::Directory(dir.to_path_buf());
+        if CubeClRuntimeConfig::try_set(config) {
+            Ok(())
+        } else {
+            Err(BackendError::KernelCacheTooLate)
+        }
+    }
+}
+
+#[cfg(not(feature = "vulkan"))]
+mod kernel_cache {
+    use super::BackendError;
+
+    pub(super) fn enable(_dir: &std::path::Path) -> Result<(), BackendError> {
+        Err(BackendError::NotCompiled("vulkan"))
+    }
 }
 
 impl Backend {
@@ -177,5 +234,14 @@ mod tests {
         let err = Backend::Wgpu.device().unwrap_err();
         assert_eq!(err, BackendError::NotCompiled("wgpu"));
         assert!(err.to_string().contains("--features wgpu"));
+    }
+
+    #[cfg(not(feature = "vulkan"))]
+    #[test]
+    fn the_kernel_cache_without_the_feature_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = enable_kernel_cache(dir.path()).unwrap_err();
+        assert_eq!(err, BackendError::NotCompiled("vulkan"));
+        assert!(err.to_string().contains("--features vulkan"));
     }
 }

@@ -3,9 +3,9 @@
 //! included) and warm (later rounds in the same process).
 //!
 //! Cold needs a fresh process, so `bench-training` runs each measurement as a child process
-//! (`bench-training-once`) and collects their JSON lines. This build has no persistent kernel
-//! cache (it needs burn's `vulkan` and `persistence` features; see the README), so every wgpu
-//! child compiles its kernels afresh.
+//! (`bench-training-once`) and collects their JSON lines. `--features wgpu` runs WGSL with no
+//! persistent kernel cache, so every wgpu child compiles its kernels afresh; the SPIR-V kernel
+//! cache (the SDK's `vulkan` feature) is measured by `fedhive-client`'s `kernel_cache` example.
 //!
 //! It is a sim command rather than a criterion bench on purpose: `cargo bench` builds the release
 //! profile, which would add a second, 12-20 minute build of burn on a 2-core machine; this runs on

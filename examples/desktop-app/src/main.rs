@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fedhive_client::backend::Backend;
+use fedhive_client::backend::{Backend, enable_kernel_cache};
 use fedhive_client::client::FedhiveClient;
 use fedhive_client::data::{Split, default_data_dir, load_fashion_mnist};
 use fedhive_client::session::{RoundConditions, Session};
@@ -81,7 +81,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let device = Backend::from_env()?.device()?;
+    let backend = Backend::from_env()?;
+    // Compiled GPU kernels live beside the device's state, so only its first process compiles them.
+    if let (Backend::Wgpu, true, Command::Join { state, .. }) =
+        (backend, cfg!(feature = "vulkan"), &cli.command)
+    {
+        enable_kernel_cache(&state.join("kernels"))?;
+    }
+    let device = backend.device()?;
     match cli.command {
         Command::CreateTask {
             admin_token,
