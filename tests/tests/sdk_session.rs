@@ -87,33 +87,7 @@ async fn app_model_learns(backend: Backend, strategy: StrategyConfig) {
         .await
         .unwrap()
         .task_id;
-    let key = client.create_enrolment_key("app").await.unwrap().enrolment_key;
-
-    let session = |shard: usize| {
-        let state = DeviceState::open(dir.path().join(format!("device-{shard}"))).unwrap();
-        let data = Arc::new(images(Split::Train, shard * 1000, 1000));
-        Session::new(
-            server.client(),
-            &task,
-            state,
-            device.clone(),
-            TwoLayerNet::new,
-            data,
-        )
-        .unwrap()
-        .with_seed(shard as u64)
-    };
-    let (mut a, mut b) = (session(0), session(1));
-    a.enrol(&key).await.unwrap();
-    b.enrol(&key).await.unwrap();
-    let conditions = RoundConditions::default();
-    let (ra, rb) = tokio::join!(
-        run_rounds(&mut a, &conditions, None),
-        run_rounds(&mut b, &conditions, None)
-    );
-    let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert!(ra.finished && rb.finished, "{ra:?} {rb:?}");
-    assert_eq!((ra.contributed, rb.contributed), (3, 3), "{ra:?} {rb:?}");
+    two_devices_finish(&server, dir.path(), &task, 3).await;
 
     let rounds = client.rounds(&task).await.unwrap();
     assert_eq!(
@@ -135,6 +109,47 @@ async fn app_model_learns(backend: Backend, strategy: StrategyConfig) {
     assert!(
         after > 0.6 && after > before + 0.3,
         "test accuracy {before} -> {after}"
+    );
+}
+
+/// Two enrolled devices with the example app's model and 1,000 Fashion-MNIST training images each
+/// (shards 0 and 1, state under `dir`) run `task` to its end; each contributes to all `rounds`.
+async fn two_devices_finish(server: &ServerProcess, dir: &Path, task: &str, rounds: u32) {
+    let key = server
+        .client()
+        .create_enrolment_key("app")
+        .await
+        .unwrap()
+        .enrolment_key;
+    let device = burn::tensor::Device::flex();
+    let session = |shard: usize| {
+        let state = DeviceState::open(dir.join(format!("device-{shard}"))).unwrap();
+        let data = Arc::new(images(Split::Train, shard * 1000, 1000));
+        Session::new(
+            server.client(),
+            task,
+            state,
+            device.clone(),
+            TwoLayerNet::new,
+            data,
+        )
+        .unwrap()
+        .with_seed(shard as u64)
+    };
+    let (mut a, mut b) = (session(0), session(1));
+    a.enrol(&key).await.unwrap();
+    b.enrol(&key).await.unwrap();
+    let conditions = RoundConditions::default();
+    let (ra, rb) = tokio::join!(
+        run_rounds(&mut a, &conditions, None),
+        run_rounds(&mut b, &conditions, None)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra.finished && rb.finished, "{ra:?} {rb:?}");
+    assert_eq!(
+        (ra.contributed, rb.contributed),
+        (rounds, rounds),
+        "{ra:?} {rb:?}"
     );
 }
 
@@ -172,32 +187,7 @@ async fn an_apps_own_model_trains_both_chains_of_an_mc_psgd_task(backend: Backen
         .await
         .unwrap()
         .task_id;
-    let key = client.create_enrolment_key("app").await.unwrap().enrolment_key;
-    let session = |shard: usize| {
-        let state = DeviceState::open(dir.path().join(format!("device-{shard}"))).unwrap();
-        let data = Arc::new(images(Split::Train, shard * 1000, 1000));
-        Session::new(
-            server.client(),
-            &task,
-            state,
-            device.clone(),
-            TwoLayerNet::new,
-            data,
-        )
-        .unwrap()
-        .with_seed(shard as u64)
-    };
-    let (mut a, mut b) = (session(0), session(1));
-    a.enrol(&key).await.unwrap();
-    b.enrol(&key).await.unwrap();
-    let conditions = RoundConditions::default();
-    let (ra, rb) = tokio::join!(
-        run_rounds(&mut a, &conditions, None),
-        run_rounds(&mut b, &conditions, None)
-    );
-    let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert!(ra.finished && rb.finished, "{ra:?} {rb:?}");
-    assert_eq!((ra.contributed, rb.contributed), (2, 2), "{ra:?} {rb:?}");
+    two_devices_finish(&server, dir.path(), &task, 2).await;
 
     let status = client.block_status(&task).await.unwrap();
     assert_eq!(status.history.len(), 2, "{status:?}");
