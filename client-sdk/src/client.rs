@@ -101,6 +101,14 @@ pub struct FedhiveClient {
     admin_token: Option<String>,
 }
 
+/// Refuses a response whose announced body is over `max_bytes`, before the body is read.
+fn within(resp: &reqwest::Response, max_bytes: Option<u64>) -> Result<(), ClientError> {
+    match (max_bytes, resp.content_length()) {
+        (Some(limit), Some(bytes)) if bytes > limit => Err(ClientError::TooLarge { bytes, limit }),
+        _ => Ok(()),
+    }
+}
+
 impl FedhiveClient {
     /// `base_url` like `https://fl.example.com` or `http://127.0.0.1:8080`; an `https` server's
     /// certificate must chain to the public roots (see [`FedhiveClient::with_tls`] for others).
@@ -244,11 +252,7 @@ impl FedhiveClient {
             None => format!("/v1/tasks/{task_id}/model"),
         };
         let resp = self.send(|| self.request(Method::GET, &path)).await?;
-        if let (Some(limit), Some(bytes)) = (max_bytes, resp.content_length())
-            && bytes > limit
-        {
-            return Err(ClientError::TooLarge { bytes, limit });
-        }
+        within(&resp, max_bytes)?;
         let version = resp
             .headers()
             .get("fedhive-model-version")
@@ -358,11 +362,7 @@ impl FedhiveClient {
         let resp = self
             .send(|| self.request(Method::POST, &path).json(request))
             .await?;
-        if let (Some(limit), Some(bytes)) = (max_bytes, resp.content_length())
-            && bytes > limit
-        {
-            return Err(ClientError::TooLarge { bytes, limit });
-        }
+        within(&resp, max_bytes)?;
         let version = resp
             .headers()
             .get("fedhive-model-version")
@@ -526,11 +526,7 @@ impl FedhiveClient {
         let resp = self
             .send(|| self.request(Method::GET, &path).query(&[("version", version)]))
             .await?;
-        if let (Some(limit), Some(bytes)) = (max_bytes, resp.content_length())
-            && bytes > limit
-        {
-            return Err(ClientError::TooLarge { bytes, limit });
-        }
+        within(&resp, max_bytes)?;
         Ok(resp.bytes().await?)
     }
 
