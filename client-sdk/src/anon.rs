@@ -82,23 +82,41 @@ pub fn initial_weights(shape: SampleShape, seed: u64) -> NamedTensors {
     NamedTensors(tensors)
 }
 
+/// A model that reads an input and a user's embedding side by side: what a device's side of an
+/// anonymous-embedding task needs of the task's model. The built-in `anon_mlp` is one; an app's
+/// own burn module that implements it fits its embedding ([`fit_embedding_with`]) and predicts
+/// ([`predict_samples_with`]) the same way. Its weights are the task's model, trained by the
+/// cloud on the samples every device submits.
+pub trait EmbeddingModel: Module + Sized {
+    /// Logits `[batch, classes]` of `inputs` `[batch, features]` with `embeddings`
+    /// `[batch, embedding_dim]`, one embedding per row.
+    fn forward_with(&self, inputs: Tensor<2>, embeddings: Tensor<2>) -> Tensor<2>;
+}
+
+/// The built-in model: `[x, e] -> 128 ReLU -> classes`.
 #[derive(Module, Debug)]
-struct AnonMlp {
+pub struct AnonMlp {
     fc1: Linear,
     fc2: Linear,
 }
 
 impl AnonMlp {
-    fn load(weights: &NamedTensors, shape: SampleShape, device: &Device) -> Result<Self, ModelError> {
+    /// The module for `shape` (burn's lazy initialisation: loading replaces every parameter).
+    pub fn new(shape: SampleShape, device: &Device) -> Self {
         let width = shape.features + shape.embedding_dim;
-        let module = AnonMlp {
+        AnonMlp {
             fc1: LinearConfig::new(width, HIDDEN).init(device),
             fc2: LinearConfig::new(HIDDEN, shape.num_classes).init(device),
-        };
-        model::load_into(module, weights, &tensor_specs(shape))
+        }
     }
 
-    fn forward(&self, inputs: Tensor<2>, embeddings: Tensor<2>) -> Tensor<2> {
+    fn load(weights: &NamedTensors, shape: SampleShape, device: &Device) -> Result<Self, ModelError> {
+        model::load_into(AnonMlp::new(shape, device), weights, &tensor_specs(shape))
+    }
+}
+
+impl EmbeddingModel for AnonMlp {
+    fn forward_with(&self, inputs: Tensor<2>, embeddings: Tensor<2>) -> Tensor<2> {
         self.fc2
             .forward(relu(self.fc1.forward(Tensor::cat(vec![inputs, embeddings], 1))))
     }
@@ -194,10 +212,35 @@ pub struct FitReport {
     pub steps: usize,
 }
 
-/// Fits `q.mu` to the device's examples with the model frozen: minibatch Adam on
+/// Fits `q.mu` to the device's examples with the built-in model frozen: minibatch Adam on
 /// `CE(model(x, mu + sigma * eps), y)`, `eps ~ N(0, I)` drawn afresh per sample and step, each
 /// coordinate of `mu` kept within `±MU_BOUND`. The model's weights are only read.
 pub fn fit_embedding(
+    weights: &NamedTensors,
+    shape: SampleShape,
+    q: &mut UserEmbedding,
+    data: &Examples,
+    params: FitParams,
+    device: &Device,
+    seed: u64,
+) -> Result<FitReport, TrainError> {
+    fit_embedding_with(
+        |d| AnonMlp::new(shape, d),
+        weights,
+        shape,
+        q,
+        data,
+        params,
+        device,
+        seed,
+    )
+}
+
+/// [`fit_embedding`] with an app's model: `init` builds the module (lazily initialised), loaded
+/// with `weights` (names and shapes checked against the module) and frozen.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_embedding_with<M: EmbeddingModel>(
+    init: impl Fn(&Device) -> M,
     weights: &NamedTensors,
     shape: SampleShape,
     q: &mut UserEmbedding,
@@ -214,9 +257,9 @@ pub fn fit_embedding(
             shape.embedding_dim
         )));
     }
-    let loss_before = expected_loss(weights, shape, q, data, device, seed)?;
+    let loss_before = expected_loss(&init, weights, shape, q, data, device, seed)?;
     let autodiff = device.clone().autodiff();
-    let model = AnonMlp::load(weights, shape, &autodiff)?.no_grad();
+    let model = model::load_into(init(&autodiff), weights, &weights.specs())?.no_grad();
     let criterion = CrossEntropyLossConfig::new().init(&autodiff);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -235,7 +278,7 @@ pub fn fit_embedding(
                 .collect();
             let noise = Tensor::<2>::from_data(TensorData::new(noise, [idx.len(), dim]), &autodiff);
             let e = mu.clone().repeat_dim(0, idx.len()) + noise;
-            let loss = criterion.forward(model.forward(x, e), y);
+            let loss = criterion.forward(model.forward_with(x, e), y);
             let grads = loss.backward();
             let grad: Vec<f32> = mu
                 .grad(&grads)
@@ -256,7 +299,7 @@ pub fn fit_embedding(
     if q.mu.iter().any(|m| !m.is_finite()) {
         return Err(TrainError::Diverged("mu".into()));
     }
-    let loss_after = expected_loss(weights, shape, q, data, device, seed)?;
+    let loss_after = expected_loss(&init, weights, shape, q, data, device, seed)?;
     Ok(FitReport {
         loss_before,
         loss_after,
@@ -306,7 +349,7 @@ pub fn train_model(
         let mut loss_sum: Option<Tensor<1>> = None;
         for idx in order.chunks(params.batch_size.max(1)) {
             let (x, e, y) = samples_batch(samples, idx, &autodiff);
-            let loss = criterion.forward(model.forward(x, e), y);
+            let loss = criterion.forward(model.forward_with(x, e), y);
             let weighted = loss.clone().detach().inner().mul_scalar(idx.len() as f32);
             loss_sum = Some(match loss_sum {
                 Some(s) => s + weighted,
@@ -339,11 +382,21 @@ pub fn evaluate(
     samples: &Samples,
     device: &Device,
 ) -> Result<Evaluation, TrainError> {
+    evaluate_with(|d| AnonMlp::new(shape, d), weights, samples, device)
+}
+
+/// [`evaluate`] with an app's model (`init` builds it; `weights` checked against it).
+pub fn evaluate_with<M: EmbeddingModel>(
+    init: impl FnOnce(&Device) -> M,
+    weights: &NamedTensors,
+    samples: &Samples,
+    device: &Device,
+) -> Result<Evaluation, TrainError> {
     let device = device.clone().without_autodiff();
-    let model = AnonMlp::load(weights, shape, &device)?;
+    let model = model::load_into(init(&device), weights, &weights.specs())?;
     evaluate_in_batches(samples.len(), &device, |idx| {
         let (x, e, y) = samples_batch(samples, idx, &device);
-        Ok((model.forward(x, e), y))
+        Ok((model.forward_with(x, e), y))
     })
 }
 
@@ -375,17 +428,27 @@ pub fn predict_samples(
     samples: &Samples,
     device: &Device,
 ) -> Result<Vec<u32>, TrainError> {
+    predict_samples_with(|d| AnonMlp::new(shape, d), weights, samples, device)
+}
+
+/// [`predict_samples`] with an app's model (`init` builds it; `weights` checked against it).
+pub fn predict_samples_with<M: EmbeddingModel>(
+    init: impl FnOnce(&Device) -> M,
+    weights: &NamedTensors,
+    samples: &Samples,
+    device: &Device,
+) -> Result<Vec<u32>, TrainError> {
     if samples.is_empty() {
         return Ok(Vec::new());
     }
     let device = device.clone().without_autodiff();
-    let model = AnonMlp::load(weights, shape, &device)?;
+    let model = model::load_into(init(&device), weights, &weights.specs())?;
     let all: Vec<usize> = (0..samples.len()).collect();
     let mut out = Vec::with_capacity(samples.len());
     for idx in all.chunks(crate::training::EVAL_BATCH) {
         let (x, e, _) = samples_batch(samples, idx, &device);
         let classes: Vec<i64> = model
-            .forward(x, e)
+            .forward_with(x, e)
             .argmax(1)
             .into_data()
             .convert::<i64>()
@@ -398,7 +461,8 @@ pub fn predict_samples(
 
 /// Mean loss over the device's examples with `e` drawn from `q` (the same draws for a given
 /// `seed`, so a before/after comparison sees the same noise).
-fn expected_loss(
+fn expected_loss<M: EmbeddingModel>(
+    init: impl Fn(&Device) -> M,
     weights: &NamedTensors,
     shape: SampleShape,
     q: &UserEmbedding,
@@ -408,7 +472,7 @@ fn expected_loss(
 ) -> Result<f32, TrainError> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(0x5eed));
     let samples = draw_samples(shape, Some(q), data, &mut rng);
-    Ok(evaluate(weights, shape, &samples, device)?.loss)
+    Ok(evaluate_with(init, weights, &samples, device)?.loss)
 }
 
 fn check_examples(shape: SampleShape, data: &Examples) -> Result<(), TrainError> {
@@ -522,6 +586,71 @@ mod tests {
         assert!(q.mu[0] > 0.5, "mu moved toward the user's class: {:?}", q.mu);
         assert!(q.mu.iter().all(|m| m.abs() <= MU_BOUND));
         assert_eq!(weights.encode(), before, "the model is frozen");
+    }
+
+    /// An app's own model, nothing like the built-in one: the embedding adds a per-user bias
+    /// to the logits (`input(x) + user(e)`), under the app's own tensor names.
+    #[derive(Module, Debug)]
+    struct UserBias {
+        input: Linear,
+        user: Linear,
+    }
+
+    impl EmbeddingModel for UserBias {
+        fn forward_with(&self, inputs: Tensor<2>, embeddings: Tensor<2>) -> Tensor<2> {
+            self.input.forward(inputs) + self.user.forward(embeddings)
+        }
+    }
+
+    fn user_bias(device: &Device) -> UserBias {
+        UserBias {
+            input: LinearConfig::new(SHAPE.features, SHAPE.num_classes).init(device),
+            user: LinearConfig::new(SHAPE.embedding_dim, SHAPE.num_classes).init(device),
+        }
+    }
+
+    #[test]
+    fn an_apps_own_model_fits_the_embedding_and_predicts_with_it() {
+        let device = Device::flex();
+        let mut rng = StdRng::seed_from_u64(9);
+        // The inputs say nothing; `e0` pushes class 1 up and class 0 down.
+        let mut weights = model::read(&user_bias(&device)).unwrap();
+        for t in weights.0.values_mut() {
+            t.data.iter_mut().for_each(|v| *v = 0.0);
+        }
+        let user = weights.0.get_mut("user.weight").unwrap();
+        assert_eq!(user.shape, [SHAPE.embedding_dim, SHAPE.num_classes]);
+        user.data[0] = -4.0; // e0 -> class 0
+        user.data[1] = 4.0; // e0 -> class 1
+        let before = weights.encode();
+        let data = user_examples(1, 64, &mut rng);
+        let mut q = UserEmbedding {
+            mu: vec![-0.5, 0.0],
+            sigma: 0.1,
+        };
+        let params = FitParams {
+            epochs: 10,
+            batch_size: 16,
+            learning_rate: 0.05,
+        };
+        let report =
+            fit_embedding_with(user_bias, &weights, SHAPE, &mut q, &data, params, &device, 1).unwrap();
+        assert!(
+            report.loss_after < 0.5 * report.loss_before,
+            "{report:?}, mu {:?}",
+            q.mu
+        );
+        assert!(q.mu[0] > 0.5, "mu moved toward the user's class: {:?}", q.mu);
+        assert_eq!(weights.encode(), before, "the model is frozen");
+        let samples = draw_samples(SHAPE, Some(&q), &data, &mut rng);
+        let predicted = predict_samples_with(user_bias, &weights, &samples, &device).unwrap();
+        assert_eq!(predicted, vec![1; data.len()]);
+        // The built-in model's weights do not fit the app's module: refused, not misread.
+        let built_in = initial_weights(SHAPE, 1);
+        assert!(matches!(
+            fit_embedding_with(user_bias, &built_in, SHAPE, &mut q, &data, params, &device, 1),
+            Err(TrainError::Model(_))
+        ));
     }
 
     #[test]

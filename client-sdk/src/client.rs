@@ -537,6 +537,17 @@ impl FedhiveClient {
         task_id: &str,
         version: Option<i64>,
     ) -> Result<(i64, Bytes), ClientError> {
+        self.download_control_model_within(task_id, version, None).await
+    }
+
+    /// [`FedhiveClient::download_control_model`], refused with [`ClientError::TooLarge`] before
+    /// the body is read when the server announces more than `max_bytes`.
+    pub async fn download_control_model_within(
+        &self,
+        task_id: &str,
+        version: Option<i64>,
+        max_bytes: Option<u64>,
+    ) -> Result<(i64, Bytes), ClientError> {
         let path = format!("/v1/tasks/{task_id}/control-model");
         let resp = self
             .send(|| {
@@ -547,6 +558,7 @@ impl FedhiveClient {
                 }
             })
             .await?;
+        within(&resp, max_bytes)?;
         let version = resp
             .headers()
             .get("fedhive-control-version")

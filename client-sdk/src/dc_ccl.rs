@@ -11,8 +11,11 @@
 //!   small tuning set with the same loss as step 4.
 //! - [`evaluate_sum`] and [`predict_sum`]: the served output `F_c(x) + F_s(x)` (cloud) or
 //!   `F_m(x) + F_s(x)` (on the device).
+//!
+//! An app's own models take part through [`ControlLayout`] and [`train_controlled`]: its module
+//! holds `F_m` and `F_s` side by side and computes its loss on their summed outputs, and the SDK
+//! trains only `F_s` (what [`crate::session::Session::with_control_model`] runs each round).
 
-use burn::module::{ModuleMapper, Param};
 use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
 use burn::optim::{AdamConfig, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -20,10 +23,11 @@ use fedhive_shared::NamedTensors;
 use fedhive_shared::wire::TrainingParams;
 
 use crate::data::{Dataset, IMAGE_PIXELS};
+use crate::federated::{FederatedModel, LocalData};
 use crate::model::{self, Classifier, ModelKind, with_model};
 use crate::training::{
-    EVAL_BATCH, Evaluation, LocalUpdate, TrainError, backend_err, batch, check_dataset, check_params,
-    evaluate_in_batches, fit, local_update,
+    EVAL_BATCH, Evaluation, FreezeAllBut, LocalUpdate, StepProgress, TrainError, backend_err, batch,
+    check_dataset, check_params, evaluate_in_batches, fit, fit_model, local_update,
 };
 
 /// A model's family and weights.
@@ -96,28 +100,110 @@ pub fn tune_head(
         train_beside::<S, M>(co, control, Objective::Head, device, tuning, params, seed)))
 }
 
-/// Stops gradients to every parameter outside one top-level module.
-struct FreezeAllBut<'a> {
-    module: &'a str,
-    path: Vec<String>,
+/// Where an app's DC-CCL module keeps its two models: the names of the two top-level fields that
+/// hold the control model `F_m` (frozen: the weights the cloud worker publishes) and the co-model
+/// `F_s` (trained: the task's model). The module's [`FederatedModel::loss`] computes the loss on
+/// their summed outputs, `CE(F_m(x) + F_s(x), y)` for a classifier; a tensor `fc1.weight` of the
+/// control model is the module's `<control>.fc1.weight`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlLayout {
+    control: String,
+    co_model: String,
 }
 
-impl ModuleMapper for FreezeAllBut<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if self.path.first().is_some_and(|top| top == self.module) {
-            param
-        } else {
-            param.set_require_grad(false)
+impl ControlLayout {
+    /// Two distinct top-level field names (no `.`).
+    pub fn new(control: &str, co_model: &str) -> Result<Self, TrainError> {
+        for name in [control, co_model] {
+            if name.is_empty() || name.contains('.') {
+                return Err(TrainError::InvalidParams(format!(
+                    "`{name}` is not a top-level field name of a module"
+                )));
+            }
         }
+        if control == co_model {
+            return Err(TrainError::InvalidParams(format!(
+                "the control model and the co-model are both in field `{control}`"
+            )));
+        }
+        Ok(ControlLayout {
+            control: control.to_string(),
+            co_model: co_model.to_string(),
+        })
     }
+
+    /// The module's weights: `control` under its field, `co` under the other.
+    pub fn join(&self, control: &NamedTensors, co: &NamedTensors) -> NamedTensors {
+        let under = |field: &str, tensors: &NamedTensors| {
+            tensors
+                .0
+                .iter()
+                .map(|(name, t)| (format!("{field}.{name}"), t.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut all = under(&self.control, control);
+        all.extend(under(&self.co_model, co));
+        NamedTensors(all.into_iter().collect())
+    }
+
+    /// The co-model's tensors of the module's weights, under their own names.
+    fn co_part(&self, weights: NamedTensors) -> NamedTensors {
+        let prefix = format!("{}.", self.co_model);
+        NamedTensors(
+            weights
+                .0
+                .into_iter()
+                .filter_map(|(name, t)| name.strip_prefix(&prefix).map(|n| (n.to_string(), t)))
+                .collect(),
+        )
+    }
+}
+
+/// Step 4 with an app's module (see [`ControlLayout`]): loads `control` (`F_m`) and `co` (`F_s`)
+/// into the module `init` builds (names and shapes checked), trains only the co-model by FedAvg's
+/// plain SGD on the module's loss, and returns the update of `F_s`. The control model is frozen
+/// whatever the module's loss does with it.
+#[allow(clippy::too_many_arguments)]
+pub fn train_controlled<M, D>(
+    init: impl FnOnce(&Device) -> M,
+    device: &Device,
+    layout: &ControlLayout,
+    control: &NamedTensors,
+    co: &NamedTensors,
+    data: &D,
+    params: &TrainingParams,
+    seed: u64,
+    on_step: &mut dyn FnMut(StepProgress) -> bool,
+) -> Result<LocalUpdate, TrainError>
+where
+    M: FederatedModel,
+    D: LocalData<Batch = M::Batch>,
+{
+    let weights = layout.join(control, co);
+    let (after, loss) = fit_model(
+        init,
+        device,
+        &weights,
+        Some(&layout.co_model),
+        data,
+        params,
+        seed,
+        on_step,
+    )?;
+    local_update(layout.co_part(after), co, data.num_samples(), loss)
+}
+
+/// The app's module holding `control` and `co` (see [`ControlLayout`]), for its own forward pass:
+/// on a device, `F_m(x) + F_s(x)` is DC-CCL's prediction.
+pub fn load_controlled<M: FederatedModel>(
+    init: impl FnOnce(&Device) -> M,
+    device: &Device,
+    layout: &ControlLayout,
+    control: &NamedTensors,
+    co: &NamedTensors,
+) -> Result<M, TrainError> {
+    let weights = layout.join(control, co);
+    Ok(model::load_into(init(device), &weights, &weights.specs())?)
 }
 
 /// What a model trained beside a frozen one minimises.
@@ -145,10 +231,7 @@ fn train_beside<S: Classifier, F: Classifier>(
     let device = device.clone().autodiff();
     let mut model: S = model::load(trained.tensors, &model::tensor_specs(trained.kind), &device)?;
     if let Objective::Head = objective {
-        model = model.map(&mut FreezeAllBut {
-            module: model::head_module(trained.kind),
-            path: Vec::new(),
-        });
+        model = model.map(&mut FreezeAllBut::new(model::head_module(trained.kind)));
     }
     let frozen: F = frozen.load(&device)?;
     let criterion = CrossEntropyLossConfig::new().init(&device);
@@ -229,6 +312,8 @@ fn predict_with<A: Classifier, B: Classifier>(
 
 #[cfg(all(test, feature = "flex"))]
 mod tests {
+    use burn::module::Module;
+
     use super::*;
     use crate::model::initial_weights;
 
@@ -300,6 +385,102 @@ mod tests {
         )
         .unwrap();
         assert_eq!(predicted, data.labels);
+    }
+
+    /// An app's DC-CCL module: the two models side by side, the loss on their summed logits. It
+    /// does not detach the control model's output: freezing it is the SDK's job.
+    #[derive(Module, Debug)]
+    struct AppPair {
+        teacher_side: model::MlpSmall,
+        learner: model::MlpSmall,
+    }
+
+    impl FederatedModel for AppPair {
+        type Batch = crate::federated::ImageBatch;
+
+        fn loss(&self, (x, y): Self::Batch) -> Tensor<1> {
+            let logits = self.teacher_side.forward(x.clone()) + self.learner.forward(x);
+            CrossEntropyLossConfig::new()
+                .init(&logits.device())
+                .forward(logits, y)
+        }
+    }
+
+    fn app_pair(device: &Device) -> AppPair {
+        AppPair {
+            teacher_side: model::MlpSmall::new(device),
+            learner: model::MlpSmall::new(device),
+        }
+    }
+
+    #[test]
+    fn an_apps_module_trains_the_co_model_as_the_built_in_step_does() {
+        let device = Device::flex();
+        let data = toy(3);
+        let co = initial_weights(ModelKind::MlpSmall, 11);
+        let control = initial_weights(ModelKind::MlpSmall, 12);
+        let layout = ControlLayout::new("teacher_side", "learner").unwrap();
+        let p = params(0.1);
+        let mut steps = 0;
+        let app = train_controlled(
+            app_pair,
+            &device,
+            &layout,
+            &control,
+            &co,
+            &data,
+            &p,
+            9,
+            &mut |_| {
+                steps += 1;
+                true
+            },
+        )
+        .unwrap();
+        let built_in = train_co_model(
+            Weights::new(ModelKind::MlpSmall, &co),
+            Weights::new(ModelKind::MlpSmall, &control),
+            &device,
+            &data,
+            &p,
+            9,
+        )
+        .unwrap();
+        assert_eq!(steps, 3 * 64 / 16);
+        // Only F_s's tensors, under their own names, and F_m frozen although the loss reaches it:
+        // the very update of the built-in step (same shuffles, same arithmetic).
+        assert_eq!(app.delta.specs(), co.specs());
+        assert!(app.delta.0.values().any(|t| t.data.iter().any(|v| *v != 0.0)));
+        assert_eq!(app, built_in);
+    }
+
+    #[test]
+    fn an_apps_module_is_refused_a_control_model_it_does_not_hold() {
+        let device = Device::flex();
+        let co = initial_weights(ModelKind::MlpSmall, 11);
+        let wrong = initial_weights(ModelKind::Mlp, 12);
+        let layout = ControlLayout::new("teacher_side", "learner").unwrap();
+        let mut steps = 0;
+        let err = train_controlled(
+            app_pair,
+            &device,
+            &layout,
+            &wrong,
+            &co,
+            &toy(0),
+            &params(0.1),
+            9,
+            &mut |_| {
+                steps += 1;
+                true
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Model(_)), "{err}");
+        assert_eq!(steps, 0);
+        for (control, co) in [("a", "a"), ("", "b"), ("a.b", "c")] {
+            assert!(ControlLayout::new(control, co).is_err(), "{control:?} {co:?}");
+        }
     }
 
     #[test]

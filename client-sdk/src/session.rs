@@ -18,8 +18,12 @@
 //! model trained from `x` and from the block's chain `y_m`, both trained models' losses reported,
 //! as [`crate::block_cyclic`]; progress counts through the two trainings in turn); and FedSubAvg
 //! when the app declares its rows ([`Session::with_submodel`]: the module holds local tables, see
-//! [`crate::submodel`]). DC-CCL's co-model and anonymous embeddings still need the SDK's built-in
-//! models ([`crate::device::Device`]); a session refuses them with [`SessionError::Unsupported`].
+//! [`crate::submodel`]); DC-CCL when the app's module holds the control model beside the co-model
+//! ([`Session::with_control_model`]: the control model is downloaded once per version and kept in
+//! the state, only the co-model trains, see [`crate::dc_ccl::ControlLayout`]). A round a session
+//! cannot run is refused with [`SessionError::Unsupported`] before anything is downloaded.
+//! Anonymous embeddings have no rounds: a device fits its embedding with
+//! [`crate::anon::fit_embedding_with`] and submits samples when it likes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +40,7 @@ use fedhive_shared::{NamedTensors, fedlaavg};
 
 use crate::block_cyclic;
 use crate::client::{ClientError, FedhiveClient};
+use crate::dc_ccl::{self, ControlLayout};
 use crate::federated::{FederatedModel, LocalData};
 use crate::local_work::{LocalWork, encode_update};
 use crate::model;
@@ -55,7 +60,7 @@ pub enum SessionError {
     Submodel(#[from] SubmodelError),
     #[error("the server sent a model this device cannot read: {0}")]
     BadModel(String),
-    #[error("{0} rounds need one of the SDK's built-in models (fedhive_client::device::Device)")]
+    #[error("this session cannot take part in the round: {0}")]
     Unsupported(&'static str),
 }
 
@@ -188,6 +193,8 @@ pub struct Session<M, D> {
     credentials: Option<DeviceCredentials>,
     /// FedSubAvg: the rows of each table the device's data touches (ascending).
     submodel: Option<BTreeMap<String, Vec<u64>>>,
+    /// DC-CCL: where the module keeps the control model and the co-model.
+    control: Option<ControlLayout>,
 }
 
 /// The round's starting point: the whole model, or (FedSubAvg) this device's submodel.
@@ -255,6 +262,7 @@ where
             seed: rand::random(),
             credentials,
             submodel: None,
+            control: None,
         })
     }
 
@@ -266,6 +274,14 @@ where
         submodel::check_rows(&rows)?;
         self.submodel = Some(rows);
         Ok(self)
+    }
+
+    /// Takes part in a DC-CCL task: the app's module holds the control model `F_m` and the
+    /// co-model `F_s` in the two fields `layout` names and computes its loss on their summed
+    /// outputs. Each round trains only `F_s` (the task's model) beside the published `F_m`.
+    pub fn with_control_model(mut self, layout: ControlLayout) -> Self {
+        self.control = Some(layout);
+        self
     }
 
     /// Seeds the local step's shuffles (mixed with each round's id); random by default.
@@ -538,6 +554,30 @@ where
             .map_err(|e| SessionError::BadModel(format!("chain of block `{block}`: {e}")))
     }
 
+    /// DC-CCL: version `version` of the control model, from the state or the server (then kept).
+    async fn control_model(
+        &self,
+        version: i64,
+        budget: &mut Budget<'_>,
+    ) -> Result<Result<NamedTensors, StopReason>, SessionError> {
+        let bad = |e: fedhive_shared::TensorError| SessionError::BadModel(format!("control model: {e}"));
+        if let Some(bytes) = self.state.cached_control(&self.task_id, version)? {
+            return NamedTensors::decode(&bytes).map(Ok).map_err(bad);
+        }
+        let fetched = self
+            .client
+            .download_control_model_within(&self.task_id, Some(version), budget.bytes_left())
+            .await;
+        let (_, bytes) = match fetched {
+            Err(ClientError::TooLarge { .. }) => return Ok(Err(StopReason::NetworkBytes)),
+            other => other?,
+        };
+        budget.downloaded += bytes.len() as u64;
+        let control = NamedTensors::decode(&bytes).map_err(bad)?;
+        self.state.save_control(&self.task_id, version, &bytes)?;
+        Ok(Ok(control))
+    }
+
     /// Parses a downloaded (or cached) model; a submodel must carry exactly this device's rows
     /// with the widths and dense tensors of the app's module.
     fn decode(&self, bytes: &[u8]) -> Result<RoundModel, SessionError> {
@@ -578,11 +618,17 @@ where
     ) -> Result<Result<(Vec<u8>, u64, f32), StopReason>, SessionError> {
         let work = LocalWork::of(a);
         match work {
-            LocalWork::WithControl { .. } => return Err(SessionError::Unsupported("DC-CCL")),
-            LocalWork::Chains { .. } if self.submodel.is_some() => {
-                return Err(SessionError::Unsupported("MC-PSGD with a submodel"));
+            LocalWork::WithControl { .. } if self.control.is_none() => {
+                return Err(SessionError::Unsupported(
+                    "a DC-CCL round needs a module that holds the control model (Session::with_control_model)",
+                ));
             }
-            LocalWork::Chains { .. } | LocalWork::Delta | LocalWork::GradientSum => {}
+            LocalWork::WithControl { .. } | LocalWork::Chains { .. } if self.submodel.is_some() => {
+                return Err(SessionError::Unsupported(
+                    "a FedSubAvg submodel takes part in FedSubAvg rounds only",
+                ));
+            }
+            _ => {}
         }
         let (global, sub) = match self.round_model(a, budget).await? {
             Ok(RoundModel::Whole(global)) => (global, None),
@@ -599,6 +645,16 @@ where
                 Ok(chain) => Some((chain, *chain_learning_rate)),
                 Err(reason) => return Ok(Err(reason)),
             },
+            _ => None,
+        };
+        // DC-CCL: the control model `F_m`, trained beside.
+        let control = match (&work, &self.control) {
+            (LocalWork::WithControl { version, .. }, Some(layout)) => {
+                match self.control_model(*version, budget).await? {
+                    Ok(control) => Some((layout.clone(), control)),
+                    Err(reason) => return Ok(Err(reason)),
+                }
+            }
             _ => None,
         };
         let (model, data, device) = (self.model.clone(), self.data.clone(), self.device.clone());
@@ -631,6 +687,20 @@ where
             let mut train = |start: &NamedTensors, params: &TrainingParams| {
                 training::train_model(|d| model(d), &device, start, &*data, params, seed, &mut on_step)
             };
+            if let Some((layout, control)) = control {
+                let on_co = dc_ccl::train_controlled(
+                    |d| model(d),
+                    &device,
+                    &layout,
+                    &control,
+                    &global,
+                    &*data,
+                    &params,
+                    seed,
+                    &mut on_step,
+                )?;
+                return Ok((on_co, None));
+            }
             let on_x = train(&global, &params)?;
             let Some((chain, chain_learning_rate)) = chain else {
                 return Ok((on_x, None));

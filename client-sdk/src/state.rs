@@ -12,6 +12,8 @@
 //! - `credentials.json`: the device's enrolment (`device_id`, `device_secret`).
 //! - `tasks/<task>/model.safetensors` and `model.json`: the last model downloaded and its version
 //!   (the download's ETag), reused while the version stays the same.
+//! - `tasks/<task>/control.safetensors` and `control.json`: DC-CCL's control model `F_m` and its
+//!   version, downloaded once per version.
 //! - `tasks/<task>/round.json` and `update.bin`: the round in progress ([`PendingRound`]).
 //! - `tasks/<task>/features.json`: FedSubAvg's enrolled feature set ([`EnrolledFeatures`]).
 //! - `tasks/<task>/private/`: per-task private state (e.g. an anonymous embedding's distribution),
@@ -132,38 +134,58 @@ impl DeviceState {
     /// The cached model of `task_id` if it is version `version` (its bytes checked against the
     /// digest stored with them).
     pub fn cached_model(&self, task_id: &str, version: i64) -> Result<Option<Vec<u8>>, StateError> {
+        self.cached(task_id, "model", version)
+    }
+
+    /// Keeps `bytes` as `task_id`'s model of version `version`.
+    pub fn save_model(&self, task_id: &str, version: i64, bytes: &[u8]) -> Result<(), StateError> {
+        self.save_cached(task_id, "model", version, bytes)
+    }
+
+    /// DC-CCL: the cached control model `F_m` of `task_id` if it is version `version`.
+    pub fn cached_control(&self, task_id: &str, version: i64) -> Result<Option<Vec<u8>>, StateError> {
+        self.cached(task_id, "control", version)
+    }
+
+    /// DC-CCL: keeps `bytes` as `task_id`'s control model of version `version`.
+    pub fn save_control(&self, task_id: &str, version: i64, bytes: &[u8]) -> Result<(), StateError> {
+        self.save_cached(task_id, "control", version, bytes)
+    }
+
+    /// `<stem>.safetensors` if `<stem>.json` names version `version` and the bytes match its digest.
+    fn cached(&self, task_id: &str, stem: &str, version: i64) -> Result<Option<Vec<u8>>, StateError> {
         let dir = self.task_dir(task_id)?;
-        let Some(meta) = read_json::<CachedModel>(&dir.join("model.json"))? else {
+        let meta_name = format!("{stem}.json");
+        let Some(meta) = read_json::<CachedModel>(&dir.join(&meta_name))? else {
             return Ok(None);
         };
         if meta.version != version {
             return Ok(None);
         }
-        let path = dir.join("model.safetensors");
+        let path = dir.join(format!("{stem}.safetensors"));
         let bytes = read_bytes(&path)?.ok_or_else(|| StateError::Corrupt {
             path: path.clone(),
-            reason: "model.json names a model that is missing".into(),
+            reason: format!("{meta_name} names a model that is missing"),
         })?;
         if sha256_hex(&bytes) != meta.sha256 {
             return Err(StateError::Corrupt {
                 path,
-                reason: "its bytes do not match the digest in model.json".into(),
+                reason: format!("its bytes do not match the digest in {meta_name}"),
             });
         }
         Ok(Some(bytes))
     }
 
-    /// Keeps `bytes` as `task_id`'s model of version `version`. The bytes are written before the
-    /// version that names them, so a kill between the two leaves a digest mismatch at worst,
-    /// which [`DeviceState::cached_model`] reports, not a wrong model.
-    pub fn save_model(&self, task_id: &str, version: i64, bytes: &[u8]) -> Result<(), StateError> {
+    /// The bytes are written before the version that names them, so a kill between the two
+    /// leaves a digest mismatch at worst, which [`DeviceState::cached`] reports, not a wrong model.
+    fn save_cached(&self, task_id: &str, stem: &str, version: i64, bytes: &[u8]) -> Result<(), StateError> {
         let dir = self.task_dir(task_id)?;
-        write_atomically(&dir.join("model.safetensors"), bytes)?;
+        write_atomically(&dir.join(format!("{stem}.safetensors")), bytes)?;
         let meta = CachedModel {
             version,
             sha256: sha256_hex(bytes),
         };
-        write_json(&dir.join("model.json"), &meta)
+        write_json(&dir.join(format!("{stem}.json")), &meta)
     }
 
     /// The round in progress for `task_id`, with the update's bytes once it is trained.
@@ -394,6 +416,17 @@ mod tests {
             Some(&b"weights v4"[..])
         );
         assert_eq!(state.cached_model("task-1", 5).unwrap(), None);
+        // The control model has a slot of its own: neither evicts the other.
+        state.save_control("task-1", 2, b"control v2").unwrap();
+        assert_eq!(
+            state.cached_control("task-1", 2).unwrap().as_deref(),
+            Some(&b"control v2"[..])
+        );
+        assert_eq!(
+            state.cached_model("task-1", 4).unwrap().as_deref(),
+            Some(&b"weights v4"[..])
+        );
+        assert_eq!(state.cached_control("task-1", 4).unwrap(), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! weighted by sample counts. Plain SGD (no momentum, no weight decay) keeps the device step the
 //! one the algorithm analyses and leaves no optimizer state to carry between rounds.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -93,12 +93,37 @@ where
     M: FederatedModel,
     D: LocalData<Batch = M::Batch>,
 {
+    let (after, loss) = fit_model(init, device, global, None, data, params, seed, on_step)?;
+    local_update(after, global, data.num_samples(), loss)
+}
+
+/// [`train_model`]'s training: the module loaded with `weights`, trained by plain SGD (only the
+/// parameters under the top-level field `only` when given, every other one frozen); returns all
+/// its weights and the last epoch's mean loss.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fit_model<M, D>(
+    init: impl FnOnce(&Device) -> M,
+    device: &Device,
+    weights: &NamedTensors,
+    only: Option<&str>,
+    data: &D,
+    params: &TrainingParams,
+    seed: u64,
+    on_step: &mut dyn FnMut(StepProgress) -> bool,
+) -> Result<(NamedTensors, f32), TrainError>
+where
+    M: FederatedModel,
+    D: LocalData<Batch = M::Batch>,
+{
     check_params(params)?;
     if data.num_samples() == 0 {
         return Err(TrainError::EmptyDataset);
     }
     let device = device.clone().autodiff();
-    let model = model::load_into(init(&device), global, &global.specs())?;
+    let mut model = model::load_into(init(&device), weights, &weights.specs())?;
+    if let Some(module) = only {
+        model = model.map(&mut FreezeAllBut::new(module));
+    }
     let (model, loss) = fit(
         model,
         SgdConfig::new().init(),
@@ -109,7 +134,40 @@ where
         |m, batch| m.loss(batch),
         on_step,
     )?;
-    local_update(model::read(&model)?, global, data.num_samples(), loss)
+    Ok((model::read(&model)?, loss))
+}
+
+/// Stops gradients to every parameter outside one top-level field of a module.
+pub(crate) struct FreezeAllBut<'a> {
+    module: &'a str,
+    path: Vec<String>,
+}
+
+impl<'a> FreezeAllBut<'a> {
+    pub(crate) fn new(module: &'a str) -> Self {
+        FreezeAllBut {
+            module,
+            path: Vec::new(),
+        }
+    }
+}
+
+impl ModuleMapper for FreezeAllBut<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.path.first().is_some_and(|top| top == self.module) {
+            param
+        } else {
+            param.set_require_grad(false)
+        }
+    }
 }
 
 /// The mean of [`FederatedModel::loss`] over `data` for the model `init` builds, loaded with

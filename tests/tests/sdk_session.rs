@@ -1,6 +1,7 @@
 //! The SDK as apps embed it (`fedhive_client::session`): a model the SDK has never seen (the
 //! example app's) joins a FedAvg task and a FedLaAvg task and trains on real data; a model with a
-//! sparse table joins a FedSubAvg task with its submodel; a device process SIGKILLed at each
+//! sparse table joins a FedSubAvg task with its submodel; a module holding two of the app's
+//! networks joins a DC-CCL task as the control model and the co-model; a device process SIGKILLed at each
 //! step of a round resumes it from its state directory without a second upload; corrupt state is
 //! refused with a clear error. Real server over HTTP, SQLite and PostgreSQL.
 
@@ -14,7 +15,9 @@ use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{Int, Tensor, TensorData};
+use bytes::Bytes;
 use fedhive_client::data::{Split, default_data_dir, load_fashion_mnist};
+use fedhive_client::dc_ccl::{self, ControlLayout};
 use fedhive_client::federated::{FederatedModel, LocalData};
 use fedhive_client::session::{RoundConditions, Session};
 use fedhive_client::state::DeviceState;
@@ -24,7 +27,7 @@ use fedhive_example_app::{AppImages, TwoLayerNet, accuracy, initial_weights, run
 use fedhive_shared::NamedTensors;
 use fedhive_shared::blocks::{BlockSchedule, PredictorAverage, RoundBlock, choose};
 use fedhive_shared::sparse::{RowsRequest, SparseTensors, split_specs};
-use fedhive_shared::wire::{RoundState, StrategyConfig, TaskConfig, TrainingParams};
+use fedhive_shared::wire::{RoundState, StrategyConfig, TaskConfig, TaskState, TrainingParams, WithoutCloud};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -35,6 +38,7 @@ on_both_databases!(
     an_apps_own_model_with_a_sparse_table_joins_a_fedsubavg_task,
     a_device_killed_at_each_step_resumes_without_a_second_upload,
     corrupt_device_state_is_refused_with_a_clear_error,
+    an_apps_own_models_join_a_dc_ccl_task_beside_a_cloud,
 );
 
 fn images(split: Split, from: usize, n: usize) -> AppImages {
@@ -60,6 +64,275 @@ async fn an_apps_own_model_joins_a_fedlaavg_task_and_learns(backend: Backend) {
         },
     )
     .await
+}
+
+/// The app's DC-CCL module: the cloud's control model `F_m` and the co-model `F_s`, both the
+/// example app's network, summed at the logits.
+#[derive(Module, Debug)]
+struct ControlledNet {
+    control: TwoLayerNet,
+    co: TwoLayerNet,
+}
+
+impl ControlledNet {
+    fn new(device: &burn::tensor::Device) -> Self {
+        ControlledNet {
+            control: TwoLayerNet::new(device),
+            co: TwoLayerNet::new(device),
+        }
+    }
+
+    fn logits(&self, images: Tensor<2>) -> Tensor<2> {
+        self.control.logits(images.clone()).detach() + self.co.logits(images)
+    }
+}
+
+impl FederatedModel for ControlledNet {
+    type Batch = (Tensor<2>, Tensor<1, Int>);
+
+    fn loss(&self, (images, labels): Self::Batch) -> Tensor<1> {
+        let criterion = burn::nn::loss::CrossEntropyLossConfig::new().init(&images.device());
+        criterion.forward(self.logits(images), labels)
+    }
+}
+
+/// `n` images of the classes `classes` from the split, skipping the first `skip` of them.
+fn images_of(split: Split, classes: std::ops::Range<u8>, skip: usize, n: usize) -> AppImages {
+    let all = load_fashion_mnist(&default_data_dir(), split)
+        .expect("Fashion-MNIST (apt-get install dataset-fashion-mnist)");
+    let chosen: Vec<usize> = (0..all.labels.len())
+        .filter(|&i| classes.contains(&all.labels[i]))
+        .skip(skip)
+        .take(n)
+        .collect();
+    AppImages {
+        pixels: chosen
+            .iter()
+            .flat_map(|&i| all.images[i * 784..(i + 1) * 784].iter().copied())
+            .collect(),
+        labels: chosen.iter().map(|&i| all.labels[i]).collect(),
+    }
+}
+
+/// Test accuracy of the summed logits `F_m(x) + F_s(x)`, the app's own forward pass.
+fn controlled_accuracy(
+    layout: &ControlLayout,
+    control: &NamedTensors,
+    co: &NamedTensors,
+    data: &AppImages,
+) -> f32 {
+    let device = burn::tensor::Device::flex();
+    let net = dc_ccl::load_controlled(ControlledNet::new, &device, layout, control, co).unwrap();
+    let all: Vec<usize> = (0..data.num_samples()).collect();
+    let (x, y) = data.batch(&all, &device);
+    let hits: i64 = net
+        .logits(x)
+        .argmax(1)
+        .squeeze_dim::<1>(1)
+        .equal(y)
+        .int()
+        .sum()
+        .try_into_scalar()
+        .unwrap();
+    hits as f32 / data.num_samples() as f32
+}
+
+/// DC-CCL with an app's own models: the cloud (played here by the test, with the worker token)
+/// holds classes 0-4 and publishes a control model trained on them; two devices hold classes 5-9
+/// and train the co-model through a session whose module holds both (`with_control_model`).
+/// Each round fuses the cloud's copy with the devices'; the control model is downloaded once.
+async fn an_apps_own_models_join_a_dc_ccl_task_beside_a_cloud(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(dir.path(), &db).await.unwrap();
+    let client = server.client();
+    let device = burn::tensor::Device::flex();
+    let layout = ControlLayout::new("control", "co").unwrap();
+    let (rounds, params) = (
+        3,
+        TrainingParams {
+            local_epochs: 3,
+            max_local_steps: 0,
+            batch_size: 32,
+            learning_rate: 0.1,
+        },
+    );
+    let co_initial = initial_weights(&device, 0).unwrap();
+    let base = task_config(&co_initial, 2, rounds);
+    let config = TaskConfig {
+        strategy: StrategyConfig::DcCcl {
+            cloud_weight: 0.5,
+            without_cloud: WithoutCloud::Abandon,
+            control_model: "example_mlp2".into(),
+            control_tensors: co_initial.specs(),
+        },
+        require_enrolled_device: true,
+        training: params.clone(),
+        ..base
+    };
+    let created = client.create_task(&config, co_initial.encode()).await.unwrap();
+    let (task, token) = (created.task_id, created.worker_token.unwrap());
+
+    // The cloud: F_m trained on its own classes (the example app's network, FedAvg's local step).
+    let cloud_data = Arc::new(images_of(Split::Train, 0..5, 0, 2000));
+    let control = {
+        let start = initial_weights(&device, 1).unwrap();
+        let trained = fedhive_client::training::train_model(
+            TwoLayerNet::new,
+            &device,
+            &start,
+            &*cloud_data,
+            &params,
+            1,
+            &mut |_| true,
+        )
+        .unwrap();
+        start.add(&trained.delta)
+    };
+    client
+        .publish_control_model(&task, 1, &token, Bytes::from(control.encode()))
+        .await
+        .unwrap();
+    // Its copy of F_s each round, trained beside F_m on cloud data by the same module.
+    let cloud = {
+        let (client, task, token, layout, control) = (
+            client.clone(),
+            task.clone(),
+            token.clone(),
+            layout.clone(),
+            control.clone(),
+        );
+        tokio::spawn(async move {
+            let mut contributed = 0;
+            loop {
+                let status = client.cloud_status(&task, &token).await.unwrap();
+                if status.state == TaskState::Finished {
+                    return contributed;
+                }
+                let open = status.round.filter(|_| !status.cloud_submitted);
+                let Some(round) = open else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                let (_, bytes) = client
+                    .download_model(&task, Some(round.base_version))
+                    .await
+                    .unwrap();
+                let co = NamedTensors::decode(&bytes).unwrap();
+                let (layout, control, data, params) = (
+                    layout.clone(),
+                    control.clone(),
+                    cloud_data.clone(),
+                    status.training.clone(),
+                );
+                let update = tokio::task::spawn_blocking(move || {
+                    let device = burn::tensor::Device::flex();
+                    dc_ccl::train_controlled(
+                        ControlledNet::new,
+                        &device,
+                        &layout,
+                        &control,
+                        &co,
+                        &*data,
+                        &params,
+                        2,
+                        &mut |_| true,
+                    )
+                })
+                .await
+                .unwrap()
+                .unwrap();
+                client
+                    .submit_cloud_update(&task, round.round_id, &token, Bytes::from(update.delta.encode()))
+                    .await
+                    .unwrap();
+                contributed += 1;
+            }
+        })
+    };
+
+    let key = client.create_enrolment_key("app").await.unwrap().enrolment_key;
+    let session = |shard: usize| {
+        let state = DeviceState::open(dir.path().join(format!("device-{shard}"))).unwrap();
+        let data = Arc::new(images_of(Split::Train, 5..10, shard * 1000, 1000));
+        Session::new(
+            client.clone(),
+            &task,
+            state,
+            device.clone(),
+            ControlledNet::new,
+            data,
+        )
+        .unwrap()
+        .with_control_model(layout.clone())
+        .with_seed(shard as u64)
+    };
+    let (mut a, mut b) = (session(0), session(1));
+    a.enrol(&key).await.unwrap();
+    b.enrol(&key).await.unwrap();
+    let conditions = RoundConditions::default();
+    let (ra, rb) = tokio::join!(
+        run_rounds(&mut a, &conditions, None),
+        run_rounds(&mut b, &conditions, None)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra.finished && rb.finished, "{ra:?} {rb:?}");
+    assert_eq!(
+        (ra.contributed, rb.contributed),
+        (rounds, rounds),
+        "{ra:?} {rb:?}"
+    );
+    assert_eq!(cloud.await.unwrap(), rounds);
+    // Each device downloaded F_s once a round and F_m once (both are the same network here).
+    let model_bytes = co_initial.encode().len() as u64;
+    assert_eq!(
+        ra.bytes_downloaded,
+        (u64::from(rounds) + 1) * model_bytes,
+        "{ra:?}"
+    );
+    assert_eq!(
+        rb.bytes_downloaded,
+        (u64::from(rounds) + 1) * model_bytes,
+        "{rb:?}"
+    );
+
+    let all_rounds = client.rounds(&task).await.unwrap();
+    assert!(
+        all_rounds
+            .iter()
+            .all(|r| r.state == RoundState::Committed && r.accepted == 2),
+        "{all_rounds:?}"
+    );
+    let (_, bytes) = client.download_model(&task, None).await.unwrap();
+    let co_final = NamedTensors::decode(&bytes).unwrap();
+    let test_all = images_of(Split::Test, 0..10, 0, 2000);
+    let test_devices = images_of(Split::Test, 5..10, 0, 1000);
+    let control_alone = accuracy(&control, &test_all, &device).unwrap();
+    let (before, after) = (
+        controlled_accuracy(&layout, &control, &co_initial, &test_all),
+        controlled_accuracy(&layout, &control, &co_final, &test_all),
+    );
+    let on_devices = (
+        controlled_accuracy(&layout, &control, &co_initial, &test_devices),
+        controlled_accuracy(&layout, &control, &co_final, &test_devices),
+    );
+    eprintln!(
+        "DC-CCL, the example app's models: F_m alone {control_alone}; F_m + F_s {before} -> {after} \
+         (devices' classes {} -> {}); bytes downloaded per device {} ({rounds} x F_s + F_m, {model_bytes} each)",
+        on_devices.0, on_devices.1, ra.bytes_downloaded
+    );
+    assert!(
+        control_alone < 0.55,
+        "F_m knows only the cloud's classes: {control_alone}"
+    );
+    assert!(
+        on_devices.1 > on_devices.0 + 0.4,
+        "devices' classes {on_devices:?}"
+    );
+    assert!(
+        after > control_alone + 0.15 && after > before + 0.15,
+        "{control_alone} / {before} -> {after}"
+    );
 }
 
 /// Two devices with the example app's model train 3 rounds of a `strategy` task on 1,000
