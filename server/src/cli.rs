@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Database URL (sqlite://PATH or postgres://USER@HOST/DB); default: SQLite under --data-dir.
     #[arg(long, env = "FEDHIVE_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Blob store for models and updates: `s3://BUCKET/PREFIX` (any S3-compatible store; endpoint
+    /// and credentials from the `AWS_*` environment variables); default: `<data-dir>/blobs`.
+    #[arg(long, env = "FEDHIVE_BLOB_STORE")]
+    pub blob_store: Option<String>,
     /// The bootstrap admin token: every operator endpoint, and the only credential that creates,
     /// lists and revokes named tokens (`fedhive token ...`).
     #[arg(long, env = "FEDHIVE_ADMIN_TOKEN", hide_env_values = true)]
@@ -123,6 +127,7 @@ impl ServeArgs {
     pub fn into_config(self) -> ServerConfig {
         let mut config = ServerConfig::new(self.listen, self.data_dir);
         config.database_url = self.database_url;
+        config.blob_store = self.blob_store;
         config.admin_token = self.admin_token;
         config.insecure_dev = self.insecure_dev;
         config.coordinator = CoordinatorOptions {

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// `sqlite://...` or `postgres://...`; default: `sqlite://<data_dir>/fedhive.db`.
     pub database_url: Option<String>,
+    /// `s3://bucket/prefix` (see [`blobs::BlobStore::connect`]); default: `<data_dir>/blobs`.
+    pub blob_store: Option<String>,
     /// Bearer token for operator endpoints; `None` only together with `insecure_dev`.
     pub admin_token: Option<String>,
     pub insecure_dev: bool,
@@ -70,6 +72,7 @@ impl ServerConfig {
             listen,
             data_dir,
             database_url: None,
+            blob_store: None,
             admin_token: None,
             insecure_dev: false,
             coordinator: CoordinatorOptions::default(),
@@ -161,7 +164,17 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let db = db::Db::connect(&url)
         .await
         .with_context(|| format!("opening database {}", redact(&url)))?;
-    let blobs = blobs::BlobStore::open(config.data_dir.join("blobs")).context("opening blob store")?;
+    let local_blobs = config.data_dir.join("blobs");
+    let blobs = match &config.blob_store {
+        None => blobs::BlobStore::open(&local_blobs).context("opening blob store")?,
+        Some(url) => blobs::BlobStore::connect(url, &local_blobs)?,
+    };
+    blobs.check().await.with_context(|| {
+        format!(
+            "reaching blob store {}",
+            config.blob_store.as_deref().unwrap_or("(directory)")
+        )
+    })?;
     let coordinator = Arc::new(Coordinator::new(db, blobs, config.coordinator.clone()));
     coordinator.tick().await.context("recovering rounds")?;
     // The ticker task also returns freed memory to the system every few seconds (see `memory`).

@@ -118,6 +118,64 @@ pub struct ServerProcess {
     /// Where its log goes and at what `RUST_LOG` (a restart appends); `None`: the test's stderr at
     /// `warn`.
     log: Option<(PathBuf, String)>,
+    /// Extra environment variables (a restart keeps them).
+    env: Vec<(String, String)>,
+}
+
+/// A prefix of its own, for one test, in the test bucket of a real S3 server (SeaweedFS, which
+/// `.ci/run` installs and starts like PostgreSQL): `FEDHIVE_TEST_S3_ENDPOINT` (default
+/// `http://127.0.0.1:8333`), `FEDHIVE_TEST_S3_BUCKET` (default `fedhive-test`), and the credentials
+/// `FEDHIVE_TEST_S3_KEY`/`FEDHIVE_TEST_S3_SECRET` (default `fedhive-test`/`fedhive-test-secret`).
+#[derive(Debug, Clone)]
+pub struct S3Prefix {
+    /// `s3://bucket/prefix`, as `fedhive serve --blob-store` takes it.
+    pub url: String,
+    /// The server's `AWS_*` environment for it.
+    pub env: Vec<(String, String)>,
+}
+
+impl S3Prefix {
+    pub fn new() -> S3Prefix {
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+        let bucket = var("FEDHIVE_TEST_S3_BUCKET", "fedhive-test");
+        let prefix = format!("t{:016x}", rand::random::<u64>());
+        S3Prefix {
+            url: format!("s3://{bucket}/{prefix}"),
+            env: vec![
+                (
+                    "AWS_ENDPOINT".into(),
+                    var("FEDHIVE_TEST_S3_ENDPOINT", "http://127.0.0.1:8333"),
+                ),
+                (
+                    "AWS_ACCESS_KEY_ID".into(),
+                    var("FEDHIVE_TEST_S3_KEY", "fedhive-test"),
+                ),
+                (
+                    "AWS_SECRET_ACCESS_KEY".into(),
+                    var("FEDHIVE_TEST_S3_SECRET", "fedhive-test-secret"),
+                ),
+                ("AWS_ALLOW_HTTP".into(), "true".into()),
+            ],
+        }
+    }
+
+    /// The same store as the server's, for a test to look into (settings as `object_store`
+    /// names them: the environment's names, lower-case).
+    pub fn open(&self, local: &Path) -> fedhive_server::blobs::BlobStore {
+        let settings: Vec<(String, String)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_lowercase(), v.clone()))
+            .collect();
+        fedhive_server::blobs::BlobStore::connect_with(&self.url, local, &settings)
+            .expect("the test S3 store (SeaweedFS: .ci/run starts it)")
+    }
+}
+
+impl Default for S3Prefix {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The `fedhive-e2e-server` binary: cargo builds a package's binaries for its integration tests and
@@ -152,6 +210,22 @@ impl ServerProcess {
             &[],
             ClientTls::default(),
             None,
+            &[],
+        )
+        .await
+    }
+
+    /// Like [`ServerProcess::start`], its blobs in `s3` (`--blob-store`, and the `AWS_*`
+    /// environment).
+    pub async fn start_on_s3(data_dir: &Path, db: &TestDb, s3: &S3Prefix) -> anyhow::Result<ServerProcess> {
+        Self::start_on(
+            data_dir,
+            db.url.clone(),
+            free_port(),
+            &["--blob-store", &s3.url],
+            ClientTls::default(),
+            None,
+            &s3.env,
         )
         .await
     }
@@ -173,6 +247,7 @@ impl ServerProcess {
             flags,
             ClientTls::default(),
             log,
+            &[],
         )
         .await
     }
@@ -197,6 +272,7 @@ impl ServerProcess {
             flags,
             ClientTls::default(),
             None,
+            &[],
         )
         .await
     }
@@ -221,7 +297,7 @@ impl ServerProcess {
             ca_pem: Some(ca.cert_pem()),
             ..ClientTls::default()
         };
-        Self::start_on(data_dir, db.url.clone(), free_port(), &all, client_tls, None).await
+        Self::start_on(data_dir, db.url.clone(), free_port(), &all, client_tls, None, &[]).await
     }
 
     async fn start_on(
@@ -231,6 +307,7 @@ impl ServerProcess {
         flags: &[&str],
         client_tls: ClientTls,
         log: Option<(PathBuf, String)>,
+        env: &[(String, String)],
     ) -> anyhow::Result<ServerProcess> {
         let https = flags.contains(&"--tls-cert");
         let mut cmd = Command::new(server_binary());
@@ -243,6 +320,7 @@ impl ServerProcess {
             .arg(ADMIN_TOKEN)
             .args(["--tick-ms", "50", "--checkin-retry-ms", "100"])
             .args(flags)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null());
         match &log {
             Some((path, filter)) => {
@@ -274,6 +352,7 @@ impl ServerProcess {
             client_tls,
             flags: flags.iter().map(|flag| flag.to_string()).collect(),
             log,
+            env: env.to_vec(),
         };
         server.wait_ready().await?;
         Ok(server)
@@ -343,6 +422,7 @@ impl ServerProcess {
             &flags,
             self.client_tls.clone(),
             self.log.clone(),
+            &self.env,
         )
         .await?;
         *self = fresh;

@@ -1,12 +1,15 @@
 //! SIGKILL the server mid-round, restart it on the same state, finish the round: no acknowledged
-//! upload is lost or double-counted, and the committed model equals an uncrashed run's bit for bit.
+//! upload is lost or double-counted, and the committed model equals an uncrashed run's bit for bit,
+//! with the blobs in the data directory or in a real S3 store (SeaweedFS), which must end up holding
+//! the models and none of the round's updates.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use fedhive_client::client::FedhiveClient;
 use fedhive_e2e::{
-    Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors, wait_for_version,
+    Backend, S3Prefix, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors,
+    wait_for_version,
 };
 use fedhive_shared::wire::{Assignment, UploadReceipt};
 
@@ -14,8 +17,17 @@ const DEVICES: usize = 8;
 
 on_both_databases!(
     kill_mid_round_commits_the_uncrashed_model,
-    kill_after_last_upload_commits_once
+    kill_after_last_upload_commits_once,
+    kill_mid_round_with_blobs_in_s3_commits_the_uncrashed_model,
+    kill_after_last_upload_with_blobs_in_s3_commits_once,
 );
+
+/// Where the server keeps its blobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blobs {
+    Dir,
+    S3,
+}
 
 /// Device j's update: irregular values so that float summation order would show in the bits.
 fn update(j: usize) -> (u64, Bytes) {
@@ -32,12 +44,17 @@ struct Run {
     client: FedhiveClient,
     task: String,
     assignments: Vec<Assignment>,
+    s3: Option<S3Prefix>,
 }
 
-async fn new_run(backend: Backend) -> Run {
+async fn new_run(backend: Backend, blobs: Blobs) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::create(backend).await.unwrap();
-    let server = ServerProcess::start(dir.path(), &db).await.unwrap();
+    let s3 = (blobs == Blobs::S3).then(S3Prefix::new);
+    let server = match &s3 {
+        None => ServerProcess::start(dir.path(), &db).await.unwrap(),
+        Some(s3) => ServerProcess::start_on_s3(dir.path(), &db, s3).await.unwrap(),
+    };
     let client = server.client();
     let initial = small_tensors(|i| (i as f32).sin());
     let task = client
@@ -59,6 +76,7 @@ async fn new_run(backend: Backend) -> Run {
         client,
         task,
         assignments,
+        s3,
     }
 }
 
@@ -78,11 +96,33 @@ async fn committed_model(run: &Run) -> Bytes {
         (rounds[0].accepted, rounds[0].total_samples as u64),
         (DEVICES as i64, expected_samples)
     );
+    if let Some(s3) = &run.s3 {
+        blobs_are_in_s3(run, s3, rounds[0].round_id).await;
+    }
     run.client.download_model(&run.task, Some(1)).await.unwrap().1
 }
 
+/// The models are in the bucket, not on local disk, and the committed round's updates are gone.
+async fn blobs_are_in_s3(run: &Run, s3: &S3Prefix, round_id: i64) {
+    let local = run.server.data_dir.join("blobs");
+    let store = s3.open(&local);
+    let mut models = store.list(&format!("models/{}", run.task)).await.unwrap();
+    models.sort();
+    assert_eq!(models, ["0.safetensors", "1.safetensors"]);
+    assert!(!local.join("models").exists(), "a model blob on local disk");
+    let updates = format!("updates/{round_id}");
+    let started = std::time::Instant::now();
+    while !store.list(&updates).await.unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the committed round's updates are still in the bucket"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn uncrashed_model(backend: Backend) -> Bytes {
-    let run = new_run(backend).await;
+    let run = new_run(backend, Blobs::Dir).await;
     for (j, a) in run.assignments.iter().enumerate() {
         upload(&run.client, a, j).await.unwrap();
     }
@@ -90,8 +130,25 @@ async fn uncrashed_model(backend: Backend) -> Bytes {
 }
 
 async fn kill_mid_round_commits_the_uncrashed_model(backend: Backend) {
+    kill_mid_round(backend, Blobs::Dir).await
+}
+
+async fn kill_mid_round_with_blobs_in_s3_commits_the_uncrashed_model(backend: Backend) {
+    kill_mid_round(backend, Blobs::S3).await
+}
+
+async fn kill_after_last_upload_commits_once(backend: Backend) {
+    kill_after_last_upload(backend, Blobs::Dir).await
+}
+
+async fn kill_after_last_upload_with_blobs_in_s3_commits_once(backend: Backend) {
+    kill_after_last_upload(backend, Blobs::S3).await
+}
+
+/// The uncrashed model is the directory store's: the blob store must not change a bit.
+async fn kill_mid_round(backend: Backend, blobs: Blobs) {
     let expected = uncrashed_model(backend).await;
-    let mut run = new_run(backend).await;
+    let mut run = new_run(backend, blobs).await;
     let raw = run.server.raw_client();
 
     // Three uploads acknowledged, then five in flight when the server is killed.
@@ -132,9 +189,9 @@ async fn kill_mid_round_commits_the_uncrashed_model(backend: Backend) {
     );
 }
 
-async fn kill_after_last_upload_commits_once(backend: Backend) {
+async fn kill_after_last_upload(backend: Backend, blobs: Blobs) {
     let expected = uncrashed_model(backend).await;
-    let mut run = new_run(backend).await;
+    let mut run = new_run(backend, blobs).await;
     for (j, a) in run.assignments.iter().enumerate() {
         upload(&run.client, a, j).await.unwrap();
     }

@@ -1,0 +1,99 @@
+//! The blob store's contract, the same on both implementations: the data directory and a real S3
+//! server (SeaweedFS, started by `.ci/run`).
+
+use bytes::Bytes;
+use fedhive_e2e::S3Prefix;
+use fedhive_server::blobs::BlobStore;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(&BlobStore::open(dir.path().join("blobs")).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s3_bucket_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = S3Prefix::new().open(&dir.path().join("blobs"));
+    contract(&store).await;
+    // Nothing went to local disk.
+    assert_eq!(std::fs::read_dir(dir.path().join("blobs")).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_s3_server_fails_its_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Prefix::new();
+    for (key, value) in &mut s3.env {
+        if key == "AWS_ENDPOINT" {
+            // A port nothing listens on.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            *value = format!("http://127.0.0.1:{port}");
+        }
+    }
+    let store = s3.open(&dir.path().join("blobs"));
+    assert!(store.check().await.is_err());
+    assert!(
+        store
+            .put("models/t/0.safetensors", Bytes::from_static(b"x"))
+            .await
+            .is_err()
+    );
+}
+
+async fn contract(store: &BlobStore) {
+    store.check().await.unwrap();
+    let missing = store.get("models/t-1/0.safetensors").await.unwrap_err();
+    assert_eq!(missing.kind(), std::io::ErrorKind::NotFound, "{missing}");
+    store
+        .put("models/t-1/0.safetensors", Bytes::from_static(b"v0"))
+        .await
+        .unwrap();
+    store
+        .put("models/t-1/1.safetensors", Bytes::from_static(b"v1"))
+        .await
+        .unwrap();
+    store
+        .put("updates/7/a.safetensors", Bytes::from_static(b"a"))
+        .await
+        .unwrap();
+    store
+        .put("updates/7/b.safetensors", Bytes::from_static(b"b"))
+        .await
+        .unwrap();
+    store
+        .put("updates/70/c.safetensors", Bytes::from_static(b"c"))
+        .await
+        .unwrap();
+    // A put replaces.
+    store
+        .put("models/t-1/1.safetensors", Bytes::from_static(b"v1'"))
+        .await
+        .unwrap();
+    assert_eq!(store.get("models/t-1/1.safetensors").await.unwrap(), &b"v1'"[..]);
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(store.list("models/t-1").await.unwrap()),
+        ["0.safetensors", "1.safetensors"]
+    );
+    assert_eq!(
+        sorted(store.list("updates/7").await.unwrap()),
+        ["a.safetensors", "b.safetensors"]
+    );
+    assert!(store.list("updates/8").await.unwrap().is_empty());
+    // A folder and everything in it, not its namesake's (`updates/70`).
+    store.delete_prefix("updates/7").await.unwrap();
+    assert!(store.list("updates/7").await.unwrap().is_empty());
+    assert_eq!(store.list("updates/70").await.unwrap(), ["c.safetensors"]);
+    store.delete_prefix("updates/8").await.unwrap();
+    store.delete("models/t-1/0.safetensors").await.unwrap();
+    store.delete("models/t-1/0.safetensors").await.unwrap();
+    assert_eq!(store.list("models/t-1").await.unwrap(), ["1.safetensors"]);
+}
