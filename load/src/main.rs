@@ -170,6 +170,10 @@ struct RunArgs {
     /// Keep the started server's data directory and log here instead of a temporary directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The started server's --blob-store (`s3://BUCKET/PREFIX`, the `AWS_*` environment passed on);
+    /// default: its data directory.
+    #[arg(long)]
+    blob_store: Option<String>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -265,6 +269,7 @@ struct Target {
     admin_token: String,
     pid: Option<u32>,
     database: String,
+    blob_store: String,
     process: Option<ServerProcess>,
     postgres: Option<FreshPostgres>,
     _data_dir: Option<tempfile::TempDir>,
@@ -303,6 +308,7 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
             admin_token,
             pid: args.server_pid,
             database: "external".into(),
+            blob_store: "external".into(),
             process: None,
             postgres: None,
             _data_dir: None,
@@ -349,6 +355,7 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         log_filter: args.server_log.clone(),
         log_path: data_dir.join("server.log"),
         tls: tls_files,
+        blob_store: args.blob_store.clone(),
     };
     let process = ServerProcess::spawn(
         &options,
@@ -368,6 +375,7 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
         admin_token,
         pid: Some(process.pid()),
         database: if postgres.is_some() { "postgres" } else { "sqlite" }.into(),
+        blob_store: args.blob_store.clone().unwrap_or_else(|| "directory".into()),
         process: Some(process),
         postgres,
         _data_dir: tempdir,
@@ -653,6 +661,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             update_bytes,
             update_encoding: args.update_encoding,
             database: target.database.clone(),
+            blob_store: target.blob_store.clone(),
             train_ms: args.train_ms,
             dropout: args.dropout,
             retries: args.retries,

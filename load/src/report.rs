@@ -17,6 +17,8 @@ pub struct Setup {
     pub update_bytes: u64,
     pub update_encoding: fedhive_shared::wire::UpdateEncoding,
     pub database: String,
+    /// `directory`, or the `s3://` URL of the blob store.
+    pub blob_store: String,
     pub train_ms: u64,
     pub dropout: f64,
     pub retries: u32,
@@ -190,13 +192,14 @@ impl Report {
         let s = &self.setup;
         let _ = writeln!(
             out,
-            "fedhive-load: {} devices, K={} per round, {} params ({:.2} MB {:?} updates), {}, {:.0} s",
+            "fedhive-load: {} devices, K={} per round, {} params ({:.2} MB {:?} updates), {}, blobs {}, {:.0} s",
             s.devices,
             s.devices_per_round,
             s.params,
             mb(s.update_bytes),
             s.update_encoding,
             s.database,
+            s.blob_store,
             self.seconds
         );
         let _ = writeln!(

@@ -102,6 +102,8 @@ pub struct SpawnOptions {
     pub log_path: PathBuf,
     /// Serve HTTPS with this certificate and key (PEM files); the harness's clients trust its CA.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// `--blob-store` (the server inherits the harness's `AWS_*` environment).
+    pub blob_store: Option<String>,
 }
 
 /// A server process the harness started; killed when dropped.
@@ -152,6 +154,9 @@ impl ServerProcess {
         }
         if let Some((cert, key)) = &options.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        if let Some(url) = &options.blob_store {
+            cmd.arg("--blob-store").arg(url);
         }
         let child = cmd.spawn().context("starting the server")?;
         let base_url = match options.tls {
