@@ -57,6 +57,7 @@ impl LocalWork {
 pub fn encode_update(update: &NamedTensors, encoding: UpdateEncoding) -> Vec<u8> {
     match encoding {
         UpdateEncoding::F32 => update.encode(),
+        UpdateEncoding::TopK { percent } => fedhive_shared::topk::encode(update, percent),
         UpdateEncoding::Int8 => {
             let mut rng = rand::rng();
             fedhive_shared::int8::encode(update, || rand::Rng::random::<f32>(&mut rng))

@@ -96,8 +96,8 @@ struct RunArgs {
     /// Model parameters (f32).
     #[arg(long, default_value_t = 1_000_000)]
     params: usize,
-    /// How the devices encode their updates: f32 or int8 (the task asks for it).
-    #[arg(long, default_value = "f32", value_parser = parse_encoding)]
+    /// How the devices encode their updates: f32, int8 or top_k:PERCENT (the task asks for it).
+    #[arg(long, default_value = "f32", value_parser = str::parse::<UpdateEncoding>)]
     update_encoding: UpdateEncoding,
     /// Tensors the parameters are split into.
     #[arg(long, default_value_t = 4)]
@@ -184,11 +184,6 @@ struct RunArgs {
     /// How to check an `https` --server-url.
     #[command(flatten)]
     client_tls: fedhive_tls::ClientTlsArgs,
-}
-
-fn parse_encoding(s: &str) -> Result<UpdateEncoding, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("unknown update encoding `{s}` (expected f32 or int8)"))
 }
 
 fn main() -> ExitCode {

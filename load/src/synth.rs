@@ -89,6 +89,7 @@ pub fn update_bodies(
             Bytes::from(match encoding {
                 UpdateEncoding::F32 => delta.encode(),
                 UpdateEncoding::Int8 => int8::encode(&delta, || rng.random::<f32>()),
+                UpdateEncoding::TopK { percent } => fedhive_shared::topk::encode(&delta, percent),
             })
         })
         .collect()

@@ -235,14 +235,17 @@ fn validate_config(strategy: &dyn Strategy, c: &TaskConfig) -> Result<(), ApiErr
         return bad("`round_deadline_secs` and `rounds` must be >= 1".into());
     }
     strategy.validate(c)?;
-    if !strategy.update_encodings().contains(&c.update_encoding) {
-        let name = |e: &UpdateEncoding| serde_json::to_string(e).unwrap_or_default();
-        let takes: Vec<String> = strategy.update_encodings().iter().map(name).collect();
+    let encodings = strategy.update_encodings();
+    if !encodings.iter().any(|e| e.kind() == c.update_encoding.kind()) {
+        let takes: Vec<&str> = encodings.iter().map(UpdateEncoding::kind).collect();
         return bad(format!(
             "`update_encoding` {} is not available for this strategy (it takes {})",
-            name(&c.update_encoding),
+            serde_json::to_string(&c.update_encoding).unwrap_or_default(),
             takes.join(", ")
         ));
+    }
+    if !c.update_encoding.is_valid() {
+        return bad("`update_encoding` top_k needs a `percent` from 1 to 100".into());
     }
     let t = &c.training;
     if t.batch_size == 0 || !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {

@@ -14,6 +14,7 @@ pub mod fedsubavg;
 pub mod int8;
 pub mod sparse;
 pub mod tensors;
+pub mod topk;
 pub mod wire;
 
 pub use fedavg::FedAvgAccumulator;

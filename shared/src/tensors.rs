@@ -60,6 +60,15 @@ pub enum TensorError {
     },
     #[error("tensor `{name}` holds a non-finite value at index {index}")]
     NonFinite { name: String, index: usize },
+    #[error(
+        "tensor `{name}` holds position {position} at index {index}: positions are strictly ascending and below {size}"
+    )]
+    BadPosition {
+        name: String,
+        index: usize,
+        position: u32,
+        size: usize,
+    },
     #[error("tensor `{name}` holds {value} at index {index}, outside the accepted range ±{limit}")]
     OutOfRange {
         name: String,
@@ -80,6 +89,7 @@ impl TensorError {
             TensorError::ShapeMismatch { .. } => "shape_mismatch",
             TensorError::NonFinite { .. } => "non_finite_value",
             TensorError::OutOfRange { .. } => "value_out_of_range",
+            TensorError::BadPosition { .. } => "bad_position",
         }
     }
 }

@@ -192,11 +192,55 @@ pub enum UpdateEncoding {
     /// int8 values with one f32 scale per 256, stochastically rounded (`fedhive_shared::int8`):
     /// 3.9x fewer bytes, unbiased.
     Int8,
+    /// The `percent` (1 to 100) of each tensor's values largest in magnitude, with their
+    /// positions (`fedhive_shared::topk`): 8 bytes a kept value; the rest read as 0.
+    TopK { percent: u8 },
 }
 
 impl UpdateEncoding {
     pub fn is_f32(&self) -> bool {
         *self == UpdateEncoding::F32
+    }
+
+    /// Whether a task may ask for it: a top-k percent is 1 to 100.
+    pub fn is_valid(&self) -> bool {
+        match self {
+            UpdateEncoding::TopK { percent } => (1..=100).contains(percent),
+            _ => true,
+        }
+    }
+
+    /// The encoding's name without its parameters (`f32`, `int8`, `top_k`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpdateEncoding::F32 => "f32",
+            UpdateEncoding::Int8 => "int8",
+            UpdateEncoding::TopK { .. } => "top_k",
+        }
+    }
+}
+
+/// `f32`, `int8` or `top_k:PERCENT` (command-line flags).
+impl std::str::FromStr for UpdateEncoding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let encoding = match s {
+            "f32" => UpdateEncoding::F32,
+            "int8" => UpdateEncoding::Int8,
+            _ => match s.strip_prefix("top_k:").map(str::parse) {
+                Some(Ok(percent)) => UpdateEncoding::TopK { percent },
+                _ => {
+                    return Err(format!(
+                        "unknown update encoding `{s}` (expected f32, int8 or top_k:PERCENT)"
+                    ));
+                }
+            },
+        };
+        if !encoding.is_valid() {
+            return Err(format!("`{s}`: a top-k percent is 1 to 100"));
+        }
+        Ok(encoding)
     }
 }
 

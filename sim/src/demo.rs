@@ -58,8 +58,8 @@ pub struct DemoOptions {
     pub batch_size: u32,
     #[arg(long, default_value_t = 0.05)]
     pub learning_rate: f32,
-    /// How devices encode their updates: f32 or int8.
-    #[arg(long, default_value = "f32", value_parser = parse_encoding)]
+    /// How devices encode their updates: f32, int8 or top_k:PERCENT.
+    #[arg(long, default_value = "f32", value_parser = str::parse::<UpdateEncoding>)]
     pub update_encoding: UpdateEncoding,
     /// Use only this many training samples (0 = all 60,000).
     #[arg(long, default_value_t = 0)]
@@ -69,11 +69,6 @@ pub struct DemoOptions {
     /// Fashion-MNIST directory (IDX .gz files).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-}
-
-fn parse_encoding(s: &str) -> Result<UpdateEncoding, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("unknown update encoding `{s}` (expected f32 or int8)"))
 }
 
 impl Default for DemoOptions {

@@ -48,7 +48,11 @@ impl Strategy for FedAvg {
     }
 
     fn update_encodings(&self) -> &'static [UpdateEncoding] {
-        &[UpdateEncoding::F32, UpdateEncoding::Int8]
+        &[
+            UpdateEncoding::F32,
+            UpdateEncoding::Int8,
+            UpdateEncoding::TopK { percent: 10 },
+        ]
     }
 
     async fn commit(

@@ -32,6 +32,7 @@ use fedhive_shared::{
     int8::Int8Layout,
     sparse::SparseTensors,
     tensors::TensorSpec,
+    topk::TopKUpdate,
     wire::{
         Assignment, CheckinResponse, ControlModelRef, StrategyConfig, TaskConfig, UpdateEncoding, UploadKind,
     },
@@ -52,6 +53,7 @@ pub use async_trait::async_trait;
 pub enum Update {
     Dense { body: Bytes, layout: TensorLayout },
     Int8 { body: Bytes, layout: Int8Layout },
+    TopK(TopKUpdate),
     Sparse(SparseTensors),
 }
 
@@ -74,6 +76,13 @@ impl Sums {
                     layout
                         .values(body, name)
                         .expect("the layout was checked against the accumulator's specs"),
+                )
+            }),
+            (Sums::Dense(acc), Update::TopK(update)) => acc.add_with(num_samples, |name| {
+                Cow::Owned(
+                    update
+                        .values(name)
+                        .expect("the update was checked against the accumulator's specs"),
                 )
             }),
             (Sums::Sparse(acc), Update::Sparse(s)) => acc.add(num_samples, s),
@@ -191,9 +200,10 @@ pub trait Strategy: Any + Send + Sync {
     /// The strategy's own checks of a task config; the coordinator checks the common fields.
     fn validate(&self, config: &TaskConfig) -> Result<(), ApiError>;
 
-    /// The update encodings its devices may be asked for (the task's `update_encoding`). Default:
-    /// f32 only; a strategy whose uploads go through the default [`decode_update`](Strategy::decode_update)
-    /// into dense sums can take int8 too.
+    /// The update encodings its devices may be asked for (the task's `update_encoding`, matched by
+    /// [`UpdateEncoding::kind`]: a top-k entry stands for every percent). Default: f32 only; a
+    /// strategy whose uploads go through the default [`decode_update`](Strategy::decode_update)
+    /// into dense sums can take int8 and top-k too.
     fn update_encodings(&self) -> &'static [UpdateEncoding] {
         &[UpdateEncoding::F32]
     }
@@ -285,6 +295,9 @@ pub trait Strategy: Any + Send + Sync {
                 layout: Int8Layout::check(body, &specs, DELTA_LIMIT)?,
                 body: body.clone(),
             },
+            UpdateEncoding::TopK { percent } => {
+                Update::TopK(TopKUpdate::check(body, &specs, percent, DELTA_LIMIT)?)
+            }
         })
     }
 

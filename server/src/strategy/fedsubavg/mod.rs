@@ -537,7 +537,9 @@ impl Strategy for FedSubAvg {
     async fn check_update(&self, store: &Store, task: &TaskRow, update: &Update) -> Result<(), ApiError> {
         match update {
             Update::Sparse(rows) => self.check_rows_held(store, &task.id, rows).await,
-            Update::Dense { .. } | Update::Int8 { .. } => unreachable!("FedSubAvg decodes sparse updates"),
+            Update::Dense { .. } | Update::Int8 { .. } | Update::TopK(_) => {
+                unreachable!("FedSubAvg decodes sparse updates")
+            }
         }
     }
 
