@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
             Box::new(move |name| layout.values(&body, name).map(|v| v.to_vec()))
         }
         Ok(Update::Int8 { body, layout }) => Box::new(move |name| layout.values(&body, name)),
+        Ok(Update::TopK(update)) => Box::new(move |name| update.values(name)),
         _ => return,
     };
     for spec in strategy.upload_specs(config) {

@@ -90,6 +90,10 @@ pub fn tasks() -> Vec<TaskConfig> {
             update_encoding: UpdateEncoding::Int8,
             ..task(StrategyConfig::FedAvg { server_lr: 1.0 })
         },
+        TaskConfig {
+            update_encoding: UpdateEncoding::TopK { percent: 10 },
+            ..task(StrategyConfig::FedAvg { server_lr: 1.0 })
+        },
     ]
 }
 

@@ -42,11 +42,17 @@ fn main() {
                     u
                 })
             }
-            _ => tensors(&strategy.upload_specs(config)).encode(),
+            _ => match config.update_encoding {
+                UpdateEncoding::TopK { percent } => {
+                    fedhive_shared::topk::encode(&tensors(&strategy.upload_specs(config)), percent)
+                }
+                _ => tensors(&strategy.upload_specs(config)).encode(),
+            },
         };
         let name = match config.update_encoding {
             UpdateEncoding::F32 => config.strategy.name().to_string(),
             UpdateEncoding::Int8 => format!("{}-int8", config.strategy.name()),
+            UpdateEncoding::TopK { .. } => format!("{}-top-k", config.strategy.name()),
         };
         let mut seed = vec![i as u8];
         seed.extend_from_slice(&body);
