@@ -23,7 +23,9 @@ use fedhive_client::session::{RoundConditions, Session};
 use fedhive_client::state::DeviceState;
 use fedhive_client::submodel::local_weights;
 use fedhive_e2e::{Backend, ServerProcess, TestDb, on_both_databases};
-use fedhive_example_app::{AppImages, TwoLayerNet, accuracy, initial_weights, run_rounds, task_config};
+use fedhive_example_app::{
+    AppImages, Summary, TwoLayerNet, accuracy, initial_weights, run_rounds, task_config,
+};
 use fedhive_shared::NamedTensors;
 use fedhive_shared::blocks::{BlockSchedule, PredictorAverage, RoundBlock, choose};
 use fedhive_shared::sparse::{RowsRequest, SparseTensors, split_specs};
@@ -267,21 +269,7 @@ async fn an_apps_own_models_join_a_dc_ccl_task_beside_a_cloud(backend: Backend) 
         .with_control_model(layout.clone())
         .with_seed(shard as u64)
     };
-    let (mut a, mut b) = (session(0), session(1));
-    a.enrol(&key).await.unwrap();
-    b.enrol(&key).await.unwrap();
-    let conditions = RoundConditions::default();
-    let (ra, rb) = tokio::join!(
-        run_rounds(&mut a, &conditions, None),
-        run_rounds(&mut b, &conditions, None)
-    );
-    let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert!(ra.finished && rb.finished, "{ra:?} {rb:?}");
-    assert_eq!(
-        (ra.contributed, rb.contributed),
-        (rounds, rounds),
-        "{ra:?} {rb:?}"
-    );
+    let (ra, rb) = enrol_and_finish(session(0), session(1), &key, rounds).await;
     assert_eq!(cloud.await.unwrap(), rounds);
     // Each device downloaded F_s once a round and F_m once (both are the same network here).
     let model_bytes = co_initial.encode().len() as u64;
@@ -409,9 +397,23 @@ async fn two_devices_finish(server: &ServerProcess, dir: &Path, task: &str, roun
         .unwrap()
         .with_seed(shard as u64)
     };
-    let (mut a, mut b) = (session(0), session(1));
-    a.enrol(&key).await.unwrap();
-    b.enrol(&key).await.unwrap();
+    enrol_and_finish(session(0), session(1), &key, rounds).await;
+}
+
+/// Enrols two sessions with `key` and runs both to the task's end at once; each must contribute
+/// to all `rounds`. Returns what each did.
+async fn enrol_and_finish<M, D>(
+    mut a: Session<M, D>,
+    mut b: Session<M, D>,
+    key: &str,
+    rounds: u32,
+) -> (Summary, Summary)
+where
+    M: FederatedModel + 'static,
+    D: LocalData<Batch = M::Batch> + Send + Sync + 'static,
+{
+    a.enrol(key).await.unwrap();
+    b.enrol(key).await.unwrap();
     let conditions = RoundConditions::default();
     let (ra, rb) = tokio::join!(
         run_rounds(&mut a, &conditions, None),
@@ -424,6 +426,7 @@ async fn two_devices_finish(server: &ServerProcess, dir: &Path, task: &str, roun
         (rounds, rounds),
         "{ra:?} {rb:?}"
     );
+    (ra, rb)
 }
 
 /// MC-PSGD: each device trains the example app's model from `x` and from the block's chain `y_m`
