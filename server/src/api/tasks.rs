@@ -329,7 +329,7 @@ struct UploadQuery {
         (status = 408, description = "`body_timeout`: nothing was recorded; send it again", body = ErrorBody),
         (status = 409, description = "`round_closed` (late, full, abandoned or past its deadline), `upload_in_flight` (the same token is still uploading), `stale_model_version`", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
-        (status = 422, description = "`missing_tensor`, `unexpected_tensor`, `shape_mismatch`, `dtype_mismatch`, `non_finite_value`, `value_out_of_range`, `malformed_tensors`, `bad_num_samples`, `round_sample_limit`, `conflicting_retry`", body = ErrorBody),
+        (status = 422, description = "`missing_tensor`, `unexpected_tensor`, `shape_mismatch`, `dtype_mismatch`, `non_finite_value`, `value_out_of_range`, `bad_position`, `malformed_tensors`, `bad_num_samples`, `round_sample_limit`, `conflicting_retry`", body = ErrorBody),
         (status = 429, description = "`rate_limited` (with `--rate-limit-per-address` or `--rate-limit-per-device`)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds"))),
         (status = 503, description = "`server_busy`: send the same upload again after `retry_after_ms`", body = ErrorBody,
