@@ -97,6 +97,10 @@ values = ["{anon_task}"]
 [parameters]
 "path.task_id" = {{ dictionary = "tasks", probability = 0.7 }}
 "path.block" = {{ dictionary = "blocks", probability = 0.7 }}
+# A predictor answers 2xx only for a block-cyclic task and no block or a real one: without the
+# dictionary a run could send every GET .../predictor elsewhere (seen after a schema change moved
+# the generator's sequence).
+"query.block" = {{ dictionary = "blocks", probability = 0.7 }}
 "path.name" = {{ dictionary = "tokens", probability = 0.7 }}
 "path.key_id" = {{ dictionary = "keys", probability = 0.7 }}
 
