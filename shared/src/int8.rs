@@ -17,7 +17,7 @@ use std::{borrow::Cow, collections::BTreeMap, ops::Range};
 
 use safetensors::{Dtype, tensor::TensorView};
 
-use crate::tensors::{NamedTensors, TensorError, TensorSpec, check_values, parse_safetensors};
+use crate::tensors::{NamedTensors, TensorError, TensorSpec, check_values, check_view, parse_safetensors};
 
 /// Values per scale.
 pub const BLOCK: usize = 256;
@@ -86,28 +86,8 @@ impl Int8Layout {
         let views: BTreeMap<String, TensorView<'_>> = st.tensors().into_iter().collect();
         for spec in specs {
             let scales = scale_name(&spec.name);
-            for (name, dtype, shape) in [
-                (&spec.name, Dtype::I8, spec.shape.clone()),
-                (&scales, Dtype::F32, vec![blocks(spec.numel())]),
-            ] {
-                let view = views
-                    .get(name)
-                    .ok_or_else(|| TensorError::MissingTensor(name.clone()))?;
-                if view.dtype() != dtype {
-                    return Err(TensorError::DtypeMismatch {
-                        name: name.clone(),
-                        found: format!("{:?}", view.dtype()),
-                        expected: if dtype == Dtype::I8 { "I8" } else { "F32" },
-                    });
-                }
-                if view.shape() != shape.as_slice() {
-                    return Err(TensorError::ShapeMismatch {
-                        name: name.clone(),
-                        expected: shape,
-                        found: view.shape().to_vec(),
-                    });
-                }
-            }
+            check_view(&views, &spec.name, Dtype::I8, &spec.shape)?;
+            check_view(&views, &scales, Dtype::F32, &[blocks(spec.numel())])?;
         }
         let expected = |k: &String| specs.iter().any(|s| &s.name == k || scale_name(&s.name) == *k);
         if let Some(extra) = views.keys().find(|k| !expected(k)) {

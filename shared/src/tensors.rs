@@ -211,6 +211,37 @@ impl NamedTensors {
 /// and among tensors with equal offsets that order is hash order, different from one parse to the
 /// next: the same body was refused naming one tensor or another, or for its offsets one time and a
 /// size the next (found by fuzzing). Every such refusal gets one message here, naming no tensor.
+/// Refuses the tensor `name` of a parsed body unless it is there with `dtype` and `shape`.
+pub(crate) fn check_view(
+    views: &BTreeMap<String, TensorView<'_>>,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<(), TensorError> {
+    let view = views
+        .get(name)
+        .ok_or_else(|| TensorError::MissingTensor(name.to_string()))?;
+    if view.dtype() != dtype {
+        return Err(TensorError::DtypeMismatch {
+            name: name.to_string(),
+            found: format!("{:?}", view.dtype()),
+            expected: match dtype {
+                Dtype::I8 => "I8",
+                Dtype::U32 => "U32",
+                _ => "F32",
+            },
+        });
+    }
+    if view.shape() != shape {
+        return Err(TensorError::ShapeMismatch {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: view.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn parse_safetensors(bytes: &[u8]) -> Result<SafeTensors<'_>, TensorError> {
     SafeTensors::deserialize(bytes).map_err(|e| {
         TensorError::Malformed(match e {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use safetensors::{Dtype, tensor::TensorView};
 
-use crate::tensors::{NamedTensors, TensorError, TensorSpec, check_values, parse_safetensors};
+use crate::tensors::{NamedTensors, TensorError, TensorSpec, check_values, check_view, parse_safetensors};
 
 /// Values kept of a tensor of `numel` values at `percent` (1 to 100): `ceil(numel * percent /
 /// 100)`, at least one.
@@ -90,26 +90,8 @@ impl TopKUpdate {
         for spec in specs {
             let k = kept(spec.numel(), percent);
             let (index_key, value_key) = (index_name(&spec.name), value_name(&spec.name));
-            for (name, dtype, expected) in [(&index_key, Dtype::U32, "U32"), (&value_key, Dtype::F32, "F32")]
-            {
-                let view = views
-                    .get(name)
-                    .ok_or_else(|| TensorError::MissingTensor(name.clone()))?;
-                if view.dtype() != dtype {
-                    return Err(TensorError::DtypeMismatch {
-                        name: name.clone(),
-                        found: format!("{:?}", view.dtype()),
-                        expected,
-                    });
-                }
-                if view.shape() != [k] {
-                    return Err(TensorError::ShapeMismatch {
-                        name: name.clone(),
-                        expected: vec![k],
-                        found: view.shape().to_vec(),
-                    });
-                }
-            }
+            check_view(&views, &index_key, Dtype::U32, &[k])?;
+            check_view(&views, &value_key, Dtype::F32, &[k])?;
             let index: Vec<u32> = bytemuck::pod_collect_to_vec(views[&index_key].data());
             let values: Vec<f32> = bytemuck::pod_collect_to_vec(views[&value_key].data());
             for (i, &position) in index.iter().enumerate() {
