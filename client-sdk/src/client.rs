@@ -109,6 +109,17 @@ fn within(resp: &reqwest::Response, max_bytes: Option<u64>) -> Result<(), Client
     }
 }
 
+/// A download's body with the version its header `header` names (0 when absent).
+async fn versioned_body(resp: reqwest::Response, header: &str) -> Result<(i64, Bytes), ClientError> {
+    let version = resp
+        .headers()
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or_default();
+    Ok((version, resp.bytes().await?))
+}
+
 impl FedhiveClient {
     /// `base_url` like `https://fl.example.com` or `http://127.0.0.1:8080`; an `https` server's
     /// certificate must chain to the public roots (see [`FedhiveClient::with_tls`] for others).
@@ -253,13 +264,7 @@ impl FedhiveClient {
         };
         let resp = self.send(|| self.request(Method::GET, &path)).await?;
         within(&resp, max_bytes)?;
-        let version = resp
-            .headers()
-            .get("fedhive-model-version")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim_matches('"').parse().ok())
-            .unwrap_or_default();
-        Ok((version, resp.bytes().await?))
+        versioned_body(resp, "fedhive-model-version").await
     }
 
     /// Uploads an update (safetensors of Delta) with its sample count. Safe to call again with the
@@ -363,13 +368,7 @@ impl FedhiveClient {
             .send(|| self.request(Method::POST, &path).json(request))
             .await?;
         within(&resp, max_bytes)?;
-        let version = resp
-            .headers()
-            .get("fedhive-model-version")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim_matches('"').parse().ok())
-            .unwrap_or_default();
-        Ok((version, resp.bytes().await?))
+        versioned_body(resp, "fedhive-model-version").await
     }
 
     /// Operator: population and per-row heat of a FedSubAvg task.
@@ -559,13 +558,7 @@ impl FedhiveClient {
             })
             .await?;
         within(&resp, max_bytes)?;
-        let version = resp
-            .headers()
-            .get("fedhive-control-version")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim_matches('"').parse().ok())
-            .unwrap_or_default();
-        Ok((version, resp.bytes().await?))
+        versioned_body(resp, "fedhive-control-version").await
     }
 
     /// DC-CCL cloud worker: its task's round in progress (with the task's worker token).
