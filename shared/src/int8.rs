@@ -137,21 +137,9 @@ impl Int8Layout {
 
     /// Every tensor read back (for a device or a test; the server folds per tensor).
     pub fn decode(&self, bytes: &[u8], specs: &[TensorSpec]) -> NamedTensors {
-        NamedTensors(
-            specs
-                .iter()
-                .map(|s| {
-                    let data = self.values(bytes, &s.name).expect("checked against these specs");
-                    (
-                        s.name.clone(),
-                        crate::Tensor {
-                            shape: s.shape.clone(),
-                            data,
-                        },
-                    )
-                })
-                .collect(),
-        )
+        NamedTensors::from_specs(specs, |s| {
+            self.values(bytes, &s.name).expect("checked against these specs")
+        })
     }
 }
 

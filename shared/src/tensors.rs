@@ -97,13 +97,18 @@ impl TensorError {
 impl NamedTensors {
     /// Zero tensors with the given specs.
     pub fn zeros(specs: &[TensorSpec]) -> Self {
+        Self::from_specs(specs, |s| vec![0.0; s.numel()])
+    }
+
+    /// Tensors with the given specs, each holding `data(spec)` (its `numel` values).
+    pub fn from_specs(specs: &[TensorSpec], mut data: impl FnMut(&TensorSpec) -> Vec<f32>) -> Self {
         NamedTensors(
             specs
                 .iter()
                 .map(|s| {
                     let t = Tensor {
                         shape: s.shape.clone(),
-                        data: vec![0.0; s.numel()],
+                        data: data(s),
                     };
                     (s.name.clone(), t)
                 })

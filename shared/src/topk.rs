@@ -131,21 +131,9 @@ impl TopKUpdate {
 
     /// Every tensor read back (for a device or a test; the server folds per tensor).
     pub fn decode(&self, specs: &[TensorSpec]) -> NamedTensors {
-        NamedTensors(
-            specs
-                .iter()
-                .map(|s| {
-                    let data = self.values(&s.name).expect("checked against these specs");
-                    (
-                        s.name.clone(),
-                        crate::Tensor {
-                            shape: s.shape.clone(),
-                            data,
-                        },
-                    )
-                })
-                .collect(),
-        )
+        NamedTensors::from_specs(specs, |s| {
+            self.values(&s.name).expect("checked against these specs")
+        })
     }
 }
 
