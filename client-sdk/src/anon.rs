@@ -553,6 +553,38 @@ mod tests {
         }
     }
 
+    const FIT: FitParams = FitParams {
+        epochs: 10,
+        batch_size: 16,
+        learning_rate: 0.05,
+    };
+
+    /// Fits `q` from `mu = (-0.5, 0)` to 64 examples of a user of class 1 with `fit`, and checks
+    /// what every fit must do: the loss halves, `mu` moves toward the user's class within
+    /// `MU_BOUND`, and the model's weights stay as they were. Returns `q` and the examples.
+    fn fit_toward_class_1(
+        weights: &NamedTensors,
+        rng: &mut StdRng,
+        fit: impl FnOnce(&mut UserEmbedding, &Examples) -> Result<FitReport, TrainError>,
+    ) -> (UserEmbedding, Examples) {
+        let before = weights.encode();
+        let data = user_examples(1, 64, rng);
+        let mut q = UserEmbedding {
+            mu: vec![-0.5, 0.0],
+            sigma: 0.1,
+        };
+        let report = fit(&mut q, &data).unwrap();
+        assert!(
+            report.loss_after < 0.5 * report.loss_before,
+            "{report:?}, mu {:?}",
+            q.mu
+        );
+        assert!(q.mu[0] > 0.5, "mu moved toward the user's class: {:?}", q.mu);
+        assert!(q.mu.iter().all(|m| m.abs() <= MU_BOUND));
+        assert_eq!(weights.encode(), before, "the model is frozen");
+        (q, data)
+    }
+
     #[test]
     fn fitting_mu_lowers_the_loss_and_leaves_the_model_untouched() {
         let device = Device::flex();
@@ -566,26 +598,9 @@ mod tests {
         let w2 = weights.0.get_mut("fc2.weight").unwrap();
         w2.data[1] = 4.0; // unit 0 -> class 1
         w2.data[SHAPE.num_classes] = 4.0; // unit 1 -> class 0
-        let before = weights.encode();
-        let data = user_examples(1, 64, &mut rng);
-        let mut q = UserEmbedding {
-            mu: vec![-0.5, 0.0],
-            sigma: 0.1,
-        };
-        let params = FitParams {
-            epochs: 10,
-            batch_size: 16,
-            learning_rate: 0.05,
-        };
-        let report = fit_embedding(&weights, SHAPE, &mut q, &data, params, &device, 1).unwrap();
-        assert!(
-            report.loss_after < 0.5 * report.loss_before,
-            "{report:?}, mu {:?}",
-            q.mu
-        );
-        assert!(q.mu[0] > 0.5, "mu moved toward the user's class: {:?}", q.mu);
-        assert!(q.mu.iter().all(|m| m.abs() <= MU_BOUND));
-        assert_eq!(weights.encode(), before, "the model is frozen");
+        fit_toward_class_1(&weights, &mut rng, |q, data| {
+            fit_embedding(&weights, SHAPE, q, data, FIT, &device, 1)
+        });
     }
 
     /// An app's own model, nothing like the built-in one: the embedding adds a per-user bias
@@ -614,41 +629,21 @@ mod tests {
         let device = Device::flex();
         let mut rng = StdRng::seed_from_u64(9);
         // The inputs say nothing; `e0` pushes class 1 up and class 0 down.
-        let mut weights = model::read(&user_bias(&device)).unwrap();
-        for t in weights.0.values_mut() {
-            t.data.iter_mut().for_each(|v| *v = 0.0);
-        }
+        let mut weights = NamedTensors::zeros(&model::specs_of(&user_bias(&device)));
         let user = weights.0.get_mut("user.weight").unwrap();
         assert_eq!(user.shape, [SHAPE.embedding_dim, SHAPE.num_classes]);
         user.data[0] = -4.0; // e0 -> class 0
         user.data[1] = 4.0; // e0 -> class 1
-        let before = weights.encode();
-        let data = user_examples(1, 64, &mut rng);
-        let mut q = UserEmbedding {
-            mu: vec![-0.5, 0.0],
-            sigma: 0.1,
-        };
-        let params = FitParams {
-            epochs: 10,
-            batch_size: 16,
-            learning_rate: 0.05,
-        };
-        let report =
-            fit_embedding_with(user_bias, &weights, SHAPE, &mut q, &data, params, &device, 1).unwrap();
-        assert!(
-            report.loss_after < 0.5 * report.loss_before,
-            "{report:?}, mu {:?}",
-            q.mu
-        );
-        assert!(q.mu[0] > 0.5, "mu moved toward the user's class: {:?}", q.mu);
-        assert_eq!(weights.encode(), before, "the model is frozen");
+        let (mut q, data) = fit_toward_class_1(&weights, &mut rng, |q, data| {
+            fit_embedding_with(user_bias, &weights, SHAPE, q, data, FIT, &device, 1)
+        });
         let samples = draw_samples(SHAPE, Some(&q), &data, &mut rng);
         let predicted = predict_samples_with(user_bias, &weights, &samples, &device).unwrap();
         assert_eq!(predicted, vec![1; data.len()]);
         // The built-in model's weights do not fit the app's module: refused, not misread.
         let built_in = initial_weights(SHAPE, 1);
         assert!(matches!(
-            fit_embedding_with(user_bias, &built_in, SHAPE, &mut q, &data, params, &device, 1),
+            fit_embedding_with(user_bias, &built_in, SHAPE, &mut q, &data, FIT, &device, 1),
             Err(TrainError::Model(_))
         ));
     }

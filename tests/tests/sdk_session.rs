@@ -150,28 +150,16 @@ async fn an_apps_own_models_join_a_dc_ccl_task_beside_a_cloud(backend: Backend) 
     let client = server.client();
     let device = burn::tensor::Device::flex();
     let layout = ControlLayout::new("control", "co").unwrap();
-    let (rounds, params) = (
-        3,
-        TrainingParams {
-            local_epochs: 3,
-            max_local_steps: 0,
-            batch_size: 32,
-            learning_rate: 0.1,
-        },
-    );
+    let rounds = 3;
     let co_initial = initial_weights(&device, 0).unwrap();
-    let base = task_config(&co_initial, 2, rounds);
-    let config = TaskConfig {
-        strategy: StrategyConfig::DcCcl {
-            cloud_weight: 0.5,
-            without_cloud: WithoutCloud::Abandon,
-            control_model: "example_mlp2".into(),
-            control_tensors: co_initial.specs(),
-        },
-        require_enrolled_device: true,
-        training: params.clone(),
-        ..base
+    let strategy = StrategyConfig::DcCcl {
+        cloud_weight: 0.5,
+        without_cloud: WithoutCloud::Abandon,
+        control_model: "example_mlp2".into(),
+        control_tensors: co_initial.specs(),
     };
+    let config = enrolled_task(&co_initial, strategy, rounds);
+    let params = config.training.clone();
     let created = client.create_task(&config, co_initial.encode()).await.unwrap();
     let (task, token) = (created.task_id, created.worker_token.unwrap());
 
@@ -332,17 +320,7 @@ async fn app_model_learns(backend: Backend, strategy: StrategyConfig) {
     let client = server.client();
     let device = burn::tensor::Device::flex();
     let initial = initial_weights(&device, 0).unwrap();
-    // Enrolled devices: each gets one upload token per round, so each trains every round.
-    let base = task_config(&initial, 2, 3);
-    let config = TaskConfig {
-        strategy: strategy.clone(),
-        require_enrolled_device: true,
-        training: TrainingParams {
-            local_epochs: 3,
-            ..base.training
-        },
-        ..base
-    };
+    let config = enrolled_task(&initial, strategy.clone(), 3);
     let task = client
         .create_task(&config, initial.encode())
         .await
@@ -371,6 +349,22 @@ async fn app_model_learns(backend: Backend, strategy: StrategyConfig) {
         after > 0.6 && after > before + 0.3,
         "test accuracy {before} -> {after}"
     );
+}
+
+/// A `strategy` task on the example app's model from `initial`, for two enrolled devices a round
+/// (each gets one upload token per round, so each trains every round), `rounds` rounds, 3 local
+/// epochs of the example's SGD (batch 32, step 0.1).
+fn enrolled_task(initial: &NamedTensors, strategy: StrategyConfig, rounds: u32) -> TaskConfig {
+    let base = task_config(initial, 2, rounds);
+    TaskConfig {
+        strategy,
+        require_enrolled_device: true,
+        training: TrainingParams {
+            local_epochs: 3,
+            ..base.training
+        },
+        ..base
+    }
 }
 
 /// Two enrolled devices with the example app's model and 1,000 Fashion-MNIST training images each
@@ -438,26 +432,18 @@ async fn an_apps_own_model_trains_both_chains_of_an_mc_psgd_task(backend: Backen
     let client = server.client();
     let device = burn::tensor::Device::flex();
     let initial = initial_weights(&device, 0).unwrap();
-    let base = task_config(&initial, 2, 2);
-    let config = TaskConfig {
-        strategy: StrategyConfig::McPsgd {
-            server_lr: 1.0,
-            schedule: BlockSchedule::Rounds {
-                blocks: vec![RoundBlock {
-                    name: "day".into(),
-                    rounds: 2,
-                }],
-            },
-            chain_learning_rate: Some(0.05),
-            predictor_average: PredictorAverage::All,
+    let strategy = StrategyConfig::McPsgd {
+        server_lr: 1.0,
+        schedule: BlockSchedule::Rounds {
+            blocks: vec![RoundBlock {
+                name: "day".into(),
+                rounds: 2,
+            }],
         },
-        require_enrolled_device: true,
-        training: TrainingParams {
-            local_epochs: 3,
-            ..base.training
-        },
-        ..base
+        chain_learning_rate: Some(0.05),
+        predictor_average: PredictorAverage::All,
     };
+    let config = enrolled_task(&initial, strategy, 2);
     let task = client
         .create_task(&config, initial.encode())
         .await
