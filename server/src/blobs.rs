@@ -16,7 +16,8 @@ use std::{
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::{
-    ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, aws::AmazonS3Builder, path::Path as ObjectPath,
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, aws::AmazonS3Builder,
+    path::Path as ObjectPath,
 };
 
 #[derive(Debug, Clone)]
@@ -156,6 +157,35 @@ impl BlobStore {
         self.latency.time("blobs", "put", write).await
     }
 
+    /// Stores `data` under `key` unless a blob is there already, durably; false if one was (it is
+    /// left as it is). For keys that name their content (an update's digest is in its key), where
+    /// two replicas may race to write the same bytes: one write wins, neither replaces the other,
+    /// and only the one that wrote the blob may later remove it. An object store gets a
+    /// conditional PUT (`If-None-Match: *`); a directory a hard link of the written file, which
+    /// fails if the name exists.
+    pub async fn put_new(&self, key: &str, data: Bytes) -> std::io::Result<bool> {
+        let write = async {
+            match &self.location {
+                Location::Dir => {
+                    let path = self.path(key);
+                    tokio::task::spawn_blocking(move || write_new_durably(&path, &data))
+                        .await
+                        .map_err(std::io::Error::other)?
+                }
+                Location::Object { store, prefix } => {
+                    let path = Self::object(prefix, key);
+                    let create = PutOptions::from(PutMode::Create);
+                    match store.put_opts(&path, PutPayload::from(data), create).await {
+                        Ok(_) => Ok(true),
+                        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                        Err(e) => Err(io_error(e)),
+                    }
+                }
+            }
+        };
+        self.latency.time("blobs", "put", write).await
+    }
+
     /// Whether the store can be used: a writable directory, or a bucket that answers a listing.
     pub async fn check(&self) -> std::io::Result<()> {
         match &self.location {
@@ -286,6 +316,28 @@ fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
     tmp.1.sync_all()?;
     std::fs::rename(&tmp.0, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// [`write_durably`], unless `path` exists (false then, and nothing is written).
+fn write_new_durably(path: &Path, data: &[u8]) -> std::io::Result<bool> {
+    let dir = path.parent().expect("blob keys have a folder");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile_in(dir)?;
+    let written = (|| {
+        tmp.1.write_all(data)?;
+        tmp.1.sync_all()?;
+        match std::fs::hard_link(&tmp.0, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    std::fs::remove_file(&tmp.0)?;
+    let created = written?;
+    if created {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(created)
 }
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {

@@ -77,6 +77,14 @@ pub struct ServeArgs {
     /// Milliseconds between checks for round deadlines.
     #[arg(long, default_value_t = 200)]
     pub tick_ms: u64,
+    /// This replica's name when several share one database and blob store (default: the host
+    /// name); see docs/replicas.md.
+    #[arg(long, env = "FEDHIVE_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+    /// Milliseconds a replica's claim to finalise a round holds unless renewed: how long a round
+    /// waits after its finaliser dies before another replica finishes it.
+    #[arg(long, default_value_t = 30_000)]
+    pub finalise_lease_ms: u64,
     /// Open connections at most; past it the server stops accepting until one closes.
     #[arg(long, default_value_t = 50_000)]
     pub max_connections: usize,
@@ -135,6 +143,9 @@ impl ServeArgs {
             max_concurrent_uploads: self.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
             max_queued_uploads: self.max_queued_uploads,
             device_rate_limit: rate_limit(self.rate_limit_per_device, self.rate_limit_device_burst),
+            replica_name: self.replica_name,
+            finalise_lease: Duration::from_millis(self.finalise_lease_ms.max(1)),
+            ..CoordinatorOptions::default()
         };
         config.tick = Duration::from_millis(self.tick_ms);
         config.connections = crate::http::ConnectionLimits {

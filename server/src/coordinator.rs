@@ -41,6 +41,7 @@ use crate::{
     devices::{self, Device},
     error::ApiError,
     rate_limit::{RateLimit, RateLimiter},
+    replicas::{self, Replica},
     store::{Store, now_ms, sha256_hex},
     strategy::{
         Registry, Strategy,
@@ -62,6 +63,14 @@ pub struct CoordinatorOptions {
     pub max_queued_uploads: usize,
     /// Check-ins and uploads per enrolled device (`None`: no limit; see [`crate::rate_limit`]).
     pub device_rate_limit: Option<RateLimit>,
+    /// This replica's name among several on one database (default: the host name).
+    pub replica_name: Option<String>,
+    /// How long a replica's claim to finalise a round holds before another may take over (it is
+    /// renewed while the finalisation runs).
+    pub finalise_lease: Duration,
+    /// How long a finaliser waits for live replicas to hand over their sums of a closing round
+    /// before it reads their updates from the blob store instead.
+    pub partials_wait: Duration,
 }
 
 impl Default for CoordinatorOptions {
@@ -71,6 +80,9 @@ impl Default for CoordinatorOptions {
             max_concurrent_uploads: default_upload_slots(),
             max_queued_uploads: 64,
             device_rate_limit: None,
+            replica_name: None,
+            finalise_lease: Duration::from_secs(30),
+            partials_wait: Duration::from_secs(3),
         }
     }
 }
@@ -99,6 +111,13 @@ pub struct Coordinator {
     accumulators: Arc<Mutex<HashMap<i64, RoundAccumulator>>>,
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
+    /// Per round, this process's uploads between their database commit and their fold: sums
+    /// are handed over (or used by this replica's finalisation) only once these are in.
+    folding: Arc<Mutex<HashMap<i64, usize>>>,
+    /// This process among the replicas sharing the database (see [`crate::replicas`]).
+    replica: Replica,
+    /// When this replica last stamped its heartbeat.
+    heartbeat: Mutex<Option<std::time::Instant>>,
     uploads: UploadAdmission,
     /// Per-device limit on check-ins and uploads, keyed by the authenticated device id.
     device_rate: Option<RateLimiter<String>>,
@@ -168,6 +187,47 @@ fn receipt(u: &UpdateRow) -> UploadReceipt {
 /// Largest upload body a task of fedhive's own strategies accepts.
 pub fn upload_limit(config: &TaskConfig) -> Result<usize, ApiError> {
     Ok(Registry::default().for_config(config)?.upload_limit(config))
+}
+
+/// An upload the database did not take.
+enum NotAccepted {
+    /// Another replica stored the same token's upload, with the same bytes, first.
+    StoredByAnother(UpdateRow),
+    Refused(ApiError),
+}
+
+/// Counts an upload of this process as on its way into a round's sums (from before its database
+/// commit until its fold), however it ends.
+struct Folding {
+    counts: Arc<Mutex<HashMap<i64, usize>>>,
+    round_id: i64,
+}
+
+impl Folding {
+    fn enter(counts: &Arc<Mutex<HashMap<i64, usize>>>, round_id: i64) -> Folding {
+        *counts.lock().expect("folding lock").entry(round_id).or_default() += 1;
+        Folding {
+            counts: counts.clone(),
+            round_id,
+        }
+    }
+
+    /// Whether an upload of this process is on its way into the round's sums.
+    fn any(counts: &Mutex<HashMap<i64, usize>>, round_id: i64) -> bool {
+        counts.lock().expect("folding lock").contains_key(&round_id)
+    }
+}
+
+impl Drop for Folding {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("folding lock");
+        if let Some(n) = counts.get_mut(&self.round_id) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.round_id);
+            }
+        }
+    }
 }
 
 /// Removes a token from the in-flight set when its upload finishes, however it finishes.
@@ -283,12 +343,16 @@ impl Coordinator {
             blobs.with_latency(telemetry.storage_latency()),
         );
         Coordinator {
+            replica: Replica::new(options.replica_name.as_deref()),
             store: Store::new(db, blobs),
             strategies,
             device_rate: options.device_rate_limit.map(RateLimiter::new),
             options,
             accumulators: Arc::default(),
             in_flight: Mutex::default(),
+            folding: Arc::default(),
+
+            heartbeat: Mutex::default(),
             uploads,
             telemetry,
         }
@@ -639,8 +703,10 @@ impl Coordinator {
         strategy.check_update(&self.store, &task, &update).await?;
         let decode = lap.lap();
 
-        let blob_key = format!("updates/{round_id}/{token_hash}.safetensors");
-        self.store.blobs.put(&blob_key, body).await?;
+        // The key names the body's digest, so a replica taking the same token with other bytes at
+        // the same moment writes elsewhere, and one with the same bytes finds them written.
+        let blob_key = format!("updates/{round_id}/{token_hash}-{sha256}.safetensors");
+        let wrote_blob = self.store.blobs.put_new(&blob_key, body).await?;
         let store = lap.lap();
         let row = UpdateRow {
             token_hash: token_hash.clone(),
@@ -649,18 +715,22 @@ impl Coordinator {
             sha256,
             blob_key,
             accepted_seq: 0,
+            replica: Some(self.replica.id().to_string()),
         };
+        let folding = Folding::enter(&self.folding, round_id);
         let Some(stored) = db.accept_update(round_id, k, &row, now_ms()).await? else {
-            // Nothing references the blob. The round may have ended (and its folder been removed)
-            // while this upload was being written, so remove the blob itself or it is left behind.
-            if let Err(e) = self.store.blobs.delete(&row.blob_key).await {
-                warn!(round = round_id, error = %e, "could not remove a refused update's blob");
-            }
-            return Err(self.why_refused(round_id, num_samples).await?);
+            return match self.not_accepted(&row, wrote_blob).await? {
+                NotAccepted::StoredByAnother(prev) => {
+                    self.telemetry.upload(&task.id, Ok("replayed"));
+                    Ok((receipt(&prev), false))
+                }
+                NotAccepted::Refused(why) => Err(why),
+            };
         };
         let accept = lap.lap();
         self.fold(round_id, strategy, &task.config, stored.clone(), update)
             .await?;
+        drop(folding);
         let stages = UploadStages {
             queue,
             read,
@@ -686,6 +756,28 @@ impl Coordinator {
             "update accepted"
         );
         Ok((receipt(&stored), stored.accepted_seq >= k))
+    }
+
+    /// What became of an update the database did not take, once its blob is dealt with. Another
+    /// replica may have stored the same token's upload meanwhile: the same bytes get that receipt
+    /// (and keep their blob, which is also that row's), other bytes `conflicting_retry`. Otherwise
+    /// the round has ended, and a blob this upload wrote is removed (the round's folder may have
+    /// gone while it was written); one it found written is another upload's to remove.
+    async fn not_accepted(&self, row: &UpdateRow, wrote_blob: bool) -> Result<NotAccepted, ApiError> {
+        let stored = self.store.db.update_for_token(&row.token_hash).await?;
+        if let Some(prev) = stored.clone()
+            && prev.sha256 == row.sha256
+            && prev.num_samples == row.num_samples
+        {
+            return Ok(NotAccepted::StoredByAnother(prev));
+        }
+        if wrote_blob && let Err(e) = self.store.blobs.delete(&row.blob_key).await {
+            warn!(round = row.round_id, error = %e, "could not remove a refused update's blob");
+        }
+        Ok(NotAccepted::Refused(match stored {
+            Some(prev) => ApiError::ConflictingRetry { stored: prev.sha256 },
+            None => self.why_refused(row.round_id, row.num_samples as u64).await?,
+        }))
     }
 
     async fn why_refused(&self, round_id: i64, num_samples: u64) -> Result<ApiError, ApiError> {
@@ -781,12 +873,102 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Finalises every round that is due: full, past its deadline, or left closing by a crash.
+    /// Finalises every round that is due: full, past its deadline, or left closing by a crash;
+    /// stamps this replica's heartbeat, and hands over its sums of rounds another replica
+    /// finalises.
     pub async fn tick(&self) -> Result<(), ApiError> {
+        self.keep_in_touch().await?;
+        self.finalize_due().await
+    }
+
+    /// Finalises every round that is due (or hands this replica's sums to the replica that does).
+    async fn finalize_due(&self) -> Result<(), ApiError> {
         for task_id in self.store.db.running_task_ids().await? {
             if let Some(round) = self.store.db.active_round(&task_id).await? {
                 self.finalize_if_due(round.id).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// What a replica owes the others, apart from finalising: its heartbeat, and its sums of the
+    /// rounds that have closed. Never waits on a finalisation, so two replicas finalising one round
+    /// each never wait on each other's sums.
+    async fn keep_in_touch(&self) -> Result<(), ApiError> {
+        let beat = {
+            let mut last = self.heartbeat.lock().expect("heartbeat lock");
+            let due = last.is_none_or(|t| t.elapsed() >= replicas::HEARTBEAT_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if beat {
+            replicas::heartbeat(&self.store.db, &self.replica, now_ms()).await?;
+        }
+        self.hand_over_sums().await
+    }
+
+    /// This replica, as the database knows it.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// For every round this replica holds sums of that has stopped taking uploads: hands them to
+    /// its finaliser if it is closing, and drops them.
+    async fn hand_over_sums(&self) -> Result<(), ApiError> {
+        let held: Vec<i64> = self
+            .accumulators
+            .lock()
+            .expect("accumulator lock")
+            .keys()
+            .copied()
+            .collect();
+        for round_id in held {
+            match self.store.db.round(round_id).await?.map(|r| r.state).as_deref() {
+                Some("open") => {}
+                Some("closing") => self.hand_over(round_id).await?,
+                // Finalised without them (or gone): nothing will read them.
+                _ => {
+                    self.accumulators
+                        .lock()
+                        .expect("accumulator lock")
+                        .remove(&round_id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands this replica's sums of a closing round (if it has any) to the round's finaliser,
+    /// once the uploads it accepted are folded in (else at a later tick).
+    async fn hand_over(&self, round_id: i64) -> Result<(), ApiError> {
+        if Folding::any(&self.folding, round_id) {
+            return Ok(());
+        }
+        let Some(held) = self
+            .accumulators
+            .lock()
+            .expect("accumulator lock")
+            .remove(&round_id)
+        else {
+            return Ok(());
+        };
+        let published = replicas::publish_partial(
+            &self.store,
+            round_id,
+            &self.replica,
+            &held.acc,
+            &held.folded,
+            now_ms(),
+        )
+        .await?;
+        if published {
+            info!(
+                round = round_id,
+                updates = held.folded.len(),
+                "handed this replica's round sums to the finaliser"
+            );
         }
         Ok(())
     }
@@ -824,6 +1006,10 @@ impl Coordinator {
         } else if round.state != "closing" {
             return Ok(());
         }
+        // One replica finalises; the others hand it their sums.
+        if !self.renew_lease(round_id).await? {
+            return self.hand_over(round_id).await;
+        }
         let round = db.round(round_id).await?.expect("round exists");
         let updates = db.updates_of_round(round_id).await?;
         let now = now_ms();
@@ -838,6 +1024,13 @@ impl Coordinator {
             let sums = self
                 .round_sums(strategy.clone(), &round, config, &updates)
                 .await?;
+            if !self.renew_lease(round_id).await? {
+                warn!(
+                    round = round_id,
+                    "another replica took over this round's finalisation"
+                );
+                return Ok(());
+            }
             hold = Some(
                 strategy
                     .commit(&self.store, &task, &round, sums, new_version)
@@ -905,9 +1098,19 @@ impl Coordinator {
         }
     }
 
-    /// The round's sums for the strategy's commit: the in-memory ones if they hold exactly the
-    /// accepted set, otherwise rebuilt from the stored update blobs one at a time (O(model size)
-    /// memory). `None` for strategies that keep no running sums.
+    /// Takes or renews this replica's lease to finalise a closing round; false if another
+    /// replica holds it.
+    async fn renew_lease(&self, round_id: i64) -> Result<bool, ApiError> {
+        let now = now_ms();
+        let until = now + self.options.finalise_lease.as_millis() as i64;
+        Ok(replicas::claim_finalisation(&self.store.db, round_id, &self.replica, now, until).await?)
+    }
+
+    /// The round's sums for the strategy's commit (`None` for strategies that keep no running
+    /// sums): this replica's own, merged with the sums other replicas handed over, and the updates
+    /// that neither covers (folded by a replica that died, or before a restart) decoded again from
+    /// their stored blobs one at a time (O(model size) memory). Each accepted update counts once
+    /// whichever way, and the fixed-point sums make the result the same bits either way.
     async fn round_sums(
         &self,
         strategy: Arc<dyn Strategy>,
@@ -916,28 +1119,54 @@ impl Coordinator {
         updates: &[UpdateRow],
     ) -> Result<Option<Sums>, ApiError> {
         let accepted: BTreeSet<&str> = updates.iter().map(|u| u.token_hash.as_str()).collect();
-        if let Some(cached) = self
+        let give_up = std::time::Instant::now() + self.options.partials_wait;
+        while Folding::any(&self.folding, round.id) && std::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let own = self
             .accumulators
             .lock()
             .expect("accumulator lock")
             .remove(&round.id)
-        {
-            let folded: BTreeSet<&str> = cached.folded.iter().map(String::as_str).collect();
-            if folded == accepted {
-                return Ok(Some(cached.acc));
+            .filter(|own| own.folded.iter().all(|t| accepted.contains(t.as_str())));
+        let (mut acc, mut covered) = match own {
+            Some(own) => (own.acc, own.folded),
+            None => match strategy.new_sums(config) {
+                Some(acc) => (acc, BTreeSet::new()),
+                None => return Ok(None),
+            },
+        };
+        let local = covered.len() as u64;
+        let mut partial = 0;
+        if acc.handed_over() {
+            for p in self.wait_for_partials(round, updates, &covered).await? {
+                let fits =
+                    p.tokens.iter().all(|t| accepted.contains(t.as_str())) && p.tokens.is_disjoint(&covered);
+                if !fits {
+                    warn!(round = round.id, replica = %p.replica, "partial sums that do not fit the accepted set; ignored");
+                    continue;
+                }
+                let bytes = self.store.blobs.get(&p.blob_key).await?;
+                acc = tokio::task::spawn_blocking(move || acc.merge_bytes(&bytes).map(|()| acc)).await??;
+                partial += p.tokens.len() as u64;
+                covered.extend(p.tokens);
             }
         }
-        // Only now a fresh (model-sized) accumulator, and only for strategies that keep sums.
-        let Some(mut acc) = strategy.new_sums(config) else {
-            return Ok(None);
-        };
-        info!(
-            round = round.id,
-            updates = updates.len(),
-            "rebuilding round sums from stored updates"
-        );
-        for u in updates {
+        let rest: Vec<&UpdateRow> = updates
+            .iter()
+            .filter(|u| !covered.contains(&u.token_hash))
+            .collect();
+        if !rest.is_empty() {
+            info!(
+                round = round.id,
+                updates = rest.len(),
+                "rebuilding round sums from stored updates"
+            );
+        }
+        let mut reread_bytes = 0;
+        for u in &rest {
             let body = self.store.blobs.get(&u.blob_key).await?;
+            reread_bytes += body.len() as u64;
             let (decoder, config) = (strategy.clone(), config.clone());
             let n = u.num_samples as u64;
             acc = tokio::task::spawn_blocking(move || {
@@ -946,19 +1175,89 @@ impl Coordinator {
                 Ok::<_, ApiError>(acc)
             })
             .await??;
+            self.renew_lease(round.id).await?;
         }
+        self.telemetry
+            .round_sums(local, partial, rest.len() as u64, reread_bytes);
+        info!(
+            round = round.id,
+            local,
+            partial,
+            reread = rest.len(),
+            reread_bytes,
+            "round sums gathered"
+        );
         Ok(Some(acc))
     }
 
-    /// Runs [`Coordinator::tick`] forever at `every`.
-    pub async fn run_ticker(self: Arc<Self>, every: Duration) {
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// The sums other replicas handed over for the round, once every live replica that accepted
+    /// updates the finaliser's own sums do not cover has handed its over, or
+    /// [`CoordinatorOptions::partials_wait`] has passed.
+    async fn wait_for_partials(
+        &self,
+        round: &RoundRow,
+        updates: &[UpdateRow],
+        covered: &BTreeSet<String>,
+    ) -> Result<Vec<replicas::Partial>, ApiError> {
+        let others: BTreeSet<&str> = updates
+            .iter()
+            .filter(|u| !covered.contains(&u.token_hash))
+            .filter_map(|u| u.replica.as_deref())
+            .filter(|r| *r != self.replica.id())
+            .collect();
+        let give_up = std::time::Instant::now() + self.options.partials_wait;
         loop {
-            interval.tick().await;
-            if let Err(e) = self.tick().await {
-                warn!(error = %e, "round ticker failed; retrying");
+            let partials = replicas::partials(&self.store.db, round.id).await?;
+            if others.is_empty() {
+                return Ok(partials);
             }
+            let since = now_ms() - replicas::LIVE_WITHIN.as_millis() as i64;
+            let live = replicas::live_replicas(&self.store.db, &self.replica, since).await?;
+            let waiting: Vec<&&str> = others
+                .iter()
+                .filter(|r| live.contains(**r) && !partials.iter().any(|p| p.replica == ***r))
+                .collect();
+            if waiting.is_empty() || std::time::Instant::now() >= give_up {
+                if !waiting.is_empty() {
+                    warn!(round = round.id, replicas = ?waiting, "live replicas did not hand over their sums in time");
+                }
+                return Ok(partials);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Still finalising: a lease shorter than the wait must not run out meanwhile (if it
+            // was lost, the check before the commit stops this finalisation).
+            self.renew_lease(round.id).await?;
+        }
+    }
+
+    /// Runs [`Coordinator::tick`]'s two halves forever at `every`, apart: a finalisation waiting
+    /// for other replicas' sums does not hold up this replica's own hand-over.
+    pub async fn run_ticker(self: Arc<Self>, every: Duration) {
+        let in_touch = self.clone();
+        tokio::spawn(async move {
+            every_tick(
+                every,
+                || in_touch.keep_in_touch(),
+                "replica heartbeat or hand-over failed",
+            )
+            .await
+        });
+        every_tick(every, || self.finalize_due(), "round ticker failed; retrying").await
+    }
+}
+
+/// Runs `step` forever at `every`, logging its failures.
+async fn every_tick<F, Fut>(every: Duration, step: F, failed: &'static str)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), ApiError>>,
+{
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if let Err(e) = step().await {
+            warn!(error = %e, "{failed}");
         }
     }
 }

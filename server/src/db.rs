@@ -78,6 +78,8 @@ pub struct UpdateRow {
     pub sha256: String,
     pub blob_key: String,
     pub accepted_seq: i64,
+    /// The replica that accepted it and folded it into its sums (see [`crate::replicas`]).
+    pub replica: Option<String>,
 }
 
 /// How a closing round ends.
@@ -121,7 +123,7 @@ impl RoundRow {
 
 const ROUND_COLUMNS: &str = "id, task_id, seq, state, base_version, assigned, accepted, total_samples, opened_ms, deadline_ms, closed_ms";
 const TASK_COLUMNS: &str = "id, config, state, halt, model_version, committed_rounds, created_ms";
-const UPDATE_COLUMNS: &str = "token_hash, round_id, num_samples, sha256, blob_key, accepted_seq";
+const UPDATE_COLUMNS: &str = "token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, replica";
 
 fn round_row(r: &AnyRow) -> Result<RoundRow, sqlx::Error> {
     Ok(RoundRow {
@@ -147,6 +149,7 @@ fn update_row(r: &AnyRow) -> Result<UpdateRow, sqlx::Error> {
         sha256: r.try_get("sha256")?,
         blob_key: r.try_get("blob_key")?,
         accepted_seq: r.try_get("accepted_seq")?,
+        replica: r.try_get("replica")?,
     })
 }
 
@@ -477,8 +480,9 @@ impl Db {
     }
 
     /// Records an accepted update if the round is still open and below `k` updates. Returns the stored
-    /// row, or `None` when the round no longer accepts uploads. Exactly once: the counter update and
-    /// the row insert commit together, and the token hash is the row's primary key.
+    /// row, or `None` when the round no longer accepts uploads or the token already has a row (a
+    /// retry that another replica stored first). Exactly once: the counter update and the row
+    /// insert commit together, and the token hash is the row's primary key.
     pub async fn accept_update(
         &self,
         round_id: i64,
@@ -505,9 +509,9 @@ impl Db {
                 accepted_seq: row.try_get("accepted")?,
                 ..update.clone()
             };
-            sqlx::query(
-                "INSERT INTO updates (token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, created_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            let inserted = sqlx::query(
+                "INSERT INTO updates (token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, created_ms, replica) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&stored.token_hash)
             .bind(round_id)
@@ -516,8 +520,13 @@ impl Db {
             .bind(&stored.blob_key)
             .bind(stored.accepted_seq)
             .bind(now_ms)
+            .bind(&stored.replica)
             .execute(&mut *tx)
-            .await?;
+            .await;
+            match inserted {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+                other => other?,
+            };
             tx.commit().await?;
             Ok(Some(stored))
             })

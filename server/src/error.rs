@@ -238,6 +238,13 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// Partial sums a replica published that do not fit the round's accumulator.
+impl From<fedhive_shared::fedavg::BadPartial> for ApiError {
+    fn from(e: fedhive_shared::fedavg::BadPartial) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
         ApiError::Internal(e.to_string())

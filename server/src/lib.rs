@@ -22,6 +22,7 @@ pub mod http;
 pub mod memory;
 pub mod operator;
 pub mod rate_limit;
+pub mod replicas;
 pub mod store;
 pub mod strategy;
 pub mod tables;

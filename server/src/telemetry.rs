@@ -79,6 +79,11 @@ struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Source {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Stage {
     stage: &'static str,
 }
@@ -138,6 +143,8 @@ pub struct Telemetry {
     response_bytes: Family<Route, Counter>,
     upload_stages: Histograms<Stage>,
     finalize_duration: Histogram,
+    round_sums: Family<Source, Counter>,
+    round_sums_reread_bytes: Counter,
     storage: Histograms<StorageOp>,
     upload_slots: Gauge,
     upload_slots_busy: Gauge,
@@ -167,6 +174,8 @@ impl Telemetry {
             response_bytes: Family::default(),
             upload_stages: histograms(),
             finalize_duration: latency_histogram(),
+            round_sums: Family::default(),
+            round_sums_reread_bytes: Counter::default(),
             storage: histograms(),
             upload_slots: Gauge::default(),
             upload_slots_busy: Gauge::default(),
@@ -221,6 +230,17 @@ impl Telemetry {
             "fedhive_round_finalize_duration_seconds",
             "Time to finalise a round (sums, database and blob store)",
             t.finalize_duration.clone(),
+        );
+        r.register(
+            "fedhive_round_sums_updates",
+            "Updates in the sums of finalised rounds, by where the finaliser found them (local: its own \
+             sums; partial: another replica's; reread: decoded again from the stored update)",
+            t.round_sums.clone(),
+        );
+        r.register(
+            "fedhive_round_sums_reread_bytes",
+            "Bytes of stored updates read again to rebuild round sums (after a restart or a replica's death)",
+            t.round_sums_reread_bytes.clone(),
         );
         r.register(
             "fedhive_storage_duration_seconds",
@@ -336,6 +356,15 @@ impl Telemetry {
                 .get_or_create(&Stage { stage })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    /// Where a finalisation found its round's updates: `local`, `partial` or `reread` (with the
+    /// bytes read again).
+    pub fn round_sums(&self, local: u64, partial: u64, reread: u64, reread_bytes: u64) {
+        for (source, n) in [("local", local), ("partial", partial), ("reread", reread)] {
+            self.round_sums.get_or_create(&Source { source }).inc_by(n);
+        }
+        self.round_sums_reread_bytes.inc_by(reread_bytes);
     }
 
     pub fn round_finalized(&self, took: Duration) {

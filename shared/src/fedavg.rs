@@ -34,6 +34,15 @@ pub enum AggregateError {
     RoundSampleLimit(u64, u64),
 }
 
+/// Partial sums (from [`FedAvgAccumulator::to_bytes`] or another accumulator) that cannot be merged
+/// into this one: other tensors, a damaged blob, or more samples than a round may hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("partial sums do not match this accumulator: {0}")]
+pub struct BadPartial(pub String);
+
+/// First bytes of [`FedAvgAccumulator::to_bytes`]: the format and its version.
+const PARTIAL_MAGIC: &[u8; 8] = b"FHSUMS01";
+
 /// A sample count one update (or one device's report) may claim: 1 to [`MAX_UPDATE_SAMPLES`].
 pub fn check_sample_count(num_samples: u64) -> Result<(), AggregateError> {
     if num_samples == 0 || num_samples > MAX_UPDATE_SAMPLES {
@@ -162,6 +171,91 @@ impl FedAvgAccumulator {
         self.updates
     }
 
+    /// Adds another accumulator's sums (of other updates, over the same tensors) to these: integer
+    /// sums are associative, so sums folded apart and merged equal the sums folded in one place.
+    pub fn merge(&mut self, other: &FedAvgAccumulator) -> Result<(), BadPartial> {
+        let same_tensors = self.sums.len() == other.sums.len()
+            && self
+                .sums
+                .iter()
+                .zip(&other.sums)
+                .all(|((a, x), (b, y))| a == b && x.len() == y.len());
+        if !same_tensors {
+            return Err(BadPartial("other tensors".into()));
+        }
+        if self.total_samples + other.total_samples > MAX_ROUND_SAMPLES {
+            return Err(BadPartial(format!(
+                "{} + {} samples is more than a round holds",
+                self.total_samples, other.total_samples
+            )));
+        }
+        for (sum, more) in self.sums.values_mut().zip(other.sums.values()) {
+            for (s, m) in sum.iter_mut().zip(more) {
+                *s = s.wrapping_add(*m);
+            }
+        }
+        self.total_samples += other.total_samples;
+        self.updates += other.updates;
+        Ok(())
+    }
+
+    /// The sums as bytes, to hand them to another process: `FHSUMS01`, then `total_samples` and
+    /// `updates` (u64), then each tensor's sums in name order (i64), all little-endian. The tensor
+    /// names and lengths are not stored: [`FedAvgAccumulator::from_bytes`] takes them from the specs.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let numel: usize = self.sums.values().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(24 + numel * 8);
+        out.extend_from_slice(PARTIAL_MAGIC);
+        out.extend_from_slice(&self.total_samples.to_le_bytes());
+        out.extend_from_slice(&self.updates.to_le_bytes());
+        for sum in self.sums.values() {
+            for s in sum {
+                out.extend_from_slice(&s.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Reads [`FedAvgAccumulator::to_bytes`]'s bytes back, for tensors of `specs`.
+    pub fn from_bytes(specs: &[TensorSpec], bytes: &[u8]) -> Result<Self, BadPartial> {
+        let mut acc = FedAvgAccumulator::new(specs);
+        acc.merge_bytes(bytes)?;
+        Ok(acc)
+    }
+
+    /// [`FedAvgAccumulator::merge`] of the sums in `bytes` ([`FedAvgAccumulator::to_bytes`]'s), read
+    /// in place; on an error nothing has changed.
+    pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<(), BadPartial> {
+        let numel: usize = self.sums.values().map(Vec::len).sum();
+        if bytes.len() != 24 + numel * 8 || &bytes[..8] != PARTIAL_MAGIC {
+            return Err(BadPartial(format!(
+                "{} bytes, expected {} in format {}",
+                bytes.len(),
+                24 + numel * 8,
+                String::from_utf8_lossy(PARTIAL_MAGIC)
+            )));
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let (total_samples, updates) = (u64_at(8), u64_at(16));
+        if self.total_samples + total_samples > MAX_ROUND_SAMPLES {
+            return Err(BadPartial(format!(
+                "{} + {total_samples} samples is more than a round holds",
+                self.total_samples
+            )));
+        }
+        let mut values = bytes[24..]
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")));
+        for sum in self.sums.values_mut() {
+            for s in sum.iter_mut() {
+                *s = s.wrapping_add(values.next().expect("the length was checked"));
+            }
+        }
+        self.total_samples += total_samples;
+        self.updates += updates;
+        Ok(())
+    }
+
     /// Sample-weighted mean `sum_i n_i v_i / m_t` of the tensor `name` over the round's updates
     /// (e.g. losses the devices reported inside their uploads); `None` for an empty round or an
     /// unknown name. A function of the accepted set only, like the sums.
@@ -224,6 +318,42 @@ mod tests {
             .unwrap();
         assert_eq!(in_place, decoded);
         assert_eq!(in_place.total_samples(), 3);
+    }
+
+    #[test]
+    fn partial_sums_merged_equal_one_accumulator() {
+        let updates = [
+            (1, vec![0.5, -1.0, 3.0]),
+            (3, vec![1.5, 1.0, -0.25]),
+            (7, vec![-2.0, 0.125, 9.0]),
+        ];
+        let specs = one("w", vec![0.0; 3]).specs();
+        let mut whole = FedAvgAccumulator::new(&specs);
+        for (n, d) in &updates {
+            whole.add(*n, &one("w", d.clone())).unwrap();
+        }
+        // Two replicas fold the updates between them; one hands its sums over as bytes.
+        let (mut a, mut b) = (FedAvgAccumulator::new(&specs), FedAvgAccumulator::new(&specs));
+        a.add(updates[1].0, &one("w", updates[1].1.clone())).unwrap();
+        for (n, d) in [&updates[0], &updates[2]] {
+            b.add(*n, &one("w", d.clone())).unwrap();
+        }
+        let b = FedAvgAccumulator::from_bytes(&specs, &b.to_bytes()).unwrap();
+        a.merge(&b).unwrap();
+        assert_eq!(a, whole);
+        assert_eq!((a.total_samples(), a.updates()), (11, 3));
+    }
+
+    #[test]
+    fn partial_sums_of_other_tensors_are_refused() {
+        let specs = one("w", vec![0.0; 3]).specs();
+        let acc = FedAvgAccumulator::new(&specs);
+        let bytes = acc.to_bytes();
+        let other = one("w", vec![0.0; 4]).specs();
+        assert!(FedAvgAccumulator::from_bytes(&other, &bytes).is_err());
+        assert!(FedAvgAccumulator::from_bytes(&specs, &bytes[..20]).is_err());
+        let mut wrong = FedAvgAccumulator::new(&other);
+        assert!(wrong.merge(&acc).is_err());
     }
 
     #[test]

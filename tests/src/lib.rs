@@ -230,6 +230,33 @@ impl ServerProcess {
         .await
     }
 
+    /// Like [`ServerProcess::start_on_s3`], with extra `fedhive serve` flags: one of several
+    /// replicas on one database and one S3 prefix.
+    pub async fn start_on_s3_with(
+        data_dir: &Path,
+        db: &TestDb,
+        s3: &S3Prefix,
+        flags: &[&str],
+    ) -> anyhow::Result<ServerProcess> {
+        let mut all = vec!["--blob-store", &s3.url];
+        all.extend_from_slice(flags);
+        Self::start_on(
+            data_dir,
+            db.url.clone(),
+            free_port(),
+            &all,
+            ClientTls::default(),
+            None,
+            &s3.env,
+        )
+        .await
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Like [`ServerProcess::start_with`], its log (at `rust_log`, a `RUST_LOG` filter) written to
     /// `log_file` instead of the test's stderr, for a test to read ([`ServerProcess::log`]).
     pub async fn start_logged(
@@ -446,6 +473,95 @@ impl ServerProcess {
 }
 
 impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A load balancer in front of several replicas: HAProxy (Debian's `haproxy`, which `.ci/run`
+/// installs; `FEDHIVE_HAPROXY` names another binary), round-robin with no stickiness, so a
+/// device's check-in and upload may reach different replicas. A replica that stops answering its
+/// `/readyz` is taken out within about half a second, and a request whose connection is refused
+/// goes to another replica.
+pub struct Balancer {
+    child: Child,
+    pub base_url: String,
+    _config: tempfile::TempDir,
+}
+
+impl Balancer {
+    /// Starts HAProxy on a free loopback port in front of the servers on `ports` (127.0.0.1).
+    pub async fn start(ports: &[u16]) -> anyhow::Result<Balancer> {
+        let port = free_port();
+        let servers: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("    server r{i} 127.0.0.1:{p} check\n"))
+            .collect();
+        let config = format!(
+            "global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+    retries 3
+    option redispatch 1
+frontend devices
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance roundrobin
+    option httpchk GET /readyz
+    default-server inter 200ms fall 2 rise 1
+{servers}"
+        );
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config)?;
+        let binary = std::env::var("FEDHIVE_HAPROXY").unwrap_or_else(|_| "/usr/sbin/haproxy".into());
+        let child = Command::new(&binary)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {binary} (Debian's haproxy: .ci/run installs it)"))?;
+        let mut balancer = Balancer {
+            child,
+            base_url: format!("http://127.0.0.1:{port}"),
+            _config: dir,
+        };
+        let started = Instant::now();
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(resp) = http.get(format!("{}/healthz", balancer.base_url)).send().await
+                && resp.status().is_success()
+            {
+                return Ok(balancer);
+            }
+            if let Some(status) = balancer.child.try_wait()? {
+                bail!("haproxy exited during start-up: {status}");
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("haproxy did not pass a request within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client with the admin token, through the balancer.
+    pub fn client(&self) -> FedhiveClient {
+        FedhiveClient::new(&self.base_url)
+            .unwrap()
+            .with_admin_token(ADMIN_TOKEN)
+    }
+}
+
+impl Drop for Balancer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -96,4 +96,48 @@ async fn contract(store: &BlobStore) {
     store.delete("models/t-1/0.safetensors").await.unwrap();
     store.delete("models/t-1/0.safetensors").await.unwrap();
     assert_eq!(store.list("models/t-1").await.unwrap(), ["1.safetensors"]);
+
+    // A conditional put writes only where nothing is, and of writers racing for one key exactly one
+    // wins (replicas accepting the same retried upload at once); the loser leaves the blob alone.
+    assert!(
+        store
+            .put_new("updates/9/x.safetensors", Bytes::from_static(b"x"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_new("updates/9/x.safetensors", Bytes::from_static(b"y"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get("updates/9/x.safetensors").await.unwrap(), &b"x"[..]);
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..8u8 {
+        let store = store.clone();
+        racers.spawn(async move {
+            let won = store
+                .put_new("updates/9/race.safetensors", Bytes::from(vec![i; 1 << 16]))
+                .await
+                .unwrap();
+            (i, won)
+        });
+    }
+    let winners: Vec<u8> = racers
+        .join_all()
+        .await
+        .into_iter()
+        .filter_map(|(i, won)| won.then_some(i))
+        .collect();
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert_eq!(
+        store.get("updates/9/race.safetensors").await.unwrap(),
+        vec![winners[0]; 1 << 16]
+    );
+    assert_eq!(
+        sorted(store.list("updates/9").await.unwrap()),
+        ["race.safetensors", "x.safetensors"],
+        "no temporary file left behind"
+    );
+    store.delete_prefix("updates/9").await.unwrap();
 }

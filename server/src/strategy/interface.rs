@@ -27,7 +27,7 @@ use bytes::Bytes;
 use fedhive_shared::{
     FedAvgAccumulator, NamedTensors, TensorLayout,
     blocks::BlockAssignment,
-    fedavg::{AggregateError, DELTA_LIMIT},
+    fedavg::{AggregateError, BadPartial, DELTA_LIMIT},
     fedsubavg::SubAvgAccumulator,
     int8::Int8Layout,
     sparse::SparseTensors,
@@ -87,6 +87,29 @@ impl Sums {
             }),
             (Sums::Sparse(acc), Update::Sparse(s)) => acc.add(num_samples, s),
             _ => unreachable!("a strategy builds its sums and its updates from the same config"),
+        }
+    }
+
+    /// Whether these sums are handed between replicas: FedSubAvg's are not (its tables are on one
+    /// machine's disk, so its tasks run on one replica).
+    pub fn handed_over(&self) -> bool {
+        matches!(self, Sums::Dense(_))
+    }
+
+    /// The sums as bytes, for another replica to merge ([`Sums::merge_bytes`]); `None` for sums
+    /// that are not [handed over](Sums::handed_over).
+    pub fn to_bytes(&self) -> Option<Vec<u8>> {
+        match self {
+            Sums::Dense(acc) => Some(acc.to_bytes()),
+            Sums::Sparse(_) => None,
+        }
+    }
+
+    /// Adds sums that another replica folded (of other updates of the same round) to these.
+    pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<(), BadPartial> {
+        match self {
+            Sums::Dense(acc) => acc.merge_bytes(bytes),
+            Sums::Sparse(_) => Err(BadPartial("FedSubAvg sums are not merged".into())),
         }
     }
 }
