@@ -13,6 +13,7 @@ mod device;
 mod discard;
 mod handshakes;
 mod profile;
+mod replicas;
 mod report;
 mod server;
 mod stats;
@@ -36,12 +37,13 @@ use fedhive_shared::{
 use fedhive_tls::{ClientTls, dev_ca::DevCa};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{SeedableRng, rngs::SmallRng};
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 
 use crate::{
     device::{DeviceOptions, Fleet},
+    replicas::{Balancer, Replicas},
     report::{Events, ProcessUsage, Report, RoundTimes, Setup},
-    server::{FreshPostgres, ProcSample, ServerProcess, SpawnOptions},
+    server::{FreshPostgres, ProcSample, SpawnOptions},
     stats::Stats,
     synth::TaskShape,
 };
@@ -174,6 +176,23 @@ struct RunArgs {
     /// default: its data directory.
     #[arg(long)]
     blob_store: Option<String>,
+    /// Server replicas to start on one database and blob store (needs --postgres and an
+    /// `s3://` --blob-store), behind HAProxy, round-robin (docs/replicas.md).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// The HAProxy binary in front of --replicas > 1.
+    #[arg(long, default_value = "/usr/sbin/haproxy")]
+    haproxy: String,
+    /// Fault mode: SIGKILL a random started replica every this many seconds on average (uniform
+    /// within ±50%) and restart it after --restart-after-ms (0: no faults).
+    #[arg(long, default_value_t = 0.0)]
+    kill_every_secs: f64,
+    #[arg(long, default_value_t = 1000)]
+    restart_after_ms: u64,
+    /// The started servers' --finalise-lease-ms: how long a round waits after its finaliser is
+    /// killed.
+    #[arg(long, default_value_t = 5000)]
+    finalise_lease_ms: u64,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -265,15 +284,17 @@ struct Target {
     pid: Option<u32>,
     database: String,
     blob_store: String,
-    process: Option<ServerProcess>,
+    replicas: Option<Arc<Mutex<Replicas>>>,
+    balancer: Option<Balancer>,
     postgres: Option<FreshPostgres>,
     _data_dir: Option<tempfile::TempDir>,
 }
 
 impl Target {
-    /// Stops the started server and drops its PostgreSQL database.
+    /// Stops the started servers and drops their PostgreSQL database.
     async fn cleanup(mut self) -> anyhow::Result<()> {
-        drop(self.process.take());
+        drop(self.balancer.take());
+        drop(self.replicas.take());
         if let Some(pg) = self.postgres.take() {
             pg.drop_database().await?;
         }
@@ -304,7 +325,8 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
             pid: args.server_pid,
             database: "external".into(),
             blob_store: "external".into(),
-            process: None,
+            replicas: None,
+            balancer: None,
             postgres: None,
             _data_dir: None,
         });
@@ -319,6 +341,14 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
             (t.path().to_path_buf(), Some(t))
         }
     };
+    if args.replicas > 1
+        && !(args.postgres.is_some() && args.blob_store.as_deref().is_some_and(|b| b.starts_with("s3://")))
+    {
+        bail!(
+            "--replicas {} needs --postgres and an s3:// --blob-store: replicas share the database and the blobs",
+            args.replicas
+        );
+    }
     let postgres = match &args.postgres {
         Some(url) => Some(FreshPostgres::create(url).await?),
         None => None,
@@ -338,40 +368,65 @@ async fn start_target(args: &RunArgs) -> anyhow::Result<Target> {
     } else {
         (None, ClientTls::default())
     };
-    let options = SpawnOptions {
-        binary: args.server_bin.clone(),
-        data_dir: data_dir.join("server"),
-        database_url: postgres.as_ref().map(|p| p.url.clone()),
-        admin_token: admin_token.clone(),
-        max_concurrent_uploads: args.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
-        max_queued_uploads: args.max_queued_uploads,
-        checkin_retry_ms: args.checkin_retry_ms,
-        tick_ms: 200,
-        log_filter: args.server_log.clone(),
-        log_path: data_dir.join("server.log"),
-        tls: tls_files,
-        blob_store: args.blob_store.clone(),
-    };
-    let process = ServerProcess::spawn(
-        &options,
-        &client_tls.configure(reqwest::Client::builder())?.build()?,
-    )
-    .await?;
+    let mut options = Vec::new();
+    for i in 0..args.replicas.max(1) {
+        // One replica keeps the single server's names.
+        let name = if args.replicas > 1 {
+            format!("server-r{i}")
+        } else {
+            "server".into()
+        };
+        options.push(SpawnOptions {
+            port: Some(server::free_port()?),
+            extra_flags: vec![
+                "--replica-name".into(),
+                format!("r{i}"),
+                "--finalise-lease-ms".into(),
+                args.finalise_lease_ms.to_string(),
+            ],
+            binary: args.server_bin.clone(),
+            data_dir: data_dir.join(&name),
+            database_url: postgres.as_ref().map(|p| p.url.clone()),
+            admin_token: admin_token.clone(),
+            max_concurrent_uploads: args.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
+            max_queued_uploads: args.max_queued_uploads,
+            checkin_retry_ms: args.checkin_retry_ms,
+            tick_ms: 200,
+            log_filter: args.server_log.clone(),
+            log_path: data_dir.join(format!("{name}.log")),
+            tls: tls_files.clone(),
+            blob_store: args.blob_store.clone(),
+        });
+    }
+    let http = client_tls.configure(reqwest::Client::builder())?.build()?;
+    let replicas = Replicas::start(options, &http).await?;
+    let first = replicas.first();
     eprintln!(
-        "fedhive-load: server pid {} on {}, log {}",
-        process.pid(),
-        process.addr,
-        options.log_path.display()
+        "fedhive-load: {} server replica(s) from port {}, logs in {}",
+        args.replicas.max(1),
+        first.addr.port(),
+        data_dir.display()
     );
+    let (base_url, addr, pid) = (first.base_url.clone(), first.addr, first.pid());
+    let balancer = match args.replicas > 1 {
+        true => Some(Balancer::start(&args.haproxy, &replicas.ports(), &http).await?),
+        false => None,
+    };
+    let (base_url, addr) = match &balancer {
+        Some(b) => (format!("http://{}", b.addr), b.addr),
+        None => (base_url, addr),
+    };
     Ok(Target {
-        base_url: process.base_url.clone(),
+        base_url,
         client_tls,
-        addr: process.addr,
+        addr,
         admin_token,
-        pid: Some(process.pid()),
+        // One process the whole run: the report's `server` is it.
+        pid: (args.replicas <= 1 && args.kill_every_secs <= 0.0).then_some(pid),
         database: if postgres.is_some() { "postgres" } else { "sqlite" }.into(),
         blob_store: args.blob_store.clone().unwrap_or_else(|| "directory".into()),
-        process: Some(process),
+        replicas: Some(Arc::new(Mutex::new(replicas))),
+        balancer,
         postgres,
         _data_dir: tempdir,
     })
@@ -462,7 +517,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     };
     let update_bytes = bodies[0].len() as u64;
 
-    let mut target = start_target(&args).await?;
+    let target = start_target(&args).await?;
     let admin_http = target.client_tls.configure(reqwest::Client::builder())?.build()?;
     let task = create_task(&admin_http, &target, &shape).await?;
 
@@ -502,6 +557,18 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let devices: Vec<_> = (0..args.devices)
         .map(|i| tokio::spawn(fleet.clone().run(i, args.seed)))
         .collect();
+    let faults = match (&target.replicas, args.kill_every_secs > 0.0) {
+        (Some(replicas), true) => Some(tokio::spawn(replicas::inject_faults(
+            replicas.clone(),
+            Duration::from_secs_f64(args.kill_every_secs),
+            Duration::from_millis(args.restart_after_ms),
+            admin_http.clone(),
+            fleet.stop.clone(),
+            args.seed,
+        ))),
+        (None, true) => bail!("--kill-every-secs needs servers the harness starts (no --server-url)"),
+        _ => None,
+    };
 
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -527,10 +594,11 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         if let Some(s) = server::sample(std::process::id()) {
             self_samples.push((t, s));
         }
-        if let Some(p) = target.process.as_mut()
-            && !p.alive()
+        if let Some(replicas) = &target.replicas
+            && !replicas.lock().await.sample()
+            && faults.is_none()
         {
-            bail!("the server process exited during the run");
+            bail!("a server process exited during the run");
         }
         let status: Option<TaskStatus> =
             admin_get(&admin_http, &target, &format!("/v1/tasks/{}", task.task_id))
@@ -578,6 +646,11 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     if unfinished > 0 {
         eprintln!("fedhive-load: {unfinished} devices were still busy after the grace period");
     }
+    // Every replica runs again before the outcomes are reconciled.
+    let replica_kills = match faults {
+        Some(task) => task.await??,
+        None => 0,
+    };
 
     // Uploads whose outcome the devices never learnt: ask again with the same token and bytes,
     // several at once. While the server still holds the original in its upload queue it answers
@@ -664,6 +737,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             max_concurrent_uploads: args.max_concurrent_uploads.unwrap_or_else(default_upload_slots),
             max_queued_uploads: args.max_queued_uploads,
             duration_secs: args.duration_secs as f64,
+            replicas: args.replicas.max(1),
         },
         seconds,
         task_id: task.task_id.clone(),
@@ -702,7 +776,28 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             }
         },
         baseline: None,
+        replicas: Vec::new(),
+        server_cpu_ms_per_update: None,
+        round_sums: None,
+        replica_kills,
     };
+    if let Some(replicas) = &target.replicas {
+        let mut replicas = replicas.lock().await;
+        report.replicas = replicas.usage();
+        let cpu: f64 = report.replicas.iter().map(|r| r.cpu_secs).sum();
+        report.server_cpu_ms_per_update =
+            (report.updates_accepted > 0).then(|| cpu * 1e3 / report.updates_accepted as f64);
+        let mut expositions = Vec::new();
+        for url in replicas.base_urls() {
+            let resp = admin_http
+                .get(format!("{url}/metrics"))
+                .bearer_auth(&target.admin_token)
+                .send()
+                .await?;
+            expositions.push(resp.text().await?);
+        }
+        report.round_sums = Some(profile::round_sums(expositions.iter().map(String::as_str)));
+    }
     // The server under test is gone before the baseline starts, so the two never share the CPU.
     target.cleanup().await?;
     if args.baseline_secs > 0 {

@@ -73,9 +73,61 @@ pub fn stages(metrics: &str) -> Vec<StageTime> {
         .collect()
 }
 
+/// Where the finalisers found their rounds' updates (`fedhive_round_sums_updates`), summed over
+/// the replicas' expositions: their own sums, sums another replica handed over, or read again
+/// from the blob store (a replica died or restarted), and the bytes read again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RoundSums {
+    pub local: u64,
+    pub partial: u64,
+    pub reread: u64,
+    pub reread_bytes: u64,
+}
+
+pub fn round_sums<'a>(expositions: impl IntoIterator<Item = &'a str>) -> RoundSums {
+    let mut total = RoundSums::default();
+    for text in expositions {
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let slot = match name {
+                "fedhive_round_sums_updates_total{source=\"local\"}" => &mut total.local,
+                "fedhive_round_sums_updates_total{source=\"partial\"}" => &mut total.partial,
+                "fedhive_round_sums_updates_total{source=\"reread\"}" => &mut total.reread,
+                "fedhive_round_sums_reread_bytes_total" => &mut total.reread_bytes,
+                _ => continue,
+            };
+            *slot += value as u64;
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_sums_add_up_over_replicas() {
+        let a = "fedhive_round_sums_updates_total{source=\"local\"} 7\n\
+                 fedhive_round_sums_updates_total{source=\"partial\"} 5\n\
+                 fedhive_round_sums_reread_bytes_total 400\n";
+        let b = "fedhive_round_sums_updates_total{source=\"reread\"} 2\n\
+                 fedhive_round_sums_updates_total{source=\"local\"} 1\n";
+        assert_eq!(
+            round_sums([a, b]),
+            RoundSums {
+                local: 8,
+                partial: 5,
+                reread: 2,
+                reread_bytes: 400
+            }
+        );
+    }
 
     #[test]
     fn stage_means_come_from_sum_and_count() {

@@ -5,7 +5,12 @@ use std::{collections::BTreeMap, fmt::Write};
 use serde::Serialize;
 
 use crate::{
-    discard::Baseline, profile::StageTime, server::ProcSample, stats::EndpointSummary, verify::Verification,
+    discard::Baseline,
+    profile::{RoundSums, StageTime},
+    replicas::ReplicaUsage,
+    server::ProcSample,
+    stats::EndpointSummary,
+    verify::Verification,
 };
 
 /// What the run was asked to do.
@@ -26,6 +31,8 @@ pub struct Setup {
     pub max_concurrent_uploads: usize,
     pub max_queued_uploads: usize,
     pub duration_secs: f64,
+    /// Server replicas behind the balancer (1: no balancer).
+    pub replicas: usize,
 }
 
 /// Times between consecutive commits, as the harness's monitor saw them (200 ms polling).
@@ -138,6 +145,15 @@ pub struct Report {
     pub server_stages: Vec<StageTime>,
     /// The machine's own limit for these uploads, measured after the run (`--baseline-secs`).
     pub baseline: Option<BaselineComparison>,
+    /// Each server replica the harness started, its processes' memory and CPU.
+    pub replicas: Vec<ReplicaUsage>,
+    /// The replicas' CPU time per accepted update, milliseconds: with several replicas, what
+    /// coordinating them costs shows against one replica's figure.
+    pub server_cpu_ms_per_update: Option<f64>,
+    /// Where the finalisers found the rounds' updates (running replicas' counters only).
+    pub round_sums: Option<RoundSums>,
+    /// Replicas killed with SIGKILL by the fault mode (`--kill-every-secs`).
+    pub replica_kills: u64,
 }
 
 /// The run's ingest against the discard server's, same devices and bodies.
@@ -290,6 +306,31 @@ impl Report {
                 "server time per accepted upload (mean ms, wall): {} = {:.2}",
                 parts.join(", "),
                 total
+            );
+        }
+        for r in &self.replicas {
+            let _ = writeln!(
+                out,
+                "replica {}: peak RSS {:.1} MB, CPU {:.1} s, killed {} times",
+                r.name,
+                mb(r.peak_rss_bytes),
+                r.cpu_secs,
+                r.kills
+            );
+        }
+        if let Some(ms) = self.server_cpu_ms_per_update {
+            let _ = writeln!(out, "server CPU per accepted update: {ms:.2} ms (all replicas)");
+        }
+        if let Some(rs) = &self.round_sums {
+            let _ = writeln!(
+                out,
+                "round sums: {} updates from the finaliser's own sums, {} handed over by other replicas, \
+                 {} read again ({:.1} MB); {} replica kills",
+                rs.local,
+                rs.partial,
+                rs.reread,
+                mb(rs.reread_bytes),
+                self.replica_kills
             );
         }
         if let Some(b) = &self.baseline {

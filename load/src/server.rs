@@ -87,7 +87,12 @@ impl FreshPostgres {
 }
 
 /// How to start the server.
+#[derive(Debug, Clone)]
 pub struct SpawnOptions {
+    /// Where it listens (127.0.0.1); `None`: a free port.
+    pub port: Option<u16>,
+    /// Flags after the harness's own (e.g. `--replica-name`).
+    pub extra_flags: Vec<String>,
     /// A `fedhive` binary; `None` runs this binary's `serve` subcommand (the same server library).
     pub binary: Option<PathBuf>,
     pub data_dir: PathBuf,
@@ -114,14 +119,18 @@ pub struct ServerProcess {
     pub base_url: String,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl ServerProcess {
     /// Starts the server and waits until `http` gets an answer from it.
     pub async fn spawn(options: &SpawnOptions, http: &reqwest::Client) -> anyhow::Result<ServerProcess> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let mut cmd = match &options.binary {
             Some(bin) => Command::new(bin),
             None => Command::new(std::env::current_exe().context("locating this executable")?),
@@ -148,7 +157,14 @@ impl ServerProcess {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&options.log_path).context("creating the server log")?);
+            // Appended to: a restarted replica logs after its killed predecessor.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&options.log_path)
+                    .context("opening the server log")?,
+            );
         if let Some(url) = &options.database_url {
             cmd.arg("--database-url").arg(url);
         }
@@ -158,6 +174,7 @@ impl ServerProcess {
         if let Some(url) = &options.blob_store {
             cmd.arg("--blob-store").arg(url);
         }
+        cmd.args(&options.extra_flags);
         let child = cmd.spawn().context("starting the server")?;
         let base_url = match options.tls {
             Some(_) => format!("https://localhost:{}", addr.port()),
@@ -199,6 +216,12 @@ impl ServerProcess {
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
