@@ -36,7 +36,7 @@ impl Balancer {
         // Long client and server timeouts: a queued upload may wait minutes for a slot.
         let config = format!(
             "global
-    maxconn 20000
+    maxconn 8000
 defaults
     mode http
     timeout connect 2s
