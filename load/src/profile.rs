@@ -1,5 +1,5 @@
 //! Where an accepted upload's time went on the server: the mean of each stage of
-//! `fedhive_upload_stage_duration_seconds` (queue, read, hash, decode, store, accept, fold), read
+//! `fedhive_upload_stage_duration_seconds` (queue, read, decode, store, accept, fold), read
 //! from the server's own `/metrics` at the end of a run. The stages are timed by the coordinator
 //! around each step of an upload, so they are wall time of that upload (waiting included), not CPU.
 
@@ -17,7 +17,7 @@ pub struct StageTime {
 }
 
 /// The stages in the order an upload goes through them (`fedhive_server::telemetry::UploadStages`).
-const PIPELINE: [&str; 7] = ["queue", "read", "hash", "decode", "store", "accept", "fold"];
+const PIPELINE: [&str; 6] = ["queue", "read", "decode", "store", "accept", "fold"];
 
 /// Reads every stage's `_sum` and `_count` out of a Prometheus text exposition, in pipeline order
 /// (a stage the harness does not know goes last).
@@ -131,10 +131,10 @@ mod tests {
 
     #[test]
     fn stage_means_come_from_sum_and_count() {
-        // Exposition order is not pipeline order: hash comes first here.
+        // Exposition order is not pipeline order: decode comes first here.
         let text = "# TYPE fedhive_upload_stage_duration_seconds histogram\n\
-            fedhive_upload_stage_duration_seconds_sum{stage=\"hash\"} 0.02\n\
-            fedhive_upload_stage_duration_seconds_count{stage=\"hash\"} 10\n\
+            fedhive_upload_stage_duration_seconds_sum{stage=\"decode\"} 0.02\n\
+            fedhive_upload_stage_duration_seconds_count{stage=\"decode\"} 10\n\
             fedhive_upload_stage_duration_seconds_sum{stage=\"read\"} 0.5\n\
             fedhive_upload_stage_duration_seconds_count{stage=\"read\"} 10\n\
             fedhive_upload_stage_duration_seconds_bucket{le=\"0.001\",stage=\"read\"} 3\n\
@@ -148,7 +148,7 @@ mod tests {
                     mean_ms: 50.0
                 },
                 StageTime {
-                    stage: "hash".into(),
+                    stage: "decode".into(),
                     uploads: 10,
                     mean_ms: 2.0
                 },

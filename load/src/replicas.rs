@@ -40,6 +40,9 @@ impl Balancer {
 defaults
     mode http
     timeout connect 2s
+    # A killed replica fails its check at once (connection refused); a busy one may answer
+    # /readyz slowly, and is not taken out for it (the default, `inter`, is 200 ms).
+    timeout check 2s
     timeout client 600s
     timeout server 600s
     retries 3

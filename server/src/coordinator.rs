@@ -42,7 +42,7 @@ use crate::{
     error::ApiError,
     rate_limit::{RateLimit, RateLimiter},
     replicas::{self, Replica},
-    store::{Store, now_ms, sha256_hex},
+    store::{HashedBody, Store, now_ms, sha256_hex},
     strategy::{
         Registry, Strategy,
         interface::{CheckinClock, Sums, Update},
@@ -624,10 +624,10 @@ impl Coordinator {
         Ok((token_hash, round_id, holder))
     }
 
-    /// Accepts one device update. `read_body` (given the task's upload limit) is only awaited once
-    /// an upload slot is held, so at most `max_concurrent_uploads` bodies are in memory at once;
-    /// past the queue limit the device is told to come back later. The flag says the round is now
-    /// full and should be finalised.
+    /// Accepts one device update. `read_body` (given the task's upload limit) yields the body with
+    /// its digest, hashed as it arrived; it is only awaited once an upload slot is held, so at most
+    /// `max_concurrent_uploads` bodies are in memory at once; past the queue limit the device is
+    /// told to come back later. The flag says the round is now full and should be finalised.
     pub async fn upload<R, F>(
         &self,
         token: &str,
@@ -637,7 +637,7 @@ impl Coordinator {
     ) -> Result<(UploadReceipt, bool), ApiError>
     where
         R: FnOnce(usize) -> F,
-        F: Future<Output = Result<Bytes, ApiError>>,
+        F: Future<Output = Result<HashedBody, ApiError>>,
     {
         // The task, once the token has named one, for the refusal's metric.
         let mut task_id = String::new();
@@ -660,7 +660,7 @@ impl Coordinator {
     ) -> Result<(UploadReceipt, bool), ApiError>
     where
         R: FnOnce(usize) -> F,
-        F: Future<Output = Result<Bytes, ApiError>>,
+        F: Future<Output = Result<HashedBody, ApiError>>,
     {
         let device = self.device(device).await?;
         let (token_hash, round_id, holder) = self.token_round(token).await?;
@@ -679,12 +679,8 @@ impl Coordinator {
         let task = self.task(&round.task_id).await?;
         check_holder(&task, holder.as_deref(), device.as_ref())?;
         let strategy = self.strategies.for_config(&task.config)?;
-        let body = read_body(strategy.upload_limit(&task.config)).await?;
+        let HashedBody { bytes: body, sha256 } = read_body(strategy.upload_limit(&task.config)).await?;
         let read = lap.lap();
-        // Hashing a model-sized body takes milliseconds: off the async workers, like the decode.
-        let hashed = body.clone();
-        let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&hashed)).await?;
-        let hash = lap.lap();
 
         if let Some(prev) = db.update_for_token(&token_hash).await? {
             if prev.sha256 == sha256 && prev.num_samples as u64 == num_samples {
@@ -698,16 +694,39 @@ impl Coordinator {
             return Err(ApiError::RoundClosed(round_id));
         }
         check_sample_count(num_samples)?;
-        let (decoder, config, checked) = (strategy.clone(), task.config.clone(), body.clone());
-        let update = tokio::task::spawn_blocking(move || decoder.decode_update(&config, &checked)).await??;
-        strategy.check_update(&self.store, &task, &update).await?;
-        let decode = lap.lap();
 
         // The key names the body's digest, so a replica taking the same token with other bytes at
         // the same moment writes elsewhere, and one with the same bytes finds them written.
         let blob_key = format!("updates/{round_id}/{token_hash}-{sha256}.safetensors");
-        let wrote_blob = self.store.blobs.put_new(&blob_key, body).await?;
-        let store = lap.lap();
+        // The check (a CPU pass) and the durable write (mostly waiting on the disk or the object
+        // store) overlap; a body the check refuses has its blob removed again, so a refusal still
+        // leaves nothing behind.
+        let (decoder, config, checked) = (strategy.clone(), task.config.clone(), body.clone());
+        let checking = async {
+            let started = std::time::Instant::now();
+            let update =
+                tokio::task::spawn_blocking(move || decoder.decode_update(&config, &checked)).await??;
+            strategy.check_update(&self.store, &task, &update).await?;
+            Ok::<_, ApiError>((update, started.elapsed()))
+        };
+        let storing = async {
+            let started = std::time::Instant::now();
+            let wrote = self.store.blobs.put_new(&blob_key, body).await;
+            (wrote, started.elapsed())
+        };
+        let (checked, (wrote_blob, store)) = tokio::join!(checking, storing);
+        lap.lap();
+        let (update, decode) = match checked {
+            Ok(checked) => checked,
+            Err(refused) => {
+                if let Ok(true) = wrote_blob {
+                    self.remove_refused_blob(round_id, &token_hash, &sha256, &blob_key)
+                        .await?;
+                }
+                return Err(refused);
+            }
+        };
+        let wrote_blob = wrote_blob?;
         let row = UpdateRow {
             token_hash: token_hash.clone(),
             round_id,
@@ -734,7 +753,6 @@ impl Coordinator {
         let stages = UploadStages {
             queue,
             read,
-            hash,
             decode,
             store,
             accept,
@@ -748,7 +766,6 @@ impl Coordinator {
             samples = num_samples,
             queue_ms = ms(queue),
             read_ms = ms(read),
-            hash_ms = ms(hash),
             decode_ms = ms(decode),
             store_ms = ms(store),
             accept_ms = ms(accept),
@@ -771,13 +788,36 @@ impl Coordinator {
         {
             return Ok(NotAccepted::StoredByAnother(prev));
         }
-        if wrote_blob && let Err(e) = self.store.blobs.delete(&row.blob_key).await {
-            warn!(round = row.round_id, error = %e, "could not remove a refused update's blob");
+        if wrote_blob {
+            self.delete_blob(row.round_id, &row.blob_key).await;
         }
         Ok(NotAccepted::Refused(match stored {
             Some(prev) => ApiError::ConflictingRetry { stored: prev.sha256 },
             None => self.why_refused(row.round_id, row.num_samples as u64).await?,
         }))
+    }
+
+    /// Removes the blob of an update its check refused, unless the token's row names these bytes:
+    /// then another replica accepted the same body meanwhile, and the blob is that row's.
+    async fn remove_refused_blob(
+        &self,
+        round_id: i64,
+        token_hash: &str,
+        sha256: &str,
+        blob_key: &str,
+    ) -> Result<(), ApiError> {
+        let stored = self.store.db.update_for_token(token_hash).await?;
+        if stored.is_none_or(|prev| prev.sha256 != sha256) {
+            self.delete_blob(round_id, blob_key).await;
+        }
+        Ok(())
+    }
+
+    /// Deletes a blob no row names; a failure leaves an orphan, logged, not a refused request.
+    async fn delete_blob(&self, round_id: i64, blob_key: &str) {
+        if let Err(e) = self.store.blobs.delete(blob_key).await {
+            warn!(round = round_id, error = %e, "could not remove a refused update's blob");
+        }
     }
 
     async fn why_refused(&self, round_id: i64, num_samples: u64) -> Result<ApiError, ApiError> {
@@ -915,7 +955,9 @@ impl Coordinator {
     }
 
     /// For every round this replica holds sums of that has stopped taking uploads: hands them to
-    /// its finaliser if it is closing, and drops them.
+    /// its finaliser if it is closing and another replica holds the lease, and drops them. (While
+    /// no replica holds it, this one may be about to: its finalisation takes its own sums, and
+    /// handing them over meanwhile would race it into reading every update again.)
     async fn hand_over_sums(&self) -> Result<(), ApiError> {
         let held: Vec<i64> = self
             .accumulators
@@ -927,7 +969,12 @@ impl Coordinator {
         for round_id in held {
             match self.store.db.round(round_id).await?.map(|r| r.state).as_deref() {
                 Some("open") => {}
-                Some("closing") => self.hand_over(round_id).await?,
+                Some("closing") => {
+                    let finaliser = replicas::finaliser(&self.store.db, round_id).await?;
+                    if finaliser.is_some_and(|f| f != self.replica.id()) {
+                        self.hand_over(round_id).await?;
+                    }
+                }
                 // Finalised without them (or gone): nothing will read them.
                 _ => {
                     self.accumulators

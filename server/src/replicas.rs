@@ -40,6 +40,11 @@ pub const LIVE_WITHIN: Duration = Duration::from_secs(3);
 /// How often a replica stamps its heartbeat.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
+/// A replica not seen for this long is forgotten: its row is deleted, so restarts and scaling do
+/// not grow the table without end. Nothing else refers to the row (a finaliser only asks which
+/// replicas are live, and a dead one's updates are re-read whatever its row says).
+pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
 /// This process among the replicas: the operator's name for it (`--replica-name`, default the
 /// host name; distinct per replica) and a random incarnation, so a restarted replica is a new one
 /// (its sums died with it).
@@ -82,7 +87,7 @@ fn default_name() -> String {
         .unwrap_or_else(|| "fedhive".into())
 }
 
-/// Stamps this replica as alive now.
+/// Stamps this replica as alive now, and forgets the replicas not seen for [`FORGET_AFTER`].
 pub async fn heartbeat(db: &Db, replica: &Replica, now_ms: i64) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO replicas (id, name, seen_ms) VALUES ($1, $2, $3) \
@@ -93,6 +98,10 @@ pub async fn heartbeat(db: &Db, replica: &Replica, now_ms: i64) -> Result<(), Db
     .bind(now_ms)
     .execute(db.pool())
     .await?;
+    sqlx::query("DELETE FROM replicas WHERE seen_ms < $1")
+        .bind(now_ms - FORGET_AFTER.as_millis() as i64)
+        .execute(db.pool())
+        .await?;
     Ok(())
 }
 
@@ -106,6 +115,18 @@ pub async fn live_replicas(db: &Db, me: &Replica, since_ms: i64) -> Result<BTree
         .fetch_all(db.pool())
         .await?;
     Ok(rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?)
+}
+
+/// The replica that last took the lease to finalise the round (its lease may have run out).
+pub async fn finaliser(db: &Db, round_id: i64) -> Result<Option<String>, DbError> {
+    let row = sqlx::query("SELECT finaliser FROM rounds WHERE id = $1")
+        .bind(round_id)
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(match row {
+        Some(row) => row.try_get("finaliser")?,
+        None => None,
+    })
 }
 
 /// Takes or renews the lease to finalise a closing round until `until_ms`: true if this replica
@@ -203,4 +224,38 @@ pub async fn partials(db: &Db, round_id: i64) -> Result<Vec<Partial>, ApiError> 
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn count(db: &Db) -> i64 {
+        sqlx::query("SELECT COUNT(*) AS n FROM replicas")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+            .get("n")
+    }
+
+    #[tokio::test]
+    async fn a_replica_unseen_for_an_hour_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db.sqlite").display());
+        let db = Db::connect(&url).await.unwrap();
+        let (gone, stays, beating) = (
+            Replica::new(Some("gone")),
+            Replica::new(Some("stays")),
+            Replica::new(Some("beating")),
+        );
+        let hour = FORGET_AFTER.as_millis() as i64;
+        heartbeat(&db, &gone, 1_000).await.unwrap();
+        heartbeat(&db, &stays, 2_000).await.unwrap();
+        heartbeat(&db, &beating, 1_000 + hour).await.unwrap();
+        // `gone` was last seen just over an hour before this beat, `stays` just under.
+        heartbeat(&db, &beating, 1_001 + hour).await.unwrap();
+        assert_eq!(count(&db).await, 2);
+        let known = live_replicas(&db, &beating, 0).await.unwrap();
+        assert_eq!(known, BTreeSet::from([stays.id.clone(), beating.id.clone()]));
+    }
 }

@@ -108,6 +108,21 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// An upload's body with its SHA-256 (hex), which the reader computes chunk by chunk as the bytes
+/// arrive, so no stage after the read waits on a pass over a model-sized buffer to learn it.
+pub struct HashedBody {
+    pub bytes: Bytes,
+    pub sha256: String,
+}
+
+impl HashedBody {
+    /// Hashes bytes already in hand (tests, and callers that did not stream them).
+    pub fn of(bytes: Bytes) -> Self {
+        let sha256 = sha256_hex(&bytes);
+        Self { bytes, sha256 }
+    }
+}
+
 /// Blob key of a task's model version (the dense tensors, for strategies with sparse tables).
 pub fn model_key(task_id: &str, version: i64) -> String {
     format!("models/{task_id}/{version}.safetensors")

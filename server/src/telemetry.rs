@@ -15,7 +15,7 @@
 //! | `fedhive_anon_submissions_total` | task, outcome = accepted, duplicate, or the error code | anonymous sample submissions (nothing about the submitter) |
 //! | `fedhive_http_request_duration_seconds` | route, method, status | every request (check-in and upload latency) |
 //! | `fedhive_http_request_body_bytes_total`, `..._response_body_bytes_total` | route, method | bytes in and out |
-//! | `fedhive_upload_stage_duration_seconds` | stage = queue, read, hash, decode, store, accept, fold | an accepted upload's stages: `store` is the blob store's durable write, `accept` the database transaction |
+//! | `fedhive_upload_stage_duration_seconds` | stage = queue, read, decode, store, accept, fold | an accepted upload's stages: `read` includes hashing (as the bytes arrive), `decode` (with the strategy's check) and `store` (the blob store's durable write) run at the same time, `accept` is the database transaction |
 //! | `fedhive_round_finalize_duration_seconds` | | closing, summing and committing a round (database and blob store included) |
 //! | `fedhive_storage_duration_seconds` | store = database, blobs; op | the database's hot queries (task, round, active_round, assign, accept_update, finish_round) and blob put, get, delete_prefix |
 //! | `fedhive_credential_refusals_total` | reason = unauthorized, forbidden | operator and cloud-worker requests refused for their credential (`401`: none, unknown or revoked; `403`: a token without the scope) |
@@ -118,12 +118,12 @@ impl StorageLatency {
     }
 }
 
-/// An accepted upload's stages, in the order they run (see [`crate::coordinator`]).
+/// An accepted upload's stages, in the order they run (see [`crate::coordinator`]); `decode` and
+/// `store` overlap, each timed on its own.
 #[derive(Debug, Clone, Copy)]
 pub struct UploadStages {
     pub queue: Duration,
     pub read: Duration,
-    pub hash: Duration,
     pub decode: Duration,
     pub store: Duration,
     pub accept: Duration,
@@ -345,7 +345,6 @@ impl Telemetry {
         let stages = [
             ("queue", s.queue),
             ("read", s.read),
-            ("hash", s.hash),
             ("decode", s.decode),
             ("store", s.store),
             ("accept", s.accept),

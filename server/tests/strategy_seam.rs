@@ -9,7 +9,7 @@ use fedhive_server::{
     blobs::BlobStore,
     db::{Db, RoundRow, TaskRow},
     error::ApiError,
-    store::{Store, model_key},
+    store::{HashedBody, Store, model_key},
     strategy::{
         Registry, Strategy, async_trait,
         interface::{CommitHold, Sums},
@@ -121,7 +121,9 @@ async fn a_registered_strategy_runs_rounds_without_touching_the_coordinator() {
             };
             let delta = weights([0.5, 0.5]);
             let (_, now_full) = coordinator
-                .upload(&a.upload_token, None, samples, |_limit| async move { Ok(delta) })
+                .upload(&a.upload_token, None, samples, |_limit| async move {
+                    Ok(HashedBody::of(delta))
+                })
                 .await
                 .unwrap();
             full = now_full;

@@ -11,12 +11,13 @@ use axum::{
 };
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
 
 use crate::{
     access::{Action, AuditRecord, Need, Principal},
     coordinator::Coordinator,
     error::ApiError,
-    store::{constant_time_eq, now_ms, sha256_hex},
+    store::{HashedBody, constant_time_eq, now_ms, sha256_hex},
     strategy::Strategy,
 };
 
@@ -276,6 +277,32 @@ pub(crate) async fn read_body(
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
+    read_body_with(body, headers, limit, timeout, |_| {}).await
+}
+
+/// [`read_body`], hashing each chunk as it arrives: the digest costs no pass of its own over the
+/// finished buffer, and is ready the moment the last byte is.
+pub(crate) async fn read_body_hashed(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<HashedBody, ApiError> {
+    let mut hasher = Sha256::new();
+    let bytes = read_body_with(body, headers, limit, timeout, |chunk| hasher.update(chunk)).await?;
+    Ok(HashedBody {
+        bytes,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+async fn read_body_with(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+    on_chunk: impl FnMut(&[u8]),
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -283,7 +310,8 @@ pub(crate) async fn read_body(
     if let Some(size) = declared.filter(|&s| s > limit) {
         return Err(ApiError::BodyTooLarge { size, limit });
     }
-    tokio::time::timeout(timeout, read_limited(body, declared.unwrap_or(0), limit))
+    let read = read_limited(body, declared.unwrap_or(0), limit, on_chunk);
+    tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| ApiError::BodyTimeout {
             secs: timeout.as_secs(),
@@ -291,8 +319,14 @@ pub(crate) async fn read_body(
 }
 
 /// Reads a body of at most `limit` bytes into one buffer sized from its declared length, so a
-/// model-sized upload is held once (collecting the frames and then joining them would hold it twice).
-async fn read_limited(mut body: Body, declared: usize, limit: usize) -> Result<Bytes, ApiError> {
+/// model-sized upload is held once (collecting the frames and then joining them would hold it twice);
+/// `on_chunk` sees each chunk as it is appended.
+async fn read_limited(
+    mut body: Body,
+    declared: usize,
+    limit: usize,
+    mut on_chunk: impl FnMut(&[u8]),
+) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let mut buf = bytes::BytesMut::with_capacity(declared.min(limit));
     while let Some(frame) = body.frame().await {
@@ -306,6 +340,7 @@ async fn read_limited(mut body: Body, declared: usize, limit: usize) -> Result<B
                 limit,
             });
         }
+        on_chunk(&chunk);
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{
-    ApiJson, ApiPath, ApiQuery, AppState, authorize, bearer, device_header, read_body, versioned_blob,
+    ApiJson, ApiPath, ApiQuery, AppState, authorize, bearer, device_header, read_body_hashed, versioned_blob,
 };
 use crate::{
     access::{Action, Need},
@@ -347,7 +347,7 @@ async fn upload(
     let device = device_header(&headers).map(str::to_string);
     let coordinator = state.coordinator.clone();
     let timeout = state.body_read_timeout;
-    let read_body = |limit: usize| read_body(body, &headers, limit, timeout);
+    let read_body = |limit: usize| read_body_hashed(body, &headers, limit, timeout);
     let (receipt, full) = coordinator
         .upload(&token, device.as_deref(), query.num_samples, read_body)
         .await?;
