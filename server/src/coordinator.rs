@@ -720,8 +720,14 @@ impl Coordinator {
             Ok(checked) => checked,
             Err(refused) => {
                 if let Ok(true) = wrote_blob {
-                    self.remove_refused_blob(round_id, &token_hash, &sha256, &blob_key)
-                        .await?;
+                    // The refusal is the answer; if the row cannot be read, the blob is kept.
+                    match db.update_for_token(&token_hash).await {
+                        Ok(stored) => {
+                            self.remove_unstored_blob(round_id, &blob_key, stored.as_ref())
+                                .await
+                        }
+                        Err(e) => warn!(round = round_id, error = %e, "kept a refused update's blob"),
+                    }
                 }
                 return Err(refused);
             }
@@ -789,7 +795,8 @@ impl Coordinator {
             return Ok(NotAccepted::StoredByAnother(prev));
         }
         if wrote_blob {
-            self.delete_blob(row.round_id, &row.blob_key).await;
+            self.remove_unstored_blob(row.round_id, &row.blob_key, stored.as_ref())
+                .await;
         }
         Ok(NotAccepted::Refused(match stored {
             Some(prev) => ApiError::ConflictingRetry { stored: prev.sha256 },
@@ -797,24 +804,13 @@ impl Coordinator {
         }))
     }
 
-    /// Removes the blob of an update its check refused, unless the token's row names these bytes:
-    /// then another replica accepted the same body meanwhile, and the blob is that row's.
-    async fn remove_refused_blob(
-        &self,
-        round_id: i64,
-        token_hash: &str,
-        sha256: &str,
-        blob_key: &str,
-    ) -> Result<(), ApiError> {
-        let stored = self.store.db.update_for_token(token_hash).await?;
-        if stored.is_none_or(|prev| prev.sha256 != sha256) {
-            self.delete_blob(round_id, blob_key).await;
+    /// Removes a blob this upload wrote and did not store, unless the token's stored row names it:
+    /// then another replica stored the same bytes meanwhile (with its own sample count, perhaps),
+    /// and the blob is that row's. A failure leaves an orphan, logged, not a failed request.
+    async fn remove_unstored_blob(&self, round_id: i64, blob_key: &str, stored: Option<&UpdateRow>) {
+        if stored.is_some_and(|prev| prev.blob_key == blob_key) {
+            return;
         }
-        Ok(())
-    }
-
-    /// Deletes a blob no row names; a failure leaves an orphan, logged, not a refused request.
-    async fn delete_blob(&self, round_id: i64, blob_key: &str) {
         if let Err(e) = self.store.blobs.delete(blob_key).await {
             warn!(round = round_id, error = %e, "could not remove a refused update's blob");
         }
