@@ -7,8 +7,12 @@
 //! 2. Sparse aggregation: rows/s folded into a round's accumulator (100 updates of 1,000 rows),
 //!    and rows/s committed (read base rows, apply the rule, write in place); the accumulator's size
 //!    for a 1M-row and a 10M-row table (it depends on rows touched, not on the table).
+//! 3. The table as a snapshot in the blob store (what a new replica downloads before it serves
+//!    rows): upload and download MB/s, streamed.
 //!
-//! `FEDHIVE_BENCH_ROWS` overrides the table size (default 10,000,000).
+//! `FEDHIVE_BENCH_ROWS` overrides the table size (default 10,000,000); `FEDHIVE_BENCH_BLOB_STORE`
+//! (`s3://bucket/prefix`, with the `AWS_*` environment) puts the snapshot in S3 rather than a
+//! directory.
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fedhive_server::tables::TableStore;
+use fedhive_server::{blobs::BlobStore, tables::TableStore};
 use fedhive_shared::{
     NamedTensors, Tensor, TensorSpec,
     fedsubavg::{Heat, SubAvgAccumulator, SubAvgForm},
@@ -325,6 +329,36 @@ fn main() {
             "commit_rows_per_s": commit,
         }));
     }
+    // 3. The table's snapshot in the blob store.
+    let blobs = match std::env::var("FEDHIVE_BENCH_BLOB_STORE") {
+        Ok(url) => BlobStore::connect(&url, dir.path().join("local")).expect("blob store"),
+        Err(_) => BlobStore::open(dir.path().join("blobs")).expect("blob directory"),
+    };
+    let snapshot = runtime.block_on(async {
+        let key = "table-snapshots/bench/snapshot.f32";
+        let t = Instant::now();
+        blobs
+            .put_file(key, &store.path("bench", TABLE))
+            .await
+            .expect("snapshot upload");
+        let up = t.elapsed().as_secs_f64();
+        let back = dir.path().join("downloaded.f32");
+        let t = Instant::now();
+        blobs.get_to_file(key, &back).await.expect("snapshot download");
+        let down = t.elapsed().as_secs_f64();
+        assert_eq!(std::fs::metadata(&back).unwrap().len(), rows * WIDTH as u64 * 4);
+        blobs.delete_prefix("table-snapshots/bench").await.unwrap();
+        (table_mb / up, table_mb / down)
+    });
+    let (rss_now, hwm_now) = memory_kib(std::process::id());
+    println!(
+        "snapshot of the table in the blob store: upload {:.0} MB/s, download {:.0} MB/s (bench RSS {} MiB, peak {} MiB)",
+        snapshot.0,
+        snapshot.1,
+        rss_now / 1024,
+        hwm_now / 1024
+    );
+
     println!(
         "{}",
         json!({
@@ -337,6 +371,7 @@ fn main() {
             "submodel_body_bytes": body_bytes,
             "server_rss_mib": {"idle": after_create.0 / 1024, "after_create": after_create.1 / 1024, "after_downloads": server_rss / 1024, "peak": server_hwm / 1024},
             "aggregation": aggregation,
+            "snapshot_mb_per_s": {"upload": snapshot.0, "download": snapshot.1},
         })
     );
 }

@@ -16,15 +16,22 @@ use std::{
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::{
-    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, aws::AmazonS3Builder,
-    path::Path as ObjectPath,
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
+    aws::AmazonS3Builder, path::Path as ObjectPath,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Part size of a file streamed into an object store (S3 parts are at least 5 MiB).
+const FILE_PART_BYTES: usize = 8 << 20;
+/// Parts of one file in flight at once.
+const FILE_PARTS_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     location: Location,
-    /// Files that stay on local disk whatever the blob store (FedSubAvg's row tables, read by
-    /// positioned reads: [`crate::tables`]); the blobs themselves too for a directory store.
+    /// Files that stay on local disk whatever the blob store (this replica's copy of FedSubAvg's
+    /// row tables, read by positioned reads: [`crate::tables`]); the blobs themselves too for a
+    /// directory store.
     local: PathBuf,
     latency: crate::telemetry::StorageLatency,
 }
@@ -186,6 +193,77 @@ impl BlobStore {
         self.latency.time("blobs", "put", write).await
     }
 
+    /// Stores the file at `path` under `key`, durably, streamed in parts rather than read whole (a
+    /// FedSubAvg table snapshot may be larger than a server should hold in memory).
+    pub async fn put_file(&self, key: &str, path: &Path) -> std::io::Result<()> {
+        let write = async {
+            match &self.location {
+                Location::Dir => {
+                    let (from, to) = (path.to_path_buf(), self.path(key));
+                    tokio::task::spawn_blocking(move || copy_durably(&from, &to))
+                        .await
+                        .map_err(std::io::Error::other)?
+                }
+                Location::Object { store, prefix } => {
+                    let location = Self::object(prefix, key);
+                    let mut file = tokio::fs::File::open(path).await?;
+                    if file.metadata().await?.len() <= FILE_PART_BYTES as u64 {
+                        let mut data = Vec::new();
+                        file.read_to_end(&mut data).await?;
+                        store
+                            .put(&location, PutPayload::from(data))
+                            .await
+                            .map_err(io_error)?;
+                        return Ok(());
+                    }
+                    let upload = store.put_multipart(&location).await.map_err(io_error)?;
+                    let mut upload = WriteMultipart::new_with_chunk_size(upload, FILE_PART_BYTES);
+                    loop {
+                        let mut part = Vec::with_capacity(FILE_PART_BYTES);
+                        (&mut file)
+                            .take(FILE_PART_BYTES as u64)
+                            .read_to_end(&mut part)
+                            .await?;
+                        if part.is_empty() {
+                            break;
+                        }
+                        if let Err(e) = upload.wait_for_capacity(FILE_PARTS_IN_FLIGHT).await {
+                            upload.abort().await.ok();
+                            return Err(io_error(e));
+                        }
+                        upload.put(Bytes::from(part));
+                    }
+                    upload.finish().await.map_err(io_error)?;
+                    Ok(())
+                }
+            }
+        };
+        self.latency.time("blobs", "put", write).await
+    }
+
+    /// Writes the blob under `key` into a new file at `path`, streamed, and syncs it (`NotFound` if
+    /// there is no such blob).
+    pub async fn get_to_file(&self, key: &str, path: &Path) -> std::io::Result<()> {
+        let read = async {
+            match &self.location {
+                Location::Dir => {
+                    tokio::fs::copy(self.path(key), path).await?;
+                    tokio::fs::File::open(path).await?.sync_all().await
+                }
+                Location::Object { store, prefix } => {
+                    let found = store.get(&Self::object(prefix, key)).await.map_err(io_error)?;
+                    let mut file = tokio::fs::File::create_new(path).await?;
+                    let mut chunks = found.into_stream();
+                    while let Some(chunk) = chunks.next().await {
+                        file.write_all(&chunk.map_err(io_error)?).await?;
+                    }
+                    file.sync_all().await
+                }
+            }
+        };
+        self.latency.time("blobs", "get", read).await
+    }
+
     /// Whether the store can be used: a writable directory, or a bucket that answers a listing.
     pub async fn check(&self) -> std::io::Result<()> {
         match &self.location {
@@ -254,8 +332,31 @@ impl BlobStore {
             .collect())
     }
 
+    /// Names and sizes in bytes of the blobs directly in the folder `prefix`.
+    pub async fn list_sizes(&self, prefix: &str) -> std::io::Result<Vec<(String, u64)>> {
+        let Location::Object { store, prefix: root } = &self.location else {
+            let dir = self.path(prefix);
+            let mut out = Vec::new();
+            for name in list_dir(&dir).await? {
+                let meta = tokio::fs::metadata(dir.join(&name)).await?;
+                if meta.is_file() {
+                    out.push((name, meta.len()));
+                }
+            }
+            return Ok(out);
+        };
+        let folder = Self::object(root, prefix);
+        let listed = store.list_with_delimiter(Some(&folder)).await.map_err(io_error)?;
+        Ok(listed
+            .objects
+            .iter()
+            .filter(|meta| meta.location != folder)
+            .filter_map(|meta| Some((meta.location.filename()?.to_string(), meta.size)))
+            .collect())
+    }
+
     /// The local directory: the blobs of a directory store, and beside an object store the files
-    /// that stay on local disk (FedSubAvg's row tables).
+    /// that stay on local disk (this replica's copy of FedSubAvg's row tables).
     pub fn root(&self) -> &Path {
         &self.local
     }
@@ -315,6 +416,17 @@ fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
     tmp.1.write_all(data)?;
     tmp.1.sync_all()?;
     std::fs::rename(&tmp.0, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// [`write_durably`] of a file's contents, copied by the kernel rather than through memory.
+fn copy_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    let dir = to.parent().expect("blob keys have a folder");
+    std::fs::create_dir_all(dir)?;
+    let tmp = tempfile_in(dir)?;
+    std::fs::copy(from, &tmp.0)?;
+    tmp.1.sync_all()?;
+    std::fs::rename(&tmp.0, to)?;
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -1181,19 +1181,17 @@ impl Coordinator {
         };
         let local = covered.len() as u64;
         let mut partial = 0;
-        if acc.handed_over() {
-            for p in self.wait_for_partials(round, updates, &covered).await? {
-                let fits =
-                    p.tokens.iter().all(|t| accepted.contains(t.as_str())) && p.tokens.is_disjoint(&covered);
-                if !fits {
-                    warn!(round = round.id, replica = %p.replica, "partial sums that do not fit the accepted set; ignored");
-                    continue;
-                }
-                let bytes = self.store.blobs.get(&p.blob_key).await?;
-                acc = tokio::task::spawn_blocking(move || acc.merge_bytes(&bytes).map(|()| acc)).await??;
-                partial += p.tokens.len() as u64;
-                covered.extend(p.tokens);
+        for p in self.wait_for_partials(round, updates, &covered).await? {
+            let fits =
+                p.tokens.iter().all(|t| accepted.contains(t.as_str())) && p.tokens.is_disjoint(&covered);
+            if !fits {
+                warn!(round = round.id, replica = %p.replica, "partial sums that do not fit the accepted set; ignored");
+                continue;
             }
+            let bytes = self.store.blobs.get(&p.blob_key).await?;
+            acc = tokio::task::spawn_blocking(move || acc.merge_bytes(&bytes).map(|()| acc)).await??;
+            partial += p.tokens.len() as u64;
+            covered.extend(p.tokens);
         }
         let rest: Vec<&UpdateRow> = updates
             .iter()

@@ -18,8 +18,12 @@
 //! - **Liveness**: each replica stamps its row in `replicas` every second ([`heartbeat`]); a
 //!   finaliser waits for the sums of replicas seen within [`LIVE_WITHIN`] only.
 //!
-//! Not shared: FedSubAvg's row tables are files on one machine's disk (see [`crate::tables`]), so a
-//! FedSubAvg task needs a single replica. Rate limits and caches stay per process.
+//! - **FedSubAvg's row tables**: each replica reads rows from its own copy ([`crate::tables`]), a
+//!   cache that it brings up to the committed version from the table history in the blob store
+//!   (snapshots and per-version journals) before it serves rows or finalises; heat is frozen by the
+//!   round's row, which an enrolment's transaction takes.
+//!
+//! Rate limits and caches stay per process.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -177,9 +181,7 @@ pub async fn publish_partial(
     tokens: &BTreeSet<String>,
     now_ms: i64,
 ) -> Result<bool, ApiError> {
-    let Some(bytes) = sums.to_bytes() else {
-        return Ok(false);
-    };
+    let bytes = sums.to_bytes();
     let key = partial_key(round_id, replica);
     if !store.blobs.put_new(&key, Bytes::from(bytes)).await? {
         return Ok(false);

@@ -1,10 +1,11 @@
-//! Row-addressable storage of sparse tables (FedSubAvg): one fixed-stride file per table.
+//! This replica's copy of FedSubAvg's sparse tables: one fixed-stride file per table.
 //!
 //! Row `m` of a `rows x width` f32 table lives at byte `m * width * 4` of its file, little-endian, so
 //! fetching R rows is R positioned reads (`pread`) whatever the table's size: a 10M-row table is
-//! never read whole, neither from disk nor into memory. The file holds the latest committed version
-//! only; the coordinator updates it in place after each commit from a journal of absolute row values
-//! (see `fedsubavg.rs`), which makes replaying it after a crash idempotent.
+//! never read whole, neither from disk nor into memory. The files are a cache: the committed
+//! history (snapshots and journals of absolute row values) lives in the blob store, where every
+//! replica brings its copy up to date from (see `strategy::fedsubavg::history`). A `version` file
+//! beside the tables says which committed version they hold; without it they are not trusted.
 
 use std::{
     fs::File,
@@ -14,6 +15,14 @@ use std::{
 };
 
 use fedhive_shared::sparse::{SparseRows, TableShape};
+
+/// The file beside a task's tables that names the version they hold.
+const VERSION_FILE: &str = "version";
+
+/// A table's file name: table names are tensor paths and may hold any character.
+pub fn file_name(table: &str) -> String {
+    format!("{}.f32", hex::encode(table.as_bytes()))
+}
 
 #[derive(Debug, Clone)]
 pub struct TableStore {
@@ -28,11 +37,99 @@ impl TableStore {
         TableStore { root: root.into() }
     }
 
+    fn dir(&self, task_id: &str) -> PathBuf {
+        self.root.join(task_id)
+    }
+
     /// `<root>/<task>/<table name, hex>.f32`: table names are tensor paths and may hold any character.
-    fn path(&self, task_id: &str, table: &str) -> PathBuf {
-        self.root
-            .join(task_id)
-            .join(format!("{}.f32", hex::encode(table.as_bytes())))
+    pub fn path(&self, task_id: &str, table: &str) -> PathBuf {
+        self.dir(task_id).join(file_name(table))
+    }
+
+    /// The committed version the task's files hold, if they are known to hold one.
+    pub fn version(&self, task_id: &str) -> std::io::Result<Option<i64>> {
+        match std::fs::read_to_string(self.dir(task_id).join(VERSION_FILE)) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| std::io::Error::other(format!("table version file holds `{text}`"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that the task's files hold `version` (after they were synced).
+    pub fn set_version(&self, task_id: &str, version: i64) -> std::io::Result<()> {
+        let dir = self.dir(task_id);
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
+        let mut file = File::create_new(&tmp)?;
+        file.write_all(version.to_string().as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dir.join(VERSION_FILE))?;
+        File::open(&dir)?.sync_all()
+    }
+
+    /// Marks the task's files as holding no known version, before they are replaced one by one.
+    pub fn clear_version(&self, task_id: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.dir(task_id).join(VERSION_FILE)) {
+            Ok(()) => File::open(self.dir(task_id))?.sync_all(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the task has table files but no version file: a copy made before tables had a
+    /// history in the blob store (its files hold every committed version whose journal is gone).
+    pub fn has_unversioned_files(&self, task_id: &str) -> std::io::Result<bool> {
+        if self.version(task_id)?.is_some() {
+            return Ok(false);
+        }
+        match std::fs::read_dir(self.dir(task_id)) {
+            Ok(entries) => Ok(entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().ends_with(".f32"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A new path in the task's folder to download a table to before [`Self::install`].
+    pub fn staging_path(&self, task_id: &str) -> std::io::Result<PathBuf> {
+        let dir = self.dir(task_id);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir.join(format!(".tmp-{:016x}", rand::random::<u64>())))
+    }
+
+    /// Moves a synced file from [`Self::staging_path`] into place as the table, once its size
+    /// matches the shape.
+    pub fn install(
+        &self,
+        task_id: &str,
+        table: &str,
+        shape: TableShape,
+        staged: &Path,
+    ) -> std::io::Result<()> {
+        let len = std::fs::metadata(staged)?.len();
+        if len != shape.rows * shape.width as u64 * 4 {
+            std::fs::remove_file(staged).ok();
+            return Err(std::io::Error::other(format!(
+                "table `{table}` is {len} bytes, expected {} rows of {} f32",
+                shape.rows, shape.width
+            )));
+        }
+        std::fs::rename(staged, self.path(task_id, table))?;
+        File::open(self.dir(task_id))?.sync_all()
+    }
+
+    /// Creates (or replaces) an all-zero table without writing its bytes (a sparse file).
+    pub fn create_zeros(&self, task_id: &str, table: &str, shape: TableShape) -> std::io::Result<()> {
+        let staged = self.staging_path(task_id)?;
+        let file = File::create_new(&staged)?;
+        file.set_len(shape.rows * shape.width as u64 * 4)?;
+        file.sync_all()?;
+        self.install(task_id, table, shape, &staged)
     }
 
     /// Creates (or replaces) a table, row `m` filled by `fill(m, row)`, durably and atomically.
@@ -90,7 +187,8 @@ impl TableStore {
         Ok(rows)
     }
 
-    /// Overwrites the given rows in place and syncs the file (absolute values: idempotent).
+    /// Overwrites the given rows in place and syncs the file (absolute values: applying the same
+    /// rows again changes nothing).
     pub fn write_rows(&self, task_id: &str, table: &str, rows: &SparseRows) -> std::io::Result<()> {
         let file = std::fs::OpenOptions::new()
             .write(true)

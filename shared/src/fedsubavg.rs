@@ -29,7 +29,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    fedavg::{AggregateError, FRACTION_BITS, FedAvgAccumulator, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES},
+    fedavg::{
+        AggregateError, BadPartial, FRACTION_BITS, FedAvgAccumulator, MAX_ROUND_SAMPLES, MAX_UPDATE_SAMPLES,
+    },
     sparse::{SparseRows, SparseTensors},
     tensors::{NamedTensors, TensorSpec},
 };
@@ -189,10 +191,161 @@ impl SubAvgAccumulator {
     }
 }
 
+/// First bytes of [`SubAvgAccumulator::to_bytes`]: the format and its version.
+const SPARSE_PARTIAL_MAGIC: &[u8; 8] = b"FHSUBS01";
+
+/// Reads [`SubAvgAccumulator::to_bytes`]'s little-endian fields in order.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BadPartial> {
+        if self.0.len() < n {
+            return Err(BadPartial("sparse sums end early".into()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, BadPartial> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    /// A count or length, bounded by what is left to read (each item takes at least `item` bytes).
+    fn len(&mut self, item: usize) -> Result<usize, BadPartial> {
+        let n = self.u64()?;
+        if n > (self.0.len() / item.max(1)) as u64 {
+            return Err(BadPartial(format!(
+                "sparse sums claim {n} items beyond their end"
+            )));
+        }
+        Ok(n as usize)
+    }
+}
+
+impl SubAvgAccumulator {
+    /// The sums as bytes, for another replica to merge ([`Self::merge_bytes`]): `FHSUBS01`, then
+    /// u64 little-endian fields: updates, total samples, the dense sums' length and bytes
+    /// ([`FedAvgAccumulator::to_bytes`]), and per table (name order) its name's length and UTF-8,
+    /// its row count and each row as id, devices, samples, width and `width` i64 sums.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(SPARSE_PARTIAL_MAGIC);
+        let dense = self.dense.to_bytes();
+        for n in [self.updates, self.total_samples, dense.len() as u64] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&dense);
+        for (table, rows) in &self.rows {
+            out.extend_from_slice(&(table.len() as u64).to_le_bytes());
+            out.extend_from_slice(table.as_bytes());
+            out.extend_from_slice(&(rows.len() as u64).to_le_bytes());
+            for (id, row) in rows {
+                for n in [*id, row.devices, row.samples, row.sum.len() as u64] {
+                    out.extend_from_slice(&n.to_le_bytes());
+                }
+                for s in &row.sum {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds sums that another replica folded (of other updates of the same round), from
+    /// [`Self::to_bytes`]'s bytes. Integer sums: merging equals folding in one place, bit for bit.
+    /// On an error nothing has changed.
+    pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<(), BadPartial> {
+        let mut merged = self.clone();
+        merged.merge_into(bytes)?;
+        *self = merged;
+        Ok(())
+    }
+
+    fn merge_into(&mut self, bytes: &[u8]) -> Result<(), BadPartial> {
+        let mut r = Reader(bytes);
+        if r.take(8)? != SPARSE_PARTIAL_MAGIC {
+            return Err(BadPartial("not sparse sums (format FHSUBS01)".into()));
+        }
+        let (updates, total_samples) = (r.u64()?, r.u64()?);
+        if self.total_samples + total_samples > MAX_ROUND_SAMPLES {
+            return Err(BadPartial(format!(
+                "{} + {total_samples} samples is more than a round holds",
+                self.total_samples
+            )));
+        }
+        let dense_len = r.len(1)?;
+        self.dense.merge_bytes(r.take(dense_len)?)?;
+        for (table, rows) in &mut self.rows {
+            let name_len = r.len(1)?;
+            if r.take(name_len)? != table.as_bytes() {
+                return Err(BadPartial(format!("sparse sums of other tables than `{table}`")));
+            }
+            for _ in 0..r.len(32)? {
+                let (id, devices, samples) = (r.u64()?, r.u64()?, r.u64()?);
+                let width = r.len(8)?;
+                let entry = rows.entry(id).or_insert_with(|| RowSum {
+                    sum: vec![0; width],
+                    devices: 0,
+                    samples: 0,
+                });
+                if entry.sum.len() != width {
+                    return Err(BadPartial(format!("row {id} of `{table}` has width {width}")));
+                }
+                for s in entry.sum.iter_mut() {
+                    let more = i64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+                    *s = s.wrapping_add(more);
+                }
+                entry.devices += devices;
+                entry.samples += samples;
+            }
+        }
+        if !r.0.is_empty() {
+            return Err(BadPartial(format!("{} bytes after the sparse sums", r.0.len())));
+        }
+        self.updates += updates;
+        self.total_samples += total_samples;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tensors::Tensor;
+
+    #[test]
+    fn sums_folded_apart_and_merged_are_the_sums_folded_in_one_place() {
+        let updates = [
+            (1, update(&[(0, 0.4), (1, 1.0)], 0.2)),
+            (3, update(&[(0, 0.8), (2, -0.5)], 0.6)),
+            (2, update(&[(2, 0.123_456_7), (5, -3.3)], -0.7)),
+        ];
+        for form in [SubAvgForm::Paper, SubAvgForm::SampleWeighted] {
+            let new = || SubAvgAccumulator::new(form, &specs(), ["emb".to_string()]);
+            let mut one = new();
+            for (n, u) in &updates {
+                one.add(*n, u).unwrap();
+            }
+            let (mut a, mut b) = (new(), new());
+            a.add(updates[1].0, &updates[1].1).unwrap();
+            b.add(updates[0].0, &updates[0].1).unwrap();
+            b.add(updates[2].0, &updates[2].1).unwrap();
+            a.merge_bytes(&b.to_bytes()).unwrap();
+            assert_eq!(a, one);
+            // An empty replica's sums change nothing; bad bytes are refused and change nothing.
+            a.merge_bytes(&new().to_bytes()).unwrap();
+            assert_eq!(a, one);
+            let bytes = b.to_bytes();
+            for bad in [&bytes[..bytes.len() - 1], &bytes[1..], b"FHSUBS01"] {
+                assert!(a.merge_bytes(bad).is_err());
+                assert_eq!(a, one);
+            }
+            let other = SubAvgAccumulator::new(form, &specs(), ["other".to_string()]);
+            assert!(a.merge_bytes(&other.to_bytes()).is_err());
+            assert_eq!(a, one);
+        }
+    }
 
     fn update(rows: &[(u64, f32)], dense: f32) -> SparseTensors {
         let mut t = SparseTensors::default();

@@ -1,18 +1,28 @@
 //! Three replicas of the server on one PostgreSQL database and one S3 prefix (SeaweedFS), behind a
 //! round-robin load balancer (HAProxy): they commit the same models, bit for bit, as one replica
-//! does on the same accepted sets, with each replica's sums merged by the round's finaliser; two
-//! replicas taking the same upload at once store it once; and a round whose finaliser is killed
-//! mid-finalisation is finished by another replica, with the same bits.
+//! does on the same accepted sets, with each replica's sums merged by the round's finaliser (FedAvg)
+//! or each replica's table copy brought up to date from the table history (FedSubAvg); two
+//! replicas taking the same upload at once store it once; a round whose finaliser is killed
+//! mid-finalisation is finished by another replica, with the same bits; and heat is frozen on every
+//! replica while one finalises.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
-use fedhive_client::client::FedhiveClient;
+use fedhive_client::client::{FedhiveClient, RetryPolicy};
 use fedhive_e2e::{
     ADMIN_TOKEN, Backend, Balancer, S3Prefix, ServerProcess, TestDb, assign, small_task, small_tensors,
     wait_for_version,
 };
-use fedhive_shared::{FedAvgAccumulator, NamedTensors};
+use fedhive_shared::{
+    FedAvgAccumulator, NamedTensors, Tensor, TensorSpec,
+    fedsubavg::SubAvgForm,
+    sparse::{FeatureSet, RowsRequest, SparseRows, SparseTensors},
+    wire::{StrategyConfig, TaskConfig},
+};
 use sqlx::{Connection, Row};
 
 const DEVICES: usize = 6;
@@ -41,6 +51,16 @@ struct Deployment {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// A replica named `name` on the deployment's database and S3 prefix, with its own data folder.
+async fn start_replica(db: &TestDb, s3: &S3Prefix, name: &str) -> (ServerProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--replica-name", name, "--finalise-lease-ms", LEASE_MS];
+    let server = ServerProcess::start_on_s3_with(dir.path(), db, s3, &flags)
+        .await
+        .unwrap();
+    (server, dir)
+}
+
 impl Deployment {
     async fn start(replicas: usize) -> Deployment {
         let db = TestDb::create(Backend::Postgres).await.unwrap();
@@ -48,14 +68,8 @@ impl Deployment {
         let mut servers = Vec::new();
         let mut dirs = Vec::new();
         for i in 0..replicas {
-            let dir = tempfile::tempdir().unwrap();
-            let name = format!("r{i}");
-            let flags = ["--replica-name", &name, "--finalise-lease-ms", LEASE_MS];
-            servers.push(
-                ServerProcess::start_on_s3_with(dir.path(), &db, &s3, &flags)
-                    .await
-                    .unwrap(),
-            );
+            let (server, dir) = start_replica(&db, &s3, &format!("r{i}")).await;
+            servers.push(server);
             dirs.push(dir);
         }
         let balancer = if replicas > 1 {
@@ -364,4 +378,304 @@ async fn a_round_whose_finaliser_dies_is_finished_by_another_replica() {
     );
     assert_eq!(reread, held_by_finaliser as u64);
     assert_eq!(local + partial + reread, DEVICES as u64);
+}
+
+// FedSubAvg: sparse tables on every replica.
+
+const EMB_ROWS: u64 = 64;
+const COLD_ROWS: u64 = 32;
+const SPARSE_ROUNDS: usize = 5;
+
+fn spec(name: &str, shape: &[usize]) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        shape: shape.to_vec(),
+    }
+}
+
+/// A dense `b`, a table `emb` given in the initial weights and a table `cold` left out (zeros).
+fn sparse_task() -> TaskConfig {
+    TaskConfig {
+        tensors: vec![
+            spec("b", &[2]),
+            spec("emb", &[EMB_ROWS as usize, 4]),
+            spec("cold", &[COLD_ROWS as usize, 3]),
+        ],
+        strategy: StrategyConfig::FedSubAvg {
+            server_lr: 1.0,
+            form: SubAvgForm::SampleWeighted,
+            tables: vec!["emb".into(), "cold".into()],
+        },
+        ..small_task(DEVICES as u32, DEVICES as u32, SPARSE_ROUNDS as u32, 300)
+    }
+}
+
+fn sparse_initial() -> NamedTensors {
+    let mut m = NamedTensors::default();
+    m.0.insert(
+        "b".into(),
+        Tensor {
+            shape: vec![2],
+            data: vec![0.5, -0.25],
+        },
+    );
+    m.0.insert(
+        "emb".into(),
+        Tensor {
+            shape: vec![EMB_ROWS as usize, 4],
+            data: (0..EMB_ROWS * 4).map(|i| (i as f32 * 0.37).sin()).collect(),
+        },
+    );
+    m
+}
+
+/// Device j's rows: two of its own, one of a shared middle band, four hot rows everyone holds;
+/// and two of `cold`.
+fn device_rows(j: usize) -> BTreeMap<String, Vec<u64>> {
+    let j = j as u64;
+    let emb: BTreeSet<u64> = [j, j + 6, 20 + (j * 7) % 40, 60, 61, 62, 63].into();
+    let cold: BTreeSet<u64> = [(j * 5) % COLD_ROWS, COLD_ROWS - 1].into();
+    BTreeMap::from([
+        ("emb".to_string(), emb.into_iter().collect()),
+        ("cold".to_string(), cold.into_iter().collect()),
+    ])
+}
+
+fn sparse_samples(j: usize) -> u64 {
+    10 + 3 * j as u64
+}
+
+/// Device j's update in round r: irregular values on its rows.
+fn sparse_update(r: usize, j: usize) -> Bytes {
+    let value = |id: u64, k: usize| ((r * 31 + j * 17 + id as usize * 7 + k * 3) % 23) as f32 * 0.113 - 1.2;
+    let mut update = SparseTensors::default();
+    update.dense.0.insert(
+        "b".into(),
+        Tensor {
+            shape: vec![2],
+            data: vec![value(0, 0), value(1, 1)],
+        },
+    );
+    for (table, ids) in device_rows(j) {
+        let width = if table == "emb" { 4 } else { 3 };
+        let mut rows = SparseRows::new(width);
+        for id in ids {
+            let row: Vec<f32> = (0..width).map(|k| value(id, k)).collect();
+            rows.push(id, &row);
+        }
+        update.tables.insert(table, rows);
+    }
+    Bytes::from(update.encode())
+}
+
+fn every_row(version: Option<i64>) -> RowsRequest {
+    RowsRequest {
+        version,
+        rows: BTreeMap::from([
+            ("emb".to_string(), (0..EMB_ROWS).collect()),
+            ("cold".to_string(), (0..COLD_ROWS).collect()),
+        ]),
+    }
+}
+
+/// Creates the task and enrols the devices (through `client`: across the replicas).
+async fn sparse_task_with_devices(client: &FedhiveClient) -> String {
+    let task = client
+        .create_task(&sparse_task(), sparse_initial().encode())
+        .await
+        .unwrap()
+        .task_id;
+    for j in 0..DEVICES {
+        let features = FeatureSet {
+            num_samples: sparse_samples(j),
+            rows: device_rows(j),
+        };
+        client
+            .enrol_features(&task, &format!("device-{j}"), &features)
+            .await
+            .unwrap();
+    }
+    task
+}
+
+/// Round r (1-based): each device checks in, downloads its submodel of version r - 1 and uploads,
+/// all at once; then every row of the new version.
+async fn sparse_round(client: &FedhiveClient, task: &str, r: usize) -> Bytes {
+    let mut assignments = Vec::new();
+    for _ in 0..DEVICES {
+        assignments.push(assign(client, task).await);
+    }
+    let mut devices = tokio::task::JoinSet::new();
+    for (j, a) in assignments.into_iter().enumerate() {
+        let (client, task) = (client.clone(), task.to_string());
+        devices.spawn(async move {
+            let request = RowsRequest {
+                version: Some(r as i64 - 1),
+                rows: device_rows(j),
+            };
+            let (version, _) = client.download_submodel(&task, &request).await.unwrap();
+            assert_eq!(version, r as i64 - 1);
+            client
+                .upload_update(&a.upload_token, sparse_samples(j), sparse_update(r, j))
+                .await
+                .unwrap()
+        });
+    }
+    devices.join_all().await;
+    wait_for_version(client, task, r as i64, Duration::from_secs(60)).await;
+    let (version, rows) = client.download_submodel(task, &every_row(None)).await.unwrap();
+    assert_eq!(version, r as i64);
+    rows
+}
+
+/// The versions of a task's table snapshots and journals in the bucket.
+async fn table_history(d: &Deployment, task: &str) -> (Vec<i64>, Vec<i64>) {
+    let store = d.s3.open(&d._dirs[0].path().join("blobs"));
+    let versions = |names: Vec<String>, suffix: &str| -> Vec<i64> {
+        let mut v: Vec<i64> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(suffix)?.parse().ok())
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let snapshots = store.list(&format!("table-snapshots/{task}")).await.unwrap();
+    let journals = store.list(&format!("journals/{task}")).await.unwrap();
+    (versions(snapshots, ".json"), versions(journals, ".safetensors"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fedsubavg_on_three_replicas_commits_what_one_replica_does() {
+    let one = Deployment::start(1).await;
+    let task_alone = sparse_task_with_devices(&one.client()).await;
+    let mut alone = Vec::new();
+    for r in 1..=SPARSE_ROUNDS {
+        alone.push(sparse_round(&one.client(), &task_alone, r).await);
+    }
+
+    let three = Deployment::start(3).await;
+    let client = three.client();
+    let task = sparse_task_with_devices(&client).await;
+    let mut together = Vec::new();
+    let mut late = None;
+    for r in 1..=SPARSE_ROUNDS {
+        together.push(sparse_round(&client, &task, r).await);
+        if r == 1 {
+            // A fourth replica outside the balancer reads version 1, then stops until the end.
+            let (replica, dir) = start_replica(&three.db, &three.s3, "late").await;
+            let (version, rows) = replica
+                .client()
+                .download_submodel(&task, &every_row(None))
+                .await
+                .unwrap();
+            assert_eq!((version, &rows), (1, &together[0]));
+            replica.signal("STOP");
+            late = Some((replica, dir));
+        }
+    }
+    let (late, _late_dir) = late.unwrap();
+    late.signal("CONT");
+    for (v, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "model version {} differs", v + 1);
+    }
+    let last_version = Some(SPARSE_ROUNDS as i64);
+    let dense_alone = one
+        .client()
+        .download_model(&task_alone, last_version)
+        .await
+        .unwrap();
+    let dense_together = client.download_model(&task, last_version).await.unwrap();
+    assert_eq!(dense_alone, dense_together);
+    // The finalisers merged the other replicas' sparse sums and read no update again.
+    let (local, partial, reread) = three.round_sums_sources().await;
+    println!(
+        "FedSubAvg on three replicas: sums from the finaliser {local}, handed over {partial}, read again {reread}"
+    );
+    assert_eq!(local + partial + reread, (SPARSE_ROUNDS * DEVICES) as u64);
+    assert!(partial > 0, "no replica handed its sums over");
+    assert_eq!(reread, 0);
+
+    // The finaliser snapshotted the tables once the journals outweighed them, and removed what the
+    // snapshot covers (after the commit: wait for it).
+    let started = Instant::now();
+    let (snapshots, journals) = loop {
+        let (snapshots, journals) = table_history(&three, &task).await;
+        if snapshots.len() == 1 && snapshots[0] > 0 && journals.iter().all(|&v| v > snapshots[0]) {
+            break (snapshots, journals);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "table history not compacted: snapshots {snapshots:?}, journals {journals:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("after {SPARSE_ROUNDS} rounds: table snapshot of version {snapshots:?}, journals {journals:?}");
+
+    // Every replica serves the last version's rows, bit for bit: the late one, whose next journal
+    // is gone, from the snapshot; a new one, with no copy at all, too.
+    let last = together.last().unwrap();
+    let (fresh, _fresh_dir) = start_replica(&three.db, &three.s3, "fresh").await;
+    for replica in three.replicas.iter().chain([&late, &fresh]) {
+        let (version, rows) = replica
+            .client()
+            .download_submodel(&task, &every_row(Some(SPARSE_ROUNDS as i64)))
+            .await
+            .unwrap();
+        assert_eq!((version, &rows), (SPARSE_ROUNDS as i64, last));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrolments_wait_for_a_round_another_replica_finalises() {
+    let d = Deployment::start(2).await;
+    let task = sparse_task_with_devices(&d.client()).await;
+    let population = |client: FedhiveClient, task: String| async move {
+        client.heat(&task, &every_row(None)).await.unwrap().population
+    };
+    let before = population(d.client(), task.clone()).await;
+    assert_eq!(before.devices, DEVICES as u64);
+    // A finaliser that is not one of these replicas holds the round: heat is frozen for both.
+    sqlx::query(
+        "UPDATE rounds SET state = 'closing', finaliser = 'elsewhere', finaliser_until = $2 \
+         WHERE task_id = $1 AND state = 'open'",
+    )
+    .bind(&task)
+    .bind(i64::MAX)
+    .execute(&mut d.sql().await)
+    .await
+    .unwrap();
+    let newcomer = FeatureSet {
+        num_samples: 5,
+        rows: device_rows(0),
+    };
+    for replica in &d.replicas {
+        let once = replica.client().with_retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        });
+        let refused = once
+            .enrol_features(&task, "newcomer", &newcomer)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some("round_closing"), "{refused}");
+    }
+    assert_eq!(population(d.client(), task.clone()).await, before);
+    // Its lease runs out: a replica finalises the round (no updates: abandoned, the next opens),
+    // and the enrolment goes through.
+    sqlx::query("UPDATE rounds SET finaliser_until = 0 WHERE task_id = $1 AND state = 'closing'")
+        .bind(&task)
+        .execute(&mut d.sql().await)
+        .await
+        .unwrap();
+    let enrolled = d
+        .client()
+        .with_retry(RetryPolicy {
+            max_attempts: 30,
+            ..RetryPolicy::default()
+        })
+        .enrol_features(&task, "newcomer", &newcomer)
+        .await
+        .unwrap();
+    assert!(enrolled.changed);
+    assert_eq!(enrolled.population.devices, DEVICES as u64 + 1);
 }

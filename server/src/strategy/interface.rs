@@ -90,18 +90,11 @@ impl Sums {
         }
     }
 
-    /// Whether these sums are handed between replicas: FedSubAvg's are not (its tables are on one
-    /// machine's disk, so its tasks run on one replica).
-    pub fn handed_over(&self) -> bool {
-        matches!(self, Sums::Dense(_))
-    }
-
-    /// The sums as bytes, for another replica to merge ([`Sums::merge_bytes`]); `None` for sums
-    /// that are not [handed over](Sums::handed_over).
-    pub fn to_bytes(&self) -> Option<Vec<u8>> {
+    /// The sums as bytes, for another replica to merge ([`Sums::merge_bytes`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
         match self {
-            Sums::Dense(acc) => Some(acc.to_bytes()),
-            Sums::Sparse(_) => None,
+            Sums::Dense(acc) => acc.to_bytes(),
+            Sums::Sparse(acc) => acc.to_bytes(),
         }
     }
 
@@ -109,14 +102,14 @@ impl Sums {
     pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<(), BadPartial> {
         match self {
             Sums::Dense(acc) => acc.merge_bytes(bytes),
-            Sums::Sparse(_) => Err(BadPartial("FedSubAvg sums are not merged".into())),
+            Sums::Sparse(acc) => acc.merge_bytes(bytes),
         }
     }
 }
 
 /// Held by a finalisation from its [`Strategy::commit`] until its [`Strategy::after_commit`] (for
 /// example FedSubAvg's exclusive table lock); dropping it releases whatever it holds.
-pub type CommitHold = Option<Box<dyn Send + Sync>>;
+pub type CommitHold = Option<Box<dyn std::any::Any + Send + Sync>>;
 
 /// What an assignment tells a device besides its round and token.
 #[derive(Debug, Clone, Default)]

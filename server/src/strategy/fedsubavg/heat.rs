@@ -8,8 +8,16 @@ use sqlx::{AnyPool, Row};
 
 use crate::db::DbError;
 
+/// What an enrolment did.
+pub(super) enum Enrolled {
+    /// Whether anything changed, and the population afterwards.
+    Done { changed: bool, population: Heat },
+    /// Nothing: the task's round (this id) is being finalised, and heat is frozen until it ends.
+    RoundClosing(i64),
+}
+
 /// Inserts or updates a device's enrolment and moves heat and population by the difference, in one
-/// transaction. Returns whether anything changed and the population afterwards.
+/// transaction, unless the task's round is closing.
 pub(super) async fn enrol_device(
     pool: &AnyPool,
     task_id: &str,
@@ -17,9 +25,23 @@ pub(super) async fn enrol_device(
     num_samples: u64,
     rows: &BTreeMap<String, Vec<u64>>,
     now_ms: i64,
-) -> Result<(bool, Heat), DbError> {
+) -> Result<Enrolled, DbError> {
     let features = serde_json::to_string(rows)?;
     let mut tx = pool.begin().await?;
+    // A finaliser reads heat after closing the round, on whichever replica: this no-op update takes
+    // the round's row lock (PostgreSQL) or the write lock (SQLite), so an enrolment either commits
+    // before the close or sees it.
+    let round = sqlx::query(
+        "UPDATE rounds SET state = state WHERE task_id = $1 AND state IN ('open', 'closing') RETURNING id, state",
+    )
+    .bind(task_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(round) = round
+        && round.try_get::<String, _>("state")? == "closing"
+    {
+        return Ok(Enrolled::RoundClosing(round.try_get("id")?));
+    }
     let old =
         sqlx::query("SELECT num_samples, features FROM sparse_devices WHERE task_id = $1 AND device_id = $2")
             .bind(task_id)
@@ -39,7 +61,10 @@ pub(super) async fn enrol_device(
         && set == rows
     {
         tx.commit().await?;
-        return Ok((false, read_population(pool, task_id).await?));
+        return Ok(Enrolled::Done {
+            changed: false,
+            population: read_population(pool, task_id).await?,
+        });
     }
     // Per (table, row): change in devices and samples. A kept row only moves by the sample change.
     let mut delta: BTreeMap<(&str, u64), (i64, i64)> = BTreeMap::new();
@@ -133,7 +158,10 @@ pub(super) async fn enrol_device(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok((true, read_population(pool, task_id).await?))
+    Ok(Enrolled::Done {
+        changed: true,
+        population: read_population(pool, task_id).await?,
+    })
 }
 
 pub(super) async fn read_population(pool: &AnyPool, task_id: &str) -> Result<Heat, DbError> {

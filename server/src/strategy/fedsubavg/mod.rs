@@ -1,28 +1,30 @@
 //! FedSubAvg on the server (Ding et al., "Federated Submodel Optimization for Hot and Cold Data
 //! Features", NeurIPS 2022; rule in `ALGORITHMS.md` and [`fedhive_shared::fedsubavg`]).
 //!
-//! - Submodels: a task's sparse tables live row-addressable in a [`crate::tables::TableStore`]; the dense tensors
-//!   are the task's model blob as for FedAvg. `POST /v1/tasks/{id}/submodel` returns the dense
-//!   tensors and the rows a device asks for.
+//! - Submodels: each replica keeps the task's sparse tables row-addressable in a
+//!   [`crate::tables::TableStore`], brought up to the committed version from the table history in
+//!   the blob store ([`history`]: snapshots and journals); the dense tensors are the task's model
+//!   blob as for FedAvg. `POST /v1/tasks/{id}/submodel` returns the dense tensors and the rows a
+//!   device asks for, from whichever replica it reaches.
 //! - Heat: a device enrols its feature set `R_i` and sample count (`PUT .../devices/{id}/features`);
 //!   the enrolment transaction adds or removes it once per row it gains or drops (`sparse_heat`) and
 //!   keeps `N` (`sparse_population`). Enrolling the same set again changes nothing.
 //! - Rounds: uploads carry the sparse update format of [`fedhive_shared::sparse`]; the round's sums
 //!   are a [`SubAvgAccumulator`] (memory O(rows touched), not O(table)).
 //! - Commit without copying a table: finalisation computes the touched rows' new absolute values
-//!   and writes them as a journal blob (`journals/<task>/<version>`) before the commit transaction;
-//!   after the commit they are written into the table file in place and the journal is removed.
-//!   After a crash, journals of committed versions are replayed (absolute values, so replaying twice
-//!   is harmless) before the table is read again; a journal of a version that never committed is
-//!   ignored and rewritten, identically, when the round is finalised again.
-//! - Heat is frozen while a round is being finalised (enrolments wait on the finalise lock and are
-//!   refused with `409 round_closing` while a round is `closing` after a crash), so re-running a
-//!   finalisation gives the same model bits.
+//!   and writes them as a journal blob before the commit transaction; after the commit the
+//!   finaliser writes them into its files in place, and every other replica does the same before it
+//!   next reads rows. A journal of a version that never committed is ignored and rewritten,
+//!   identically, when the round is finalised again (by any replica).
+//! - Heat is frozen while a round is being finalised: an enrolment's transaction takes the round's
+//!   row and is refused with `409 round_closing` once the round is `closing` (on this replica it
+//!   first waits for a finalisation in progress), so re-running a finalisation gives the same bits.
 
 mod heat;
+mod history;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
 };
 
@@ -38,7 +40,8 @@ use fedhive_shared::{
     tensors::TensorSpec,
     wire::{StrategyConfig, TaskConfig},
 };
-use tracing::info;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tracing::{info, warn};
 
 use super::{
     fedavg::check_server_lr,
@@ -49,7 +52,8 @@ use crate::{
     error::ApiError,
     store::{Store, model_key, now_ms},
 };
-use heat::{enrol_device, read_heat, read_population};
+use heat::{Enrolled, enrol_device, read_heat, read_population};
+use history::{History, journal_key};
 
 /// A FedSubAvg task's model: its dense tensors and its tables.
 #[derive(Debug, Clone)]
@@ -146,20 +150,25 @@ fn upload_limit(model: &SparseModel) -> usize {
     dense * 4 + rows + 64 * 1024 + (model.dense.len() + 2 * model.tables.len()) * 256
 }
 
-/// FedSubAvg, with this process's table locks and which tasks' journals it has replayed.
+/// FedSubAvg, with this replica's hold on its copy of each task's tables.
 #[derive(Default)]
 pub struct FedSubAvg {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
-    replayed: Mutex<HashSet<String>>,
+    local: Mutex<HashMap<String, LocalTables>>,
 }
 
-fn journal_prefix(task_id: &str) -> String {
-    format!("journals/{task_id}")
+/// The task's table history in the store's blobs, seen from this replica's copy.
+fn history<'a>(store: &'a Store, task_id: &'a str, model: &'a SparseModel) -> History<'a> {
+    History {
+        blobs: &store.blobs,
+        tables: &store.tables,
+        task_id,
+        model,
+    }
 }
 
-fn journal_key(task_id: &str, version: i64) -> String {
-    format!("journals/{task_id}/{version:020}.safetensors")
-}
+/// Orders this replica's reads of a task's table files (shared) against bringing them to a new
+/// version (exclusive); it holds the version the files hold, `None` until known.
+type LocalTables = Arc<RwLock<Option<i64>>>;
 
 /// A device id: 1 to 128 characters of `[A-Za-z0-9._-]`.
 fn check_device_id(id: &str) -> Result<(), ApiError> {
@@ -200,14 +209,55 @@ fn checked_rows(
 }
 
 impl FedSubAvg {
-    /// The lock that orders table reads (shared) against in-place commits (exclusive).
-    fn lock(&self, task_id: &str) -> Arc<tokio::sync::RwLock<()>> {
-        self.locks
+    fn local(&self, task_id: &str) -> LocalTables {
+        self.local
             .lock()
-            .expect("table locks")
+            .expect("local tables")
             .entry(task_id.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Brings this replica's files to the task's committed version (from the blob store's table
+    /// history) and returns it. `held` is the version they held; unknown if this fails.
+    async fn catch_up(
+        &self,
+        store: &Store,
+        task_id: &str,
+        model: &SparseModel,
+        held: &mut Option<i64>,
+    ) -> Result<i64, ApiError> {
+        let target = store.task(task_id).await?.model_version;
+        let local = match held.take() {
+            Some(v) => Some(v),
+            None => store.tables.version(task_id)?,
+        };
+        let history = history(store, task_id, model);
+        history
+            .catch_up(local, target)
+            .await
+            .map_err(|e| ApiError::Internal(format!("tables of task `{task_id}`: {e}")))?;
+        *held = Some(target);
+        Ok(target)
+    }
+
+    /// A shared hold on this replica's files at the task's committed version or later.
+    async fn current_tables(
+        &self,
+        store: &Store,
+        task_id: &str,
+        model: &SparseModel,
+    ) -> Result<OwnedRwLockReadGuard<Option<i64>>, ApiError> {
+        let local = self.local(task_id);
+        let committed = store.task(task_id).await?.model_version;
+        let reading = local.clone().read_owned().await;
+        if reading.is_some_and(|v| v >= committed) {
+            return Ok(reading);
+        }
+        drop(reading);
+        let mut writing = local.write_owned().await;
+        self.catch_up(store, task_id, model, &mut writing).await?;
+        Ok(writing.downgrade())
     }
 
     async fn sparse_task(&self, store: &Store, task_id: &str) -> Result<(TaskRow, SparseModel), ApiError> {
@@ -217,8 +267,8 @@ impl FedSubAvg {
     }
 
     /// Stores a new FedSubAvg task's initial weights: dense tensors as model version 0, each table
-    /// as a row-addressable file (zeros where the weights leave it out). `weights` passed
-    /// [`check_initial_model`] already.
+    /// as a row-addressable file (zeros where the weights leave it out) and as the history's first
+    /// snapshot. `weights` passed [`check_initial_model`] already.
     async fn store_sparse_model(
         &self,
         store: &Store,
@@ -229,11 +279,13 @@ impl FedSubAvg {
         let tables = store.tables.clone();
         let task = task_id.to_string();
         let model_tables = model.tables.clone();
-        let dense = tokio::task::spawn_blocking(move || {
+        let (dense, zeros) = tokio::task::spawn_blocking(move || {
             let all = NamedTensors::decode(&weights)?;
+            let mut zeros = BTreeSet::new();
             for (name, shape) in &model_tables {
                 if !all.0.contains_key(name) {
-                    tables.create(&task, name, *shape, |_, row| row.fill(0.0))?;
+                    tables.create_zeros(&task, name, *shape)?;
+                    zeros.insert(name.clone());
                 }
             }
             let mut dense = NamedTensors::default();
@@ -248,10 +300,12 @@ impl FedSubAvg {
                     }
                 }
             }
-            Ok::<_, ApiError>(Bytes::from(dense.encode()))
+            Ok::<_, ApiError>((Bytes::from(dense.encode()), zeros))
         })
         .await??;
         store.blobs.put(&model_key(task_id, 0), dense).await?;
+        history(store, task_id, model).write_snapshot(0, zeros).await?;
+        store.tables.set_version(task_id, 0)?;
         Ok(())
     }
 
@@ -268,14 +322,11 @@ impl FedSubAvg {
         let (_, model) = self.sparse_task(store, task_id).await?;
         check_sample_count(features.num_samples)?;
         let rows = checked_rows(&model, &features.rows)?;
-        // Heat must not move while a round is being finalised (a re-run must see the same heat).
+        // Heat must not move while a round is being finalised (a re-run must see the same heat):
+        // the enrolment's transaction refuses a closing round; this waits rather than refuse while
+        // this replica finalises one.
         let _frozen = store.finalize_lock.lock().await;
-        if let Some(round) = store.db.active_round(task_id).await?
-            && round.state == "closing"
-        {
-            return Err(ApiError::RoundClosing(round.id));
-        }
-        let (changed, population) = enrol_device(
+        let enrolled = enrol_device(
             store.db.pool(),
             task_id,
             device_id,
@@ -284,6 +335,10 @@ impl FedSubAvg {
             now_ms(),
         )
         .await?;
+        let (changed, population) = match enrolled {
+            Enrolled::Done { changed, population } => (changed, population),
+            Enrolled::RoundClosing(round) => return Err(ApiError::RoundClosing(round)),
+        };
         if changed {
             info!(task = %task_id, rows = rows.values().map(Vec::len).sum::<usize>(), population = population.devices, "device enrolled");
         }
@@ -330,12 +385,9 @@ impl FedSubAvg {
     ) -> Result<(i64, Bytes), ApiError> {
         let (_, model) = self.sparse_task(store, task_id).await?;
         let rows = checked_rows(&model, &request.rows)?;
-        self.ensure_tables_current(store, task_id).await?;
-        let lock = self.lock(task_id);
-        let _reading = lock.read().await;
-        // Read under the lock: the version and the table rows then belong together.
-        let task = store.task(task_id).await?;
-        let current = task.model_version;
+        // The version the files hold, and their rows, belong together while this is held.
+        let reading = self.current_tables(store, task_id, &model).await?;
+        let current = reading.expect("caught up");
         match request.version {
             Some(v) if v < 0 || v > current => {
                 return Err(ApiError::UnknownModelVersion {
@@ -355,6 +407,7 @@ impl FedSubAvg {
         let tables = store.tables.clone();
         let task_id = task_id.to_string();
         let body = tokio::task::spawn_blocking(move || {
+            let _reading = reading;
             let mut out = SparseTensors {
                 dense: NamedTensors::decode(&dense)?,
                 tables: BTreeMap::new(),
@@ -391,8 +444,8 @@ impl FedSubAvg {
     }
 
     /// Finalisation, before the commit transaction: writes the new dense model blob and the journal
-    /// of the touched rows' new absolute values for `new_version`. The caller holds the task's
-    /// table lock (see [`Self::table_write_lock`]) and the finalise lock (heat frozen).
+    /// of the touched rows' new absolute values for `new_version`. The caller holds this replica's
+    /// files exclusively, at the round's base version; the round is closing (heat frozen).
     async fn write_sparse_version(
         &self,
         store: &Store,
@@ -402,7 +455,6 @@ impl FedSubAvg {
         new_version: i64,
     ) -> Result<(), ApiError> {
         let model = sparse_model(&task.config).expect("a FedSubAvg task");
-        self.apply_committed_journals(store, &task.id).await?;
         let population = read_population(store.db.pool(), &task.id).await?;
         let mut heat = BTreeMap::new();
         for table in model.tables.keys() {
@@ -436,62 +488,6 @@ impl FedSubAvg {
             .put(&journal_key(&task.id, new_version), journal)
             .await?;
         Ok(())
-    }
-
-    /// The task's table lock, held exclusively by a finalisation from before its journal is
-    /// written until the journal has been applied.
-    async fn table_write_lock(&self, task_id: &str) -> tokio::sync::OwnedRwLockWriteGuard<()> {
-        self.lock(task_id).write_owned().await
-    }
-
-    /// Applies, in version order, every journal whose version has committed, then removes it.
-    /// The caller holds the task's table lock exclusively.
-    async fn apply_committed_journals(&self, store: &Store, task_id: &str) -> Result<(), ApiError> {
-        let task = store.task(task_id).await?;
-        let model = sparse_model(&task.config).expect("a FedSubAvg task");
-        let mut versions: Vec<i64> = store
-            .blobs
-            .list(&journal_prefix(task_id))
-            .await?
-            .iter()
-            .filter_map(|name| name.strip_suffix(".safetensors")?.parse().ok())
-            .collect();
-        versions.sort_unstable();
-        let result = async {
-            for version in versions.into_iter().filter(|&v| v <= task.model_version) {
-                let key = journal_key(task_id, version);
-                let bytes = store.blobs.get(&key).await?;
-                let tables = store.tables.clone();
-                let (task, model) = (task_id.to_string(), model.clone());
-                tokio::task::spawn_blocking(move || {
-                    let journal = SparseTensors::decode_checked(&bytes, &[], &model.tables, f32::MAX)?;
-                    for (table, rows) in &journal.tables {
-                        tables.write_rows(&task, table, rows)?;
-                    }
-                    Ok::<_, ApiError>(())
-                })
-                .await??;
-                store.blobs.delete(&key).await?;
-                info!(task = %task_id, version, "table journal applied");
-            }
-            Ok::<_, ApiError>(())
-        }
-        .await;
-        let mut replayed = self.replayed.lock().expect("replayed set");
-        match result {
-            Ok(()) => replayed.insert(task_id.to_string()),
-            Err(_) => replayed.remove(task_id),
-        };
-        result
-    }
-
-    /// Replays committed journals left by a crash, once per task and process.
-    async fn ensure_tables_current(&self, store: &Store, task_id: &str) -> Result<(), ApiError> {
-        if self.replayed.lock().expect("replayed set").contains(task_id) {
-            return Ok(());
-        }
-        let _writing = self.table_write_lock(task_id).await;
-        self.apply_committed_journals(store, task_id).await
     }
 }
 
@@ -552,7 +548,7 @@ impl Strategy for FedSubAvg {
         )))
     }
 
-    /// Writes the dense model and the table journal, holding the task's table lock from before the
+    /// Writes the dense model and the table journal, holding this replica's files from before the
     /// journal is written until [`Strategy::after_commit`] has applied it.
     async fn commit(
         &self,
@@ -565,7 +561,15 @@ impl Strategy for FedSubAvg {
         let Some(Sums::Sparse(sums)) = sums else {
             unreachable!("FedSubAvg folds sparse sums");
         };
-        let writing = self.table_write_lock(&task.id).await;
+        let model = sparse_model(&task.config).expect("a FedSubAvg task");
+        let mut writing = self.local(&task.id).write_owned().await;
+        let held = self.catch_up(store, &task.id, &model, &mut writing).await?;
+        if held != round.base_version {
+            return Err(ApiError::Internal(format!(
+                "round {} of task `{}` builds on version {}, but version {held} is committed",
+                round.id, task.id, round.base_version
+            )));
+        }
         self.write_sparse_version(store, task, round, sums, new_version)
             .await?;
         Ok(Some(Box::new(writing)))
@@ -579,7 +583,19 @@ impl Strategy for FedSubAvg {
         hold: CommitHold,
         _first: bool,
     ) -> Result<(), ApiError> {
-        let _writing = hold;
-        self.apply_committed_journals(store, &task.id).await
+        let mut writing = *hold
+            .expect("FedSubAvg's commit holds its tables")
+            .downcast::<OwnedRwLockWriteGuard<Option<i64>>>()
+            .expect("FedSubAvg's commit holds its tables");
+        let model = sparse_model(&task.config).expect("a FedSubAvg task");
+        let version = self.catch_up(store, &task.id, &model, &mut writing).await?;
+        let _reading = writing.downgrade();
+        let history = history(store, &task.id, &model);
+        // Only bounds how far other replicas have to catch up: a failure is retried after the
+        // next commit.
+        if let Err(e) = history.compact_if_due(version).await {
+            warn!(task = %task.id, version, error = %e, "compacting the table history failed");
+        }
+        Ok(())
     }
 }
