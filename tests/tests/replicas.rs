@@ -292,28 +292,21 @@ async fn two_replicas_taking_one_upload_at_once_store_it_once() {
     assert_eq!(store.list(&format!("updates/{round_id}")).await.unwrap().len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_round_whose_finaliser_dies_is_finished_by_another_replica() {
-    let mut d = Deployment::start(3).await;
+/// Uploads a round's updates (`(token, samples, body)`), all but the last through the balancer;
+/// stops a replica that holds some of them (alive by its heartbeat, silent), so that the finaliser
+/// waits for its sums, uploads the last one and kills the finaliser while it holds the lease; then
+/// lets the stopped one go on. Returns how many updates the killed finaliser had accepted.
+async fn kill_the_finaliser_of(d: &mut Deployment, task: &str, uploads: Vec<(String, u64, Bytes)>) -> u64 {
     let client = d.client();
-    let task = create_task(&client, 1).await;
-    let mut assignments = Vec::new();
-    for _ in 0..DEVICES {
-        assignments.push(assign(&client, &task).await);
+    let (last, rest) = uploads.split_last().unwrap();
+    for (token, n, body) in rest {
+        client.upload_update(token, *n, body.clone()).await.unwrap();
     }
-    // All but the last update, through the balancer: each replica folds some.
-    for (j, a) in assignments.iter().enumerate().take(DEVICES - 1) {
-        let (n, delta) = update(1, j);
-        client
-            .upload_update(&a.upload_token, n, Bytes::from(delta.encode()))
-            .await
-            .unwrap();
-    }
-    // A replica that holds some of those sums stops (alive by its heartbeat, silent): the
-    // finaliser now waits for its sums, long enough to be killed while it holds the lease.
     let holders: Vec<String> = sqlx::query(
-        "SELECT DISTINCT p.name FROM updates u JOIN replicas p ON p.id = u.replica ORDER BY p.name",
+        "SELECT DISTINCT p.name FROM updates u JOIN replicas p ON p.id = u.replica \
+         JOIN rounds r ON r.id = u.round_id WHERE r.task_id = $1 AND r.state = 'open' ORDER BY p.name",
     )
+    .bind(task)
     .fetch_all(&mut d.sql().await)
     .await
     .unwrap()
@@ -322,19 +315,14 @@ async fn a_round_whose_finaliser_dies_is_finished_by_another_replica() {
     .collect();
     let stopped: usize = holders[0].strip_prefix('r').unwrap().parse().unwrap();
     d.replicas[stopped].signal("STOP");
-    let (n, delta) = update(1, DEVICES - 1);
     d.replicas[(stopped + 1) % 3]
         .client()
-        .upload_update(
-            &assignments[DEVICES - 1].upload_token,
-            n,
-            Bytes::from(delta.encode()),
-        )
+        .upload_update(&last.0, last.1, last.2.clone())
         .await
         .unwrap();
     let started = Instant::now();
     let finaliser = loop {
-        if let Some(f) = d.finaliser(&task).await {
+        if let Some(f) = d.finaliser(task).await {
             break f;
         }
         assert!(
@@ -345,23 +333,47 @@ async fn a_round_whose_finaliser_dies_is_finished_by_another_replica() {
     };
     assert_ne!(finaliser, stopped, "a stopped replica cannot finalise");
     let held_by_finaliser: i64 = sqlx::query(
-        "SELECT COUNT(*) AS n FROM updates u JOIN replicas p ON p.id = u.replica WHERE p.name = $1",
+        "SELECT COUNT(*) AS n FROM updates u JOIN replicas p ON p.id = u.replica \
+         JOIN rounds r ON r.id = u.round_id WHERE p.name = $1 AND r.task_id = $2 AND r.state = 'closing'",
     )
     .bind(format!("r{finaliser}"))
+    .bind(task)
     .fetch_one(&mut d.sql().await)
     .await
     .unwrap()
     .get("n");
-    d.replicas[finaliser].kill();
     // From the database: a request could reach the stopped replica.
-    let version: i64 = sqlx::query("SELECT model_version FROM tasks WHERE id = $1")
-        .bind(&task)
-        .fetch_one(&mut d.sql().await)
-        .await
-        .unwrap()
-        .get("model_version");
-    assert_eq!(version, 0, "the round committed before its finaliser was killed");
+    let version_of = |mut sql: sqlx::PgConnection| async move {
+        let row = sqlx::query("SELECT model_version FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_one(&mut sql)
+            .await
+            .unwrap();
+        row.get::<i64, _>("model_version")
+    };
+    let before = version_of(d.sql().await).await;
+    d.replicas[finaliser].kill();
+    assert_eq!(
+        version_of(d.sql().await).await,
+        before,
+        "the round committed before its finaliser was killed"
+    );
     d.replicas[stopped].signal("CONT");
+    held_by_finaliser as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_round_whose_finaliser_dies_is_finished_by_another_replica() {
+    let mut d = Deployment::start(3).await;
+    let client = d.client();
+    let task = create_task(&client, 1).await;
+    let mut uploads = Vec::new();
+    for j in 0..DEVICES {
+        let (n, delta) = update(1, j);
+        let token = assign(&client, &task).await.upload_token;
+        uploads.push((token, n, Bytes::from(delta.encode())));
+    }
+    let held_by_finaliser = kill_the_finaliser_of(&mut d, &task, uploads).await;
 
     // The lease runs out and a surviving replica commits the same bits.
     wait_for_version(&client, &task, 1, Duration::from_secs(60)).await;
@@ -376,7 +388,7 @@ async fn a_round_whose_finaliser_dies_is_finished_by_another_replica() {
         "finaliser killed: the survivor had {local} updates in its own sums, merged {partial} handed over \
          and read {reread} again (the dead finaliser held {held_by_finaliser})"
     );
-    assert_eq!(reread, held_by_finaliser as u64);
+    assert_eq!(reread, held_by_finaliser);
     assert_eq!(local + partial + reread, DEVICES as u64);
 }
 
@@ -678,4 +690,40 @@ async fn enrolments_wait_for_a_round_another_replica_finalises() {
         .unwrap();
     assert!(enrolled.changed);
     assert_eq!(enrolled.population.devices, DEVICES as u64 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fedsubavg_round_whose_finaliser_dies_is_finished_by_another_replica() {
+    // What one replica commits in two rounds.
+    let one = Deployment::start(1).await;
+    let task_alone = sparse_task_with_devices(&one.client()).await;
+    let mut alone = Vec::new();
+    for r in 1..=2 {
+        alone.push(sparse_round(&one.client(), &task_alone, r).await);
+    }
+
+    let mut d = Deployment::start(3).await;
+    let client = d.client();
+    let task = sparse_task_with_devices(&client).await;
+    assert_eq!(sparse_round(&client, &task, 1).await, alone[0]);
+    let mut uploads = Vec::new();
+    for j in 0..DEVICES {
+        let token = assign(&client, &task).await.upload_token;
+        uploads.push((token, sparse_samples(j), sparse_update(2, j)));
+    }
+    kill_the_finaliser_of(&mut d, &task, uploads).await;
+
+    // A surviving replica finalises round 2 from its own table copy: the same rows, the same
+    // dense tensors; every survivor serves them.
+    wait_for_version(&client, &task, 2, Duration::from_secs(60)).await;
+    let alone_dense = one.client().download_model(&task_alone, Some(2)).await.unwrap();
+    assert_eq!(client.download_model(&task, Some(2)).await.unwrap(), alone_dense);
+    for replica in d.replicas.iter().filter(|r| !r_is_dead(r)) {
+        let (version, rows) = replica
+            .client()
+            .download_submodel(&task, &every_row(Some(2)))
+            .await
+            .unwrap();
+        assert_eq!((version, &rows), (2, &alone[1]));
+    }
 }
