@@ -134,6 +134,7 @@ impl History<'_> {
         }
         let journals = self.journals().await?;
         let have_journals = |from: i64| (from + 1..=target).all(|v| journals.contains_key(&v));
+        let mut adopted = false;
         let from = match local {
             Some(a) if a < target && have_journals(a) => a,
             _ => match self.snapshots().await?.range(..=target).next_back() {
@@ -141,13 +142,23 @@ impl History<'_> {
                     self.load_snapshot(s).await?;
                     s
                 }
-                None => self.adopt_unversioned_files(&journals, target)?,
+                None => {
+                    adopted = true;
+                    self.adopt_unversioned_files(&journals, target)?
+                }
             },
         };
         for version in from + 1..=target {
             self.apply_journal(version).await?;
         }
         self.tables.set_version(self.task_id, target)?;
+        if adopted {
+            // So that other replicas can start from them (if this fails, the finaliser's next
+            // compaction writes one: see `compact_if_due`).
+            if let Err(e) = self.write_snapshot(target, BTreeSet::new()).await {
+                warn!(task = %self.task_id, error = %e, "snapshotting adopted table files failed");
+            }
+        }
         if local.is_none() && from < target {
             info!(task = %self.task_id, from, version = target, "tables brought up to date");
         }
@@ -156,7 +167,7 @@ impl History<'_> {
 
     /// Tables made before they had a history in the blob store: the local files hold every
     /// committed version whose journal is gone (journals were removed once applied). Adopted as
-    /// they are; the finaliser's next compaction snapshots them for the other replicas.
+    /// they are, and snapshotted for the other replicas.
     fn adopt_unversioned_files(&self, journals: &BTreeMap<i64, u64>, target: i64) -> std::io::Result<i64> {
         if !self.tables.has_unversioned_files(self.task_id)? {
             return Err(Error::new(
@@ -230,7 +241,7 @@ impl History<'_> {
             .values()
             .map(|t| t.rows * t.width as u64 * 4)
             .sum();
-        // Tables adopted from before they had a history have no snapshot yet: one is due at once.
+        // Adopted tables whose snapshot failed have none yet: one is due at once.
         if newest >= version || (since <= tables && !snapshots.is_empty()) {
             return Ok(());
         }
@@ -404,8 +415,7 @@ mod tests {
         history.catch_up(None, 3).await.unwrap();
         assert_eq!(read_all(&old, &model), expected);
         assert_eq!(old.version(TASK).unwrap(), Some(3));
-        // The finaliser's next compaction snapshots them at once, for the other replicas.
-        history.compact_if_due(3).await.unwrap();
+        // Snapshotted at once, for the other replicas.
         let fresh = TableStore::new(dir.path().join("fresh"));
         History {
             tables: &fresh,
@@ -415,6 +425,21 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(read_all(&fresh, &model), expected);
+        // Had that snapshot failed, the finaliser's next compaction writes one.
+        blobs
+            .delete_prefix(&format!("table-snapshots/{TASK}"))
+            .await
+            .unwrap();
+        history.compact_if_due(3).await.unwrap();
+        let again = TableStore::new(dir.path().join("again"));
+        History {
+            tables: &again,
+            ..history
+        }
+        .catch_up(None, 3)
+        .await
+        .unwrap();
+        assert_eq!(read_all(&again, &model), expected);
         // Without files or a snapshot there is nothing to start from.
         let empty = TableStore::new(dir.path().join("empty"));
         let missing = History {
