@@ -125,6 +125,7 @@ fn setup() -> Server {
             admin_token: Some(ADMIN_TOKEN.into()),
             body_read_timeout: std::time::Duration::from_secs(5),
             rate_limit: None,
+            trusted_proxies: Arc::from([]),
             client_certificates: false,
         };
         api::router(state, 1 << 20)

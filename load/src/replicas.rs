@@ -47,6 +47,7 @@ defaults
     timeout server 600s
     retries 3
     option redispatch 1
+    option forwardfor
 frontend devices
     bind {addr}
     default_backend replicas

@@ -319,7 +319,8 @@ impl BlobStore {
     /// Names of the blobs directly in the folder `prefix` (none if it does not exist).
     pub async fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
         let Location::Object { store, prefix: root } = &self.location else {
-            return list_dir(&self.path(prefix)).await;
+            let files = self.list_sizes(prefix).await?;
+            return Ok(files.into_iter().map(|(name, _)| name).collect());
         };
         let folder = Self::object(root, prefix);
         let listed = store.list_with_delimiter(Some(&folder)).await.map_err(io_error)?;
@@ -329,6 +330,27 @@ impl BlobStore {
             // SeaweedFS lists an emptied folder as an object of the folder's own name.
             .filter(|meta| meta.location != folder)
             .filter_map(|meta| meta.location.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// Names of the folders directly in the folder `prefix` (none if it does not exist).
+    pub async fn list_folders(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        let Location::Object { store, prefix: root } = &self.location else {
+            let dir = self.path(prefix);
+            let mut out = Vec::new();
+            for name in list_dir(&dir).await? {
+                if tokio::fs::metadata(dir.join(&name)).await?.is_dir() {
+                    out.push(name);
+                }
+            }
+            return Ok(out);
+        };
+        let folder = Self::object(root, prefix);
+        let listed = store.list_with_delimiter(Some(&folder)).await.map_err(io_error)?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
             .collect())
     }
 

@@ -108,6 +108,12 @@ pub struct ServeArgs {
     /// Requests one address may send at once before the rate applies (default: 2 s of the rate).
     #[arg(long)]
     pub rate_limit_burst: Option<f64>,
+    /// Load balancers in front (addresses or CIDR ranges, comma-separated, e.g.
+    /// `10.0.0.0/8,192.0.2.7`): for a request from one of them, the per-address rate limit takes
+    /// the client's address from `X-Forwarded-For` (the nearest entry not itself in this list).
+    /// Without it, behind a balancer, every device shares the balancer's address.
+    #[arg(long, env = "FEDHIVE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Serve HTTPS with this PEM certificate chain (leaf first); SIGHUP reloads it and the key.
     #[arg(long, env = "FEDHIVE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -163,8 +169,17 @@ impl ServeArgs {
         };
         config.allow_plain_http = self.allow_plain_http;
         config.rate_limit = rate_limit(self.rate_limit_per_address, self.rate_limit_burst);
+        config.trusted_proxies = self.trusted_proxies;
         config
     }
+}
+
+/// A CIDR range, or one address (as a range of one).
+fn parse_proxy(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is neither an IP address nor a CIDR range"))
 }
 
 /// A limit of `per_second` (none when 0) with bursts of `burst` (default: 2 s of the rate).
@@ -360,7 +375,8 @@ mod tests {
     fn the_file_sets_flags_and_the_command_line_wins() {
         let serve = serve_args(
             "max_connections = 7\nheader-read-timeout-secs = 5\nrate_limit_per_address = 2.5\n\
-             insecure_dev = true\nlog_format = \"json\"\nadmin_token = \"from-file\"\n",
+             insecure_dev = true\nlog_format = \"json\"\nadmin_token = \"from-file\"\n\
+             trusted_proxies = \"10.0.0.0/8, 192.0.2.7\"\n",
             &["--header-read-timeout-secs", "9"],
         )
         .unwrap();
@@ -370,6 +386,8 @@ mod tests {
         assert!(serve.insecure_dev);
         assert_eq!(serve.log_format, LogFormat::Json);
         assert_eq!(serve.admin_token.as_deref(), Some("from-file"));
+        let proxies: Vec<String> = serve.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(proxies, ["10.0.0.0/8", "192.0.2.7/32"]);
     }
 
     #[test]
@@ -380,5 +398,10 @@ mod tests {
         assert!(e.contains("`max_connections`"), "{e}");
         let e = serve_args("max_connections = \"many\"\n", &[]).unwrap_err();
         assert!(e.contains("many"), "{e}");
+        let e = serve_args("trusted_proxies = \"10.0.0.0/8,balancer\"\n", &[]).unwrap_err();
+        assert!(
+            e.contains("`balancer` is neither an IP address nor a CIDR range"),
+            "{e}"
+        );
     }
 }

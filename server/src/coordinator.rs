@@ -1125,6 +1125,33 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Removes the update folders of rounds that have ended: [`Self::forget_round`] removes them as
+    /// a round ends, but a finaliser killed between its commit and that step leaves them (nobody
+    /// finalises that round again). Run at start-up; returns how many folders went.
+    pub async fn sweep_ended_rounds(&self) -> Result<usize, ApiError> {
+        let mut swept = 0;
+        for name in self.store.blobs.list_folders("updates").await? {
+            let Ok(round_id) = name.parse::<i64>() else {
+                continue;
+            };
+            let ended = match self.store.db.round(round_id).await? {
+                Some(round) => round.state == "committed" || round.state == "abandoned",
+                None => false,
+            };
+            if ended {
+                self.store
+                    .blobs
+                    .delete_prefix(&format!("updates/{round_id}"))
+                    .await?;
+                swept += 1;
+            }
+        }
+        if swept > 0 {
+            info!(rounds = swept, "removed the update blobs of ended rounds");
+        }
+        Ok(swept)
+    }
+
     /// Drops what an ended round no longer needs: its in-memory sums and its update blobs.
     async fn forget_round(&self, round_id: i64) {
         self.accumulators

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// Per-address limit on check-ins and uploads (`None`: off; see [`rate_limit`]).
     pub rate_limit: Option<rate_limit::RateLimit>,
+    /// Load balancers whose `X-Forwarded-For` the per-address limit reads the client's address
+    /// from (without them it sees the balancer's).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Serve HTTPS with this certificate (`None`: plain HTTP).
     pub tls: Option<tls::TlsSettings>,
     /// Serve plain HTTP on an address other than loopback: for a server behind a TLS-terminating
@@ -82,6 +85,7 @@ impl ServerConfig {
             connections: http::ConnectionLimits::default(),
             body_read_timeout: Duration::from_secs(60),
             rate_limit: None,
+            trusted_proxies: Vec::new(),
             tls: None,
             allow_plain_http: false,
         }
@@ -178,6 +182,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     })?;
     let coordinator = Arc::new(Coordinator::new(db, blobs, config.coordinator.clone()));
     coordinator.tick().await.context("recovering rounds")?;
+    tokio::spawn({
+        let coordinator = coordinator.clone();
+        async move {
+            if let Err(e) = coordinator.sweep_ended_rounds().await {
+                tracing::warn!(error = %e, "could not remove the update blobs of ended rounds");
+            }
+        }
+    });
     // The ticker task also returns freed memory to the system every few seconds (see `memory`).
     let ticker = tokio::spawn({
         let rounds = coordinator.clone().run_ticker(config.tick);
@@ -193,6 +205,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         rate_limit: config
             .rate_limit
             .map(|limit| Arc::new(rate_limit::RateLimiter::new(limit))),
+        trusted_proxies: config.trusted_proxies.clone().into(),
         client_certificates: tls.as_ref().is_some_and(|tls| tls.verifies_clients()),
     };
     let app = api::router(state, config.max_model_bytes);

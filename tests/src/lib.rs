@@ -509,6 +509,7 @@ defaults
     timeout server 120s
     retries 3
     option redispatch 1
+    option forwardfor
 frontend devices
     bind 127.0.0.1:{port}
     default_backend replicas

@@ -88,6 +88,10 @@ async fn contract(store: &BlobStore) {
         ["a.safetensors", "b.safetensors"]
     );
     assert!(store.list("updates/8").await.unwrap().is_empty());
+    // Folders are not blobs: listed apart.
+    assert_eq!(sorted(store.list_folders("updates").await.unwrap()), ["7", "70"]);
+    assert!(store.list("updates").await.unwrap().is_empty());
+    assert!(store.list_folders("updates/8").await.unwrap().is_empty());
     // A folder and everything in it, not its namesake's (`updates/70`).
     store.delete_prefix("updates/7").await.unwrap();
     assert!(store.list("updates/7").await.unwrap().is_empty());

@@ -21,6 +21,7 @@ on_both_databases!(
     a_stalled_body_gives_its_slot_back,
     oversized_bodies_are_refused_without_reading_them,
     one_address_over_its_rate_is_told_when_to_retry,
+    addresses_behind_a_trusted_proxy_are_limited_one_by_one,
 );
 
 /// A server started with `flags` and a task of K = 2 in one round. Fields drop in order: the server
@@ -311,4 +312,33 @@ async fn one_address_over_its_rate_is_told_when_to_retry(backend: Backend) {
     // Operator routes are not limited; after the wait the address is served again.
     tokio::time::sleep(Duration::from_millis(retry_ms + 50)).await;
     assert_eq!(checkin().await.unwrap().status(), StatusCode::OK);
+}
+
+async fn addresses_behind_a_trusted_proxy_are_limited_one_by_one(backend: Backend) {
+    // One check-in per address, then none for 100 s.
+    let limit = ["--rate-limit-per-address", "0.01", "--rate-limit-burst", "1"];
+    let status = |server: &ServerProcess, task: &str, forwarded_for: &str| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/tasks/{task}/checkin", server.base_url))
+            .header("x-forwarded-for", forwarded_for)
+            .send()
+    };
+    // Behind a balancer on loopback that the server trusts: each client address its own bucket,
+    // and what a client wrote itself (left of the balancer's entry) is not read.
+    let mut flags = limit.to_vec();
+    flags.extend(["--trusted-proxies", "127.0.0.1"]);
+    let behind = setup(backend, &flags).await;
+    let (server, task) = (&behind.server, &behind.task);
+    let ok = StatusCode::OK;
+    assert_eq!(status(server, task, "198.51.100.1").await.unwrap().status(), ok);
+    let again = status(server, task, "6.6.6.6, 198.51.100.1").await.unwrap();
+    assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(status(server, task, "198.51.100.2").await.unwrap().status(), ok);
+    assert_eq!(status(server, task, "2001:db8::1").await.unwrap().status(), ok);
+    // Without the flag, the header is the client's word and is not read: one bucket.
+    let direct = setup(backend, &limit).await;
+    let (server, task) = (&direct.server, &direct.task);
+    assert_eq!(status(server, task, "198.51.100.1").await.unwrap().status(), ok);
+    let other = status(server, task, "198.51.100.2").await.unwrap();
+    assert_eq!(other.status(), StatusCode::TOO_MANY_REQUESTS);
 }

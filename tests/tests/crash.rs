@@ -20,6 +20,7 @@ on_both_databases!(
     kill_after_last_upload_commits_once,
     kill_mid_round_with_blobs_in_s3_commits_the_uncrashed_model,
     kill_after_last_upload_with_blobs_in_s3_commits_once,
+    update_blobs_of_ended_rounds_are_swept_at_start_up,
 );
 
 /// Where the server keeps its blobs.
@@ -112,10 +113,14 @@ async fn blobs_are_in_s3(run: &Run, s3: &S3Prefix, round_id: i64) {
     assert!(!local.join("models").exists(), "a model blob on local disk");
     let updates = format!("updates/{round_id}");
     let started = std::time::Instant::now();
-    while !store.list(&updates).await.unwrap().is_empty() {
+    loop {
+        let left = store.list(&updates).await.unwrap();
+        if left.is_empty() {
+            break;
+        }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "the committed round's updates are still in the bucket"
+            "the committed round's updates are still in the bucket: {left:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -205,4 +210,50 @@ async fn kill_after_last_upload(backend: Backend, blobs: Blobs) {
     );
     let status = run.client.task_status(&run.task).await.unwrap();
     assert_eq!((status.model_version, status.committed_rounds), (1, 1));
+}
+
+/// A finaliser killed between its commit and removing the round's update blobs leaves them (no one
+/// finalises that round again): the next start-up removes them, and leaves an open round's alone.
+async fn update_blobs_of_ended_rounds_are_swept_at_start_up(backend: Backend) {
+    let mut run = new_run(backend, Blobs::S3).await;
+    for (j, a) in run.assignments.iter().enumerate() {
+        upload(&run.client, a, j).await.unwrap();
+    }
+    committed_model(&run).await;
+    // A second task keeps a round open.
+    let open_task = run
+        .client
+        .create_task(
+            &small_task(DEVICES as u32, DEVICES as u32, 1, 300),
+            small_tensors(|_| 0.0).encode(),
+        )
+        .await
+        .unwrap()
+        .task_id;
+    let ended = run.client.rounds(&run.task).await.unwrap()[0].round_id;
+    let open = run.client.rounds(&open_task).await.unwrap()[0].round_id;
+    let store = run.s3.as_ref().unwrap().open(&run.server.data_dir.join("blobs"));
+    for round in [ended, open] {
+        store
+            .put(
+                &format!("updates/{round}/left.safetensors"),
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+    }
+    run.server.kill();
+    run.server.restart().await.unwrap();
+    let started = std::time::Instant::now();
+    while !store.list(&format!("updates/{ended}")).await.unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the ended round's update blobs were not swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        store.list(&format!("updates/{open}")).await.unwrap(),
+        ["left.safetensors"]
+    );
 }

@@ -1,6 +1,6 @@
 //! What every handler shares: the app state, credentials, and request extraction errors.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json,
@@ -32,8 +32,36 @@ pub struct AppState {
     pub body_read_timeout: std::time::Duration,
     /// Per-address limit on check-ins and uploads (`None`: off).
     pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
+    /// Proxies (load balancers) whose `X-Forwarded-For` names the address a request came from.
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
     /// Operator and cloud-worker routes need a verified client certificate (`--tls-client-ca`).
     pub client_certificates: bool,
+}
+
+/// The address a request came from: its peer's, unless the peer is a trusted proxy; then the
+/// nearest address in `X-Forwarded-For` (read from the right, as each proxy appends the address it
+/// saw) that is not a trusted proxy itself. Entries left of that one could be forged by the
+/// client, so they are never read; an entry that is not an address ends the walk at the proxy
+/// before it.
+pub(crate) fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let mut client = peer;
+    if !is_trusted(&client) {
+        return client;
+    }
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(value) = value.to_str() else {
+            return client;
+        };
+        for hop in value.rsplit(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) if is_trusted(&ip) => client = ip,
+                Ok(ip) => return ip,
+                Err(_) => return client,
+            }
+        }
+    }
+    client
 }
 
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -174,13 +202,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 }
 
 impl AppState {
-    /// Counts a request from `peer` against its address's rate, if limits are on.
-    pub(crate) fn check_rate(&self, peer: Option<std::net::SocketAddr>) -> Result<(), ApiError> {
+    /// Counts a request from `peer` against its client's address's rate, if limits are on.
+    pub(crate) fn check_rate(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        headers: &HeaderMap,
+    ) -> Result<(), ApiError> {
         let (Some(limiter), Some(peer)) = (&self.rate_limit, peer) else {
             return Ok(());
         };
+        let client = client_address(peer.ip(), headers, &self.trusted_proxies);
         limiter
-            .check(&peer.ip(), std::time::Instant::now())
+            .check(&client, std::time::Instant::now())
             .map_err(|wait| ApiError::RateLimited {
                 retry_after_ms: (wait.as_millis() as u64).max(1),
                 from: "address",
@@ -344,4 +377,47 @@ async fn read_limited(
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn the_client_address_is_read_only_through_trusted_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.7/32".parse().unwrap()];
+        let from = |peer: &str, values: &[&str]| client_address(ip(peer), &forwarded(values), &trusted);
+        // A peer that is not a proxy is the client, whatever it claims.
+        assert_eq!(from("203.0.113.5", &["198.51.100.1"]), ip("203.0.113.5"));
+        // Through one proxy: the address it appended.
+        assert_eq!(from("10.1.2.3", &["198.51.100.1"]), ip("198.51.100.1"));
+        // A forged entry left of the proxy's is not read; nor is anything past the first
+        // untrusted hop, in one header or in several.
+        assert_eq!(from("10.1.2.3", &["6.6.6.6, 198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(from("10.1.2.3", &["6.6.6.6", "198.51.100.1"]), ip("198.51.100.1"));
+        // Two proxies in a row: the address the outer one saw.
+        assert_eq!(from("10.1.2.3", &["198.51.100.1, 192.0.2.7"]), ip("198.51.100.1"));
+        assert_eq!(from("10.1.2.3", &["2001:db8::1", "192.0.2.7"]), ip("2001:db8::1"));
+        // No header, or junk: the nearest proxy (its own bucket, not a forged one).
+        assert_eq!(from("10.1.2.3", &[]), ip("10.1.2.3"));
+        assert_eq!(
+            from("10.1.2.3", &["198.51.100.1, not-an-address"]),
+            ip("10.1.2.3")
+        );
+        assert_eq!(from("10.1.2.3", &["6.6.6.6, junk, 192.0.2.7"]), ip("192.0.2.7"));
+        // Without trusted proxies the header is never read.
+        assert_eq!(
+            client_address(ip("10.1.2.3"), &forwarded(&["198.51.100.1"]), &[]),
+            ip("10.1.2.3")
+        );
+    }
 }

@@ -107,7 +107,7 @@ async fn enrol(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<DeviceCredentials>), ApiError> {
-    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
+    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p), &headers)?;
     let credentials = devices::enrol(state.coordinator.db(), bearer(&headers)).await?;
     Ok((StatusCode::CREATED, Json(credentials)))
 }

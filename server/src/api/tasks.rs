@@ -267,7 +267,7 @@ async fn checkin(
     ApiPath(task_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<CheckinResponse>, ApiError> {
-    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
+    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p), &headers)?;
     Ok(Json(state.coordinator.checkin(&task_id, bearer(&headers)).await?))
 }
 
@@ -342,7 +342,7 @@ async fn upload(
     ApiQuery(query): ApiQuery<UploadQuery>,
     body: Body,
 ) -> Result<Json<UploadReceipt>, ApiError> {
-    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p))?;
+    state.check_rate(peer.map(|Extension(ConnectInfo(p))| p), &headers)?;
     let token = bearer(&headers).ok_or(ApiError::MissingToken)?.to_string();
     let device = device_header(&headers).map(str::to_string);
     let coordinator = state.coordinator.clone();
