@@ -318,32 +318,19 @@ impl BlobStore {
 
     /// Names of the blobs directly in the folder `prefix` (none if it does not exist).
     pub async fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
-        let Location::Object { store, prefix: root } = &self.location else {
-            let files = self.list_sizes(prefix).await?;
-            return Ok(files.into_iter().map(|(name, _)| name).collect());
-        };
-        let folder = Self::object(root, prefix);
-        let listed = store.list_with_delimiter(Some(&folder)).await.map_err(io_error)?;
-        Ok(listed
-            .objects
-            .iter()
-            // SeaweedFS lists an emptied folder as an object of the folder's own name.
-            .filter(|meta| meta.location != folder)
-            .filter_map(|meta| meta.location.filename().map(str::to_string))
-            .collect())
+        let blobs = self.list_sizes(prefix).await?;
+        Ok(blobs.into_iter().map(|(name, _)| name).collect())
     }
 
     /// Names of the folders directly in the folder `prefix` (none if it does not exist).
     pub async fn list_folders(&self, prefix: &str) -> std::io::Result<Vec<String>> {
         let Location::Object { store, prefix: root } = &self.location else {
-            let dir = self.path(prefix);
-            let mut out = Vec::new();
-            for name in list_dir(&dir).await? {
-                if tokio::fs::metadata(dir.join(&name)).await?.is_dir() {
-                    out.push(name);
-                }
-            }
-            return Ok(out);
+            let entries = list_dir(&self.path(prefix)).await?;
+            return Ok(entries
+                .into_iter()
+                .filter(|(_, meta)| meta.is_dir())
+                .map(|(name, _)| name)
+                .collect());
         };
         let folder = Self::object(root, prefix);
         let listed = store.list_with_delimiter(Some(&folder)).await.map_err(io_error)?;
@@ -357,21 +344,19 @@ impl BlobStore {
     /// Names and sizes in bytes of the blobs directly in the folder `prefix`.
     pub async fn list_sizes(&self, prefix: &str) -> std::io::Result<Vec<(String, u64)>> {
         let Location::Object { store, prefix: root } = &self.location else {
-            let dir = self.path(prefix);
-            let mut out = Vec::new();
-            for name in list_dir(&dir).await? {
-                let meta = tokio::fs::metadata(dir.join(&name)).await?;
-                if meta.is_file() {
-                    out.push((name, meta.len()));
-                }
-            }
-            return Ok(out);
+            let entries = list_dir(&self.path(prefix)).await?;
+            return Ok(entries
+                .into_iter()
+                .filter(|(_, meta)| meta.is_file())
+                .map(|(name, meta)| (name, meta.len()))
+                .collect());
         };
         let folder = Self::object(root, prefix);
         let listed = store.list_with_delimiter(Some(&folder)).await.map_err(io_error)?;
         Ok(listed
             .objects
             .iter()
+            // SeaweedFS lists an emptied folder as an object of the folder's own name.
             .filter(|meta| meta.location != folder)
             .filter_map(|meta| Some((meta.location.filename()?.to_string(), meta.size)))
             .collect())
@@ -414,21 +399,23 @@ fn io_error(e: object_store::Error) -> std::io::Error {
     }
 }
 
-async fn list_dir(dir: &Path) -> std::io::Result<Vec<String>> {
+/// The entries of a directory, temporary files left out, with their metadata (none if it does not
+/// exist).
+async fn list_dir(dir: &Path) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {
     let mut dir = match tokio::fs::read_dir(dir).await {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut names = Vec::new();
+    let mut entries = Vec::new();
     while let Some(entry) = dir.next_entry().await? {
         if let Some(name) = entry.file_name().to_str()
             && !name.starts_with(".tmp-")
         {
-            names.push(name.to_string());
+            entries.push((name.to_string(), entry.metadata().await?));
         }
     }
-    Ok(names)
+    Ok(entries)
 }
 
 fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {

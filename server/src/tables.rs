@@ -61,14 +61,12 @@ impl TableStore {
 
     /// Records that the task's files hold `version` (after they were synced).
     pub fn set_version(&self, task_id: &str, version: i64) -> std::io::Result<()> {
-        let dir = self.dir(task_id);
-        std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
+        let tmp = self.staging_path(task_id)?;
         let mut file = File::create_new(&tmp)?;
         file.write_all(version.to_string().as_bytes())?;
         file.sync_all()?;
-        std::fs::rename(&tmp, dir.join(VERSION_FILE))?;
-        File::open(&dir)?.sync_all()
+        std::fs::rename(&tmp, self.dir(task_id).join(VERSION_FILE))?;
+        File::open(self.dir(task_id))?.sync_all()
     }
 
     /// Marks the task's files as holding no known version, before they are replaced one by one.
@@ -112,7 +110,7 @@ impl TableStore {
         staged: &Path,
     ) -> std::io::Result<()> {
         let len = std::fs::metadata(staged)?.len();
-        if len != shape.rows * shape.width as u64 * 4 {
+        if len != shape.bytes() {
             std::fs::remove_file(staged).ok();
             return Err(std::io::Error::other(format!(
                 "table `{table}` is {len} bytes, expected {} rows of {} f32",
@@ -127,7 +125,7 @@ impl TableStore {
     pub fn create_zeros(&self, task_id: &str, table: &str, shape: TableShape) -> std::io::Result<()> {
         let staged = self.staging_path(task_id)?;
         let file = File::create_new(&staged)?;
-        file.set_len(shape.rows * shape.width as u64 * 4)?;
+        file.set_len(shape.bytes())?;
         file.sync_all()?;
         self.install(task_id, table, shape, &staged)
     }
@@ -140,10 +138,7 @@ impl TableStore {
         shape: TableShape,
         mut fill: impl FnMut(u64, &mut [f32]),
     ) -> std::io::Result<()> {
-        let path = self.path(task_id, table);
-        let dir = path.parent().expect("table files have a folder");
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
+        let tmp = self.staging_path(task_id)?;
         let file = File::create_new(&tmp)?;
         let mut out = BufWriter::with_capacity(1 << 20, &file);
         let mut chunk = vec![0f32; (CREATE_CHUNK_ROWS as usize) * shape.width];
@@ -160,8 +155,7 @@ impl TableStore {
         out.flush()?;
         drop(out);
         file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()
+        self.install(task_id, table, shape, &tmp)
     }
 
     /// Reads rows `ids` (each `< shape.rows`; the caller checked) with one positioned read each.

@@ -40,6 +40,13 @@ pub struct TableShape {
     pub width: usize,
 }
 
+impl TableShape {
+    /// Bytes of the whole table as f32 (a table file, a snapshot).
+    pub fn bytes(&self) -> u64 {
+        self.rows * self.width as u64 * 4
+    }
+}
+
 /// Some rows of one table.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SparseRows {

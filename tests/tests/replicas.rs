@@ -21,6 +21,7 @@ use fedhive_shared::{
     FedAvgAccumulator, NamedTensors, Tensor, TensorSpec,
     fedsubavg::SubAvgForm,
     sparse::{FeatureSet, RowsRequest, SparseRows, SparseTensors},
+    wire::Assignment,
     wire::{StrategyConfig, TaskConfig},
 };
 use sqlx::{Connection, Row};
@@ -162,12 +163,18 @@ async fn create_task(client: &FedhiveClient, rounds: usize) -> String {
         .task_id
 }
 
-/// Round r (1-based): every device checks in and uploads, all at once; then the new model.
-async fn run_round(client: &FedhiveClient, task: &str, r: usize) -> Bytes {
+/// Every device checks in, one after another (each gets a token of the open round).
+async fn assign_all(client: &FedhiveClient, task: &str) -> Vec<Assignment> {
     let mut assignments = Vec::new();
     for _ in 0..DEVICES {
         assignments.push(assign(client, task).await);
     }
+    assignments
+}
+
+/// Round r (1-based): every device checks in and uploads, all at once; then the new model.
+async fn run_round(client: &FedhiveClient, task: &str, r: usize) -> Bytes {
+    let assignments = assign_all(client, task).await;
     let mut uploads = tokio::task::JoinSet::new();
     for (j, a) in assignments.into_iter().enumerate() {
         let client = client.clone();
@@ -368,10 +375,9 @@ async fn a_round_whose_finaliser_dies_is_finished_by_another_replica() {
     let client = d.client();
     let task = create_task(&client, 1).await;
     let mut uploads = Vec::new();
-    for j in 0..DEVICES {
+    for (j, a) in assign_all(&client, &task).await.into_iter().enumerate() {
         let (n, delta) = update(1, j);
-        let token = assign(&client, &task).await.upload_token;
-        uploads.push((token, n, Bytes::from(delta.encode())));
+        uploads.push((a.upload_token, n, Bytes::from(delta.encode())));
     }
     let held_by_finaliser = kill_the_finaliser_of(&mut d, &task, uploads).await;
 
@@ -513,10 +519,7 @@ async fn sparse_task_with_devices(client: &FedhiveClient) -> String {
 /// Round r (1-based): each device checks in, downloads its submodel of version r - 1 and uploads,
 /// all at once; then every row of the new version.
 async fn sparse_round(client: &FedhiveClient, task: &str, r: usize) -> Bytes {
-    let mut assignments = Vec::new();
-    for _ in 0..DEVICES {
-        assignments.push(assign(client, task).await);
-    }
+    let assignments = assign_all(client, task).await;
     let mut devices = tokio::task::JoinSet::new();
     for (j, a) in assignments.into_iter().enumerate() {
         let (client, task) = (client.clone(), task.to_string());
@@ -707,9 +710,8 @@ async fn a_fedsubavg_round_whose_finaliser_dies_is_finished_by_another_replica()
     let task = sparse_task_with_devices(&client).await;
     assert_eq!(sparse_round(&client, &task, 1).await, alone[0]);
     let mut uploads = Vec::new();
-    for j in 0..DEVICES {
-        let token = assign(&client, &task).await.upload_token;
-        uploads.push((token, sparse_samples(j), sparse_update(2, j)));
+    for (j, a) in assign_all(&client, &task).await.into_iter().enumerate() {
+        uploads.push((a.upload_token, sparse_samples(j), sparse_update(2, j)));
     }
     kill_the_finaliser_of(&mut d, &task, uploads).await;
 

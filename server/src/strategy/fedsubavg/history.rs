@@ -23,7 +23,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use fedhive_shared::sparse::SparseTensors;
+use fedhive_shared::sparse::{SparseTensors, TableShape};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -235,12 +235,7 @@ impl History<'_> {
         let newest = snapshots.keys().next_back().copied().unwrap_or(-1);
         let journals = self.journals().await?;
         let since: u64 = journals.range(newest + 1..=version).map(|(_, size)| size).sum();
-        let tables: u64 = self
-            .model
-            .tables
-            .values()
-            .map(|t| t.rows * t.width as u64 * 4)
-            .sum();
+        let tables: u64 = self.model.tables.values().map(TableShape::bytes).sum();
         // Adopted tables whose snapshot failed have none yet: one is due at once.
         if newest >= version || (since <= tables && !snapshots.is_empty()) {
             return Ok(());
@@ -415,31 +410,30 @@ mod tests {
         history.catch_up(None, 3).await.unwrap();
         assert_eq!(read_all(&old, &model), expected);
         assert_eq!(old.version(TASK).unwrap(), Some(3));
+        // What a new copy holds once it has caught up to version 3 from the blobs alone.
+        let new_copy = |name: &str| {
+            let tables = TableStore::new(dir.path().join(name));
+            let (history, model) = (&history, &model);
+            async move {
+                History {
+                    tables: &tables,
+                    ..*history
+                }
+                .catch_up(None, 3)
+                .await
+                .unwrap();
+                read_all(&tables, model)
+            }
+        };
         // Snapshotted at once, for the other replicas.
-        let fresh = TableStore::new(dir.path().join("fresh"));
-        History {
-            tables: &fresh,
-            ..history
-        }
-        .catch_up(None, 3)
-        .await
-        .unwrap();
-        assert_eq!(read_all(&fresh, &model), expected);
+        assert_eq!(new_copy("fresh").await, expected);
         // Had that snapshot failed, the finaliser's next compaction writes one.
         blobs
             .delete_prefix(&format!("table-snapshots/{TASK}"))
             .await
             .unwrap();
         history.compact_if_due(3).await.unwrap();
-        let again = TableStore::new(dir.path().join("again"));
-        History {
-            tables: &again,
-            ..history
-        }
-        .catch_up(None, 3)
-        .await
-        .unwrap();
-        assert_eq!(read_all(&again, &model), expected);
+        assert_eq!(new_copy("again").await, expected);
         // Without files or a snapshot there is nothing to start from.
         let empty = TableStore::new(dir.path().join("empty"));
         let missing = History {

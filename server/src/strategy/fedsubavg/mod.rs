@@ -241,15 +241,16 @@ impl FedSubAvg {
         Ok(target)
     }
 
-    /// A shared hold on this replica's files at the task's committed version or later.
+    /// A shared hold on this replica's files at version `committed` (just read from the task)
+    /// or later.
     async fn current_tables(
         &self,
         store: &Store,
         task_id: &str,
         model: &SparseModel,
+        committed: i64,
     ) -> Result<OwnedRwLockReadGuard<Option<i64>>, ApiError> {
         let local = self.local(task_id);
-        let committed = store.task(task_id).await?.model_version;
         let reading = local.clone().read_owned().await;
         if reading.is_some_and(|v| v >= committed) {
             return Ok(reading);
@@ -383,10 +384,12 @@ impl FedSubAvg {
         task_id: &str,
         request: RowsRequest,
     ) -> Result<(i64, Bytes), ApiError> {
-        let (_, model) = self.sparse_task(store, task_id).await?;
+        let (task, model) = self.sparse_task(store, task_id).await?;
         let rows = checked_rows(&model, &request.rows)?;
         // The version the files hold, and their rows, belong together while this is held.
-        let reading = self.current_tables(store, task_id, &model).await?;
+        let reading = self
+            .current_tables(store, task_id, &model, task.model_version)
+            .await?;
         let current = reading.expect("caught up");
         match request.version {
             Some(v) if v < 0 || v > current => {
