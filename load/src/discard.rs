@@ -3,11 +3,15 @@
 //! same bodies to it back to back. What it moves is what this machine's loopback, TCP and HTTP/1.1
 //! stack can carry with nothing stored, hashed or checked, so a run's ingest rate divided by it says
 //! how far fedhive is from the machine's limit.
+//!
+//! With `--durable-dir` the discard server also writes each body to a new file there and fsyncs
+//! it before answering (then removes it): the limit of an ingest that must not acknowledge
+//! anything before it is on disk, which is what this machine's disk allows fedhive at best.
 
 use std::{
-    convert::Infallible,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     net::SocketAddr,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -29,26 +33,44 @@ use crate::server::{ProcSample, sample};
 const LISTENING: &str = "discard: listening on ";
 
 /// Serves `POST` bodies into nothing on `listen` until killed: `200` with an empty body once the
-/// whole body is read. Per connection, like the server: HTTP/1.1 keep-alive, `TCP_NODELAY`.
-pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+/// whole body is read (and, with `durable_dir`, written there and fsynced). Per connection, like the
+/// server: HTTP/1.1 keep-alive, `TCP_NODELAY`.
+pub async fn serve(listen: SocketAddr, durable_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("{LISTENING}{}", listener.local_addr()?);
-    serve_on(listener).await
+    serve_on(listener, durable_dir.map(Arc::new)).await
 }
 
-async fn serve_on(listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    durable_dir: Option<Arc<PathBuf>>,
+) -> anyhow::Result<()> {
+    let files = Arc::new(AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
+        let (durable_dir, files) = (durable_dir.clone(), files.clone());
         tokio::spawn(async move {
-            let service = service_fn(|req: Request<Incoming>| async move {
-                let mut body = req.into_body();
-                while let Some(frame) = body.frame().await {
-                    if frame.is_err() {
-                        break;
+            let service = service_fn(move |req: Request<Incoming>| {
+                let (durable_dir, files) = (durable_dir.clone(), files.clone());
+                async move {
+                    let mut body = req.into_body();
+                    let mut kept = Vec::new();
+                    while let Some(frame) = body.frame().await {
+                        match frame.map(|f| f.into_data()) {
+                            Ok(Ok(data)) if durable_dir.is_some() => kept.extend_from_slice(&data),
+                            Ok(_) => {}
+                            Err(e) => return Err(std::io::Error::other(e)),
+                        }
                     }
+                    if let Some(dir) = durable_dir {
+                        let path = dir.join(format!("body-{}", files.fetch_add(1, Ordering::Relaxed)));
+                        tokio::task::spawn_blocking(move || write_durably(&path, &kept))
+                            .await
+                            .map_err(std::io::Error::other)??;
+                    }
+                    Ok::<_, std::io::Error>(Response::new(Empty::<Bytes>::new()))
                 }
-                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
             });
             // A client that goes away mid-request is not the baseline's concern.
             let _ = http1::Builder::new()
@@ -58,6 +80,15 @@ async fn serve_on(listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     }
 }
 
+/// A body on disk as fedhive's directory store puts it there (a new file, written, fsynced), then
+/// gone again so that a long baseline does not fill the disk.
+fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create_new(path)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    std::fs::remove_file(path)
+}
+
 /// The discard server as a child process of this binary (`fedhive-load discard`), killed on drop.
 pub struct DiscardProcess {
     child: Child,
@@ -65,9 +96,14 @@ pub struct DiscardProcess {
 }
 
 impl DiscardProcess {
-    pub fn spawn() -> anyhow::Result<DiscardProcess> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["discard", "--listen", "127.0.0.1:0"])
+    /// With `durable_dir`, bodies are written and fsynced there before the answer.
+    pub fn spawn(durable_dir: Option<&Path>) -> anyhow::Result<DiscardProcess> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["discard", "--listen", "127.0.0.1:0"]);
+        if let Some(dir) = durable_dir {
+            command.arg("--durable-dir").arg(dir);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -176,7 +212,7 @@ mod tests {
     async fn the_baseline_counts_uploads_the_discard_server_read() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve_on(listener));
+        let server = tokio::spawn(serve_on(listener, None));
         let bodies = Arc::new(vec![
             Bytes::from(vec![7u8; 1 << 20]),
             Bytes::from(vec![9u8; 1 << 20]),
@@ -209,5 +245,42 @@ mod tests {
         .unwrap();
         assert_eq!(gone.uploads, 0);
         assert!(gone.failed > 0);
+    }
+
+    /// The durable discard server answers only once the body was written: into a folder it takes
+    /// every upload and leaves no file behind; into a folder that does not exist it fails them all.
+    #[tokio::test]
+    async fn the_durable_baseline_writes_every_body_before_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let bodies = Arc::new(vec![Bytes::from(vec![3u8; 1 << 16])]);
+        let http = reqwest::Client::new();
+        for (folder, works) in [
+            (dir.path().to_path_buf(), true),
+            (dir.path().join("missing"), false),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(serve_on(listener, Some(Arc::new(folder))));
+            let baseline = measure(
+                &http,
+                (addr, std::process::id()),
+                bodies.clone(),
+                2,
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap();
+            server.abort();
+            let _ = server.await;
+            if works {
+                assert_eq!(baseline.failed, 0);
+                assert!(baseline.uploads >= 2, "{baseline:?}");
+            } else {
+                assert_eq!(baseline.uploads, 0, "{baseline:?}");
+                assert!(baseline.failed > 0);
+            }
+        }
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 0, "the bodies' files are removed once written");
     }
 }

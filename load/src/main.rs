@@ -73,6 +73,9 @@ enum Command {
     Discard {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// Write each body to a new file here and fsync it before answering (the durable baseline).
+        #[arg(long)]
+        durable_dir: Option<PathBuf>,
     },
 }
 
@@ -223,9 +226,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Discard { listen } => {
+        Command::Discard { listen, durable_dir } => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(discard::serve(listen)) {
+            match runtime.block_on(discard::serve(listen, durable_dir)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fedhive-load discard: {e:#}");
@@ -776,6 +779,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             }
         },
         baseline: None,
+        durable_baseline: None,
         replicas: Vec::new(),
         server_cpu_ms_per_update: None,
         round_sums: None,
@@ -801,16 +805,25 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     // The server under test is gone before the baseline starts, so the two never share the CPU.
     target.cleanup().await?;
     if args.baseline_secs > 0 {
-        let server = discard::DiscardProcess::spawn()?;
-        let baseline = discard::measure(
-            &fleet.http,
-            (server.addr, server.pid()),
-            fleet.bodies.clone(),
-            args.devices,
-            Duration::from_secs(args.baseline_secs),
-        )
-        .await?;
-        report.baseline = Some(report::BaselineComparison::new(baseline, &report));
+        // Then the same with every body fsynced, in a folder beside the server's data directory
+        // (the same disk).
+        let disk = args.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let durable_dir = tempfile::tempdir_in(disk)?;
+        let mut baselines = Vec::new();
+        for durable in [None, Some(durable_dir.path())] {
+            let server = discard::DiscardProcess::spawn(durable)?;
+            let baseline = discard::measure(
+                &fleet.http,
+                (server.addr, server.pid()),
+                fleet.bodies.clone(),
+                args.devices,
+                Duration::from_secs(args.baseline_secs),
+            )
+            .await?;
+            baselines.push(report::BaselineComparison::new(baseline, &report));
+        }
+        report.durable_baseline = baselines.pop();
+        report.baseline = baselines.pop();
     }
     print!("{}", report.table());
     println!("{}", serde_json::to_string(&report)?);

@@ -145,6 +145,9 @@ pub struct Report {
     pub server_stages: Vec<StageTime>,
     /// The machine's own limit for these uploads, measured after the run (`--baseline-secs`).
     pub baseline: Option<BaselineComparison>,
+    /// The same, with the discard server writing and fsyncing every body before its answer: the
+    /// limit the disk sets on an ingest that acknowledges only what is on disk.
+    pub durable_baseline: Option<BaselineComparison>,
     /// Each server replica the harness started, its processes' memory and CPU.
     pub replicas: Vec<ReplicaUsage>,
     /// The replicas' CPU time per accepted update, milliseconds: with several replicas, what
@@ -333,10 +336,15 @@ impl Report {
                 self.replica_kills
             );
         }
-        if let Some(b) = &self.baseline {
+        let baselines = [
+            ("discard server", &self.baseline),
+            ("discard server fsyncing each body", &self.durable_baseline),
+        ];
+        for (what, b) in baselines {
+            let Some(b) = b else { continue };
             let _ = writeln!(
                 out,
-                "baseline (discard server, same {} devices and bodies, {:.0} s): {:.1} uploads/s, {:.0} MB/s, \
+                "baseline ({what}, same {} devices and bodies, {:.0} s): {:.1} uploads/s, {:.0} MB/s, \
                  {} failed, its CPU {:.2} cores; this run's ingest = {:.3} of it",
                 b.baseline.devices,
                 b.baseline.seconds,

@@ -1,6 +1,6 @@
 //! The harness against the real server binary: a few seconds of load with dropouts and duplicate
 //! deliveries must end with the exactly-once check passing, on SQLite (f32 updates) and on
-//! PostgreSQL (int8 updates), with the stage profile and the discard-server baseline in the report.
+//! PostgreSQL (int8 updates), with the stage profile and the discard-server baselines (plain and fsyncing) in the report.
 
 use std::process::Command;
 
@@ -87,6 +87,10 @@ fn check(report: &Value) {
     assert_eq!(n(&["baseline", "failed"]), 0.0, "{report}");
     let ratio = n(&["baseline", "ingest_ratio"]);
     assert!(ratio > 0.0 && ratio < 1.0, "{report}");
+    // And with every body fsynced.
+    assert!(n(&["durable_baseline", "uploads"]) > 0.0, "{report}");
+    assert_eq!(n(&["durable_baseline", "failed"]), 0.0, "{report}");
+    assert!(n(&["durable_baseline", "ingest_ratio"]) > 0.0, "{report}");
 }
 
 #[test]

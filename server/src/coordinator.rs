@@ -37,9 +37,11 @@ use crate::{
     access::{Action, AuditRecord, Principal},
     admission::{UploadAdmission, UploadSlot},
     blobs::BlobStore,
-    db::{Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
+    body_buffers::BodyBuffers,
+    db::{Accept, Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
     devices::{self, Device},
     error::ApiError,
+    group_commit::GroupCommit,
     rate_limit::{RateLimit, RateLimiter},
     replicas::{self, Replica},
     store::{HashedBody, Store, now_ms, sha256_hex},
@@ -119,6 +121,10 @@ pub struct Coordinator {
     /// When this replica last stamped its heartbeat.
     heartbeat: Mutex<Option<std::time::Instant>>,
     uploads: UploadAdmission,
+    /// Buffers upload bodies are read into, one per upload slot, reused.
+    body_buffers: Arc<BodyBuffers>,
+    /// Records accepted updates, those that arrive together in one transaction.
+    commits: GroupCommit,
     /// Per-device limit on check-ins and uploads, keyed by the authenticated device id.
     device_rate: Option<RateLimiter<String>>,
     telemetry: Telemetry,
@@ -344,6 +350,8 @@ impl Coordinator {
         );
         Coordinator {
             replica: Replica::new(options.replica_name.as_deref()),
+            commits: GroupCommit::new(db.clone(), telemetry.group_commit_updates()),
+            body_buffers: BodyBuffers::new(options.max_concurrent_uploads.max(1)),
             store: Store::new(db, blobs),
             strategies,
             device_rate: options.device_rate_limit.map(RateLimiter::new),
@@ -582,6 +590,11 @@ impl Coordinator {
             .await
     }
 
+    /// The buffers device updates' bodies are read into (see [`crate::body_buffers`]).
+    pub fn body_buffers(&self) -> &Arc<BodyBuffers> {
+        &self.body_buffers
+    }
+
     /// A processing slot for a body that is not a device update (anonymous samples), so that
     /// those bodies count against the same bound on what is read at once; `503 server_busy` past
     /// the queue.
@@ -743,7 +756,8 @@ impl Coordinator {
             replica: Some(self.replica.id().to_string()),
         };
         let folding = Folding::enter(&self.folding, round_id);
-        let Some(stored) = db.accept_update(round_id, k, &row, now_ms()).await? else {
+        let accepted = self.commits.accept(Accept { k, row: row.clone() }).await?;
+        let Some(stored) = accepted else {
             return match self.not_accepted(&row, wrote_blob).await? {
                 NotAccepted::StoredByAnother(prev) => {
                     self.telemetry.upload(&task.id, Ok("replayed"));

@@ -31,6 +31,11 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored task config is not valid JSON: {0}")]
     Corrupt(#[from] serde_json::Error),
+    /// The group commit's transaction holding this update failed (nothing in it was recorded).
+    #[error("group commit: {0}")]
+    GroupCommit(std::sync::Arc<DbError>),
+    #[error("the group commit holding this update stopped before it answered")]
+    GroupCommitStopped,
     #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
 }
@@ -175,6 +180,63 @@ fn task_row(r: &AnyRow) -> Result<TaskRow, DbError> {
 /// SQL with a shared column list spliced in. Only compile-time constants are spliced.
 fn sql(template: &'static str, columns: &'static str) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(template.replace("{cols}", columns))
+}
+
+/// An accepted update to record, with its round's `devices_per_round`.
+#[derive(Debug, Clone)]
+pub struct Accept {
+    pub k: i64,
+    pub row: UpdateRow,
+}
+
+/// One update of [`Db::accept_updates`]: the counter first (its guard decides), then the row.
+async fn accept_one(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    k: i64,
+    update: &UpdateRow,
+    now_ms: i64,
+) -> Result<Option<UpdateRow>, DbError> {
+    let row = sqlx::query(
+        "UPDATE rounds SET accepted = accepted + 1, total_samples = total_samples + $1 \
+         WHERE id = $2 AND state = 'open' AND accepted < $3 RETURNING accepted",
+    )
+    .bind(update.num_samples)
+    .bind(update.round_id)
+    .bind(k)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let stored = UpdateRow {
+        accepted_seq: row.try_get("accepted")?,
+        ..update.clone()
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO updates (token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, created_ms, replica) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (token_hash) DO NOTHING",
+    )
+    .bind(&stored.token_hash)
+    .bind(stored.round_id)
+    .bind(stored.num_samples)
+    .bind(&stored.sha256)
+    .bind(&stored.blob_key)
+    .bind(stored.accepted_seq)
+    .bind(now_ms)
+    .bind(&stored.replica)
+    .execute(&mut **tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        sqlx::query(
+            "UPDATE rounds SET accepted = accepted - 1, total_samples = total_samples - $1 WHERE id = $2",
+        )
+        .bind(update.num_samples)
+        .bind(update.round_id)
+        .execute(&mut **tx)
+        .await?;
+        return Ok(None);
+    }
+    Ok(Some(stored))
 }
 
 impl Db {
@@ -479,56 +541,31 @@ impl Db {
         Ok(row.as_ref().map(update_row).transpose()?)
     }
 
-    /// Records an accepted update if the round is still open and below `k` updates. Returns the stored
-    /// row, or `None` when the round no longer accepts uploads or the token already has a row (a
-    /// retry that another replica stored first). Exactly once: the counter update and the row
-    /// insert commit together, and the token hash is the row's primary key.
-    pub async fn accept_update(
+    /// Records accepted updates in one transaction (see [`crate::group_commit`]): each is stored if
+    /// its round is still open and below its `k` updates. Returns, in the order given, each stored
+    /// row, or `None` where the round no longer accepts uploads or the token already has a row (a
+    /// retry that another replica stored first). Exactly once: each counter update and its row
+    /// insert commit together, and the token hash is the row's primary key. A row the insert finds
+    /// taken gives its counter update back in the same transaction, so no error aborts the others.
+    /// The updates are recorded in (round, token hash) order, so replicas committing batches at
+    /// once lock rows in one order and cannot deadlock; past a round's K, the later ones in that
+    /// order are refused.
+    pub async fn accept_updates(
         &self,
-        round_id: i64,
-        k: i64,
-        update: &UpdateRow,
+        updates: &[Accept],
         now_ms: i64,
-    ) -> Result<Option<UpdateRow>, DbError> {
+    ) -> Result<Vec<Option<UpdateRow>>, DbError> {
+        let mut order: Vec<usize> = (0..updates.len()).collect();
+        order.sort_by_key(|&i| (updates[i].row.round_id, &updates[i].row.token_hash));
         self.latency
             .time("database", "accept_update", async {
-            let mut tx = self.pool.begin().await?;
-            let row = sqlx::query(
-                "UPDATE rounds SET accepted = accepted + 1, total_samples = total_samples + $1 \
-                 WHERE id = $2 AND state = 'open' AND accepted < $3 RETURNING accepted",
-            )
-            .bind(update.num_samples)
-            .bind(round_id)
-            .bind(k)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            let stored = UpdateRow {
-                accepted_seq: row.try_get("accepted")?,
-                ..update.clone()
-            };
-            let inserted = sqlx::query(
-                "INSERT INTO updates (token_hash, round_id, num_samples, sha256, blob_key, accepted_seq, created_ms, replica) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(&stored.token_hash)
-            .bind(round_id)
-            .bind(stored.num_samples)
-            .bind(&stored.sha256)
-            .bind(&stored.blob_key)
-            .bind(stored.accepted_seq)
-            .bind(now_ms)
-            .bind(&stored.replica)
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
-                other => other?,
-            };
-            tx.commit().await?;
-            Ok(Some(stored))
+                let mut tx = self.pool.begin().await?;
+                let mut stored = vec![None; updates.len()];
+                for i in order {
+                    stored[i] = accept_one(&mut tx, updates[i].k, &updates[i].row, now_ms).await?;
+                }
+                tx.commit().await?;
+                Ok(stored)
             })
             .await
     }

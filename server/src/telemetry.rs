@@ -16,6 +16,7 @@
 //! | `fedhive_http_request_duration_seconds` | route, method, status | every request (check-in and upload latency) |
 //! | `fedhive_http_request_body_bytes_total`, `..._response_body_bytes_total` | route, method | bytes in and out |
 //! | `fedhive_upload_stage_duration_seconds` | stage = queue, read, decode, store, accept, fold | an accepted upload's stages: `read` includes hashing (as the bytes arrive), `decode` (with the strategy's check) and `store` (the blob store's durable write) run at the same time, `accept` is the database transaction |
+//! | `fedhive_group_commit_updates` | | accepted updates per database transaction (histogram: its count is transactions, its sum updates; see [`crate::group_commit`]) |
 //! | `fedhive_round_finalize_duration_seconds` | | closing, summing and committing a round (database and blob store included) |
 //! | `fedhive_storage_duration_seconds` | store = database, blobs; op | the database's hot queries (task, round, active_round, assign, accept_update, finish_round) and blob put, get, delete_prefix |
 //! | `fedhive_credential_refusals_total` | reason = unauthorized, forbidden | operator and cloud-worker requests refused for their credential (`401`: none, unknown or revoked; `403`: a token without the scope) |
@@ -143,6 +144,7 @@ pub struct Telemetry {
     response_bytes: Family<Route, Counter>,
     upload_stages: Histograms<Stage>,
     finalize_duration: Histogram,
+    group_commit_updates: Histogram,
     round_sums: Family<Source, Counter>,
     round_sums_reread_bytes: Counter,
     storage: Histograms<StorageOp>,
@@ -174,6 +176,7 @@ impl Telemetry {
             response_bytes: Family::default(),
             upload_stages: histograms(),
             finalize_duration: latency_histogram(),
+            group_commit_updates: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             round_sums: Family::default(),
             round_sums_reread_bytes: Counter::default(),
             storage: histograms(),
@@ -225,6 +228,11 @@ impl Telemetry {
             "fedhive_upload_stage_duration_seconds",
             "Stages of accepted uploads (store: blob-store durable write; accept: database transaction)",
             t.upload_stages.clone(),
+        );
+        r.register(
+            "fedhive_group_commit_updates",
+            "Accepted updates recorded per database transaction (group commit)",
+            t.group_commit_updates.clone(),
         );
         r.register(
             "fedhive_round_finalize_duration_seconds",
@@ -364,6 +372,11 @@ impl Telemetry {
             self.round_sums.get_or_create(&Source { source }).inc_by(n);
         }
         self.round_sums_reread_bytes.inc_by(reread_bytes);
+    }
+
+    /// The histogram a group commit records its transactions' sizes in.
+    pub fn group_commit_updates(&self) -> Histogram {
+        self.group_commit_updates.clone()
     }
 
     pub fn round_finalized(&self, took: Duration) {

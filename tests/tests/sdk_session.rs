@@ -56,13 +56,16 @@ async fn an_apps_own_model_joins_a_fedavg_task_and_learns(backend: Backend) {
     app_model_learns(backend, StrategyConfig::FedAvg { server_lr: 1.0 }).await
 }
 
-/// FedLaAvg's device uploads its gradient sum `(x_before - x_after) / gamma`, not a delta.
+/// FedLaAvg's device uploads its gradient sum `(x_before - x_after) / gamma`, not a delta. Both
+/// devices must check in within each round's selection window to be selected every round: 2 s was
+/// too short on a loaded 2-core machine (one device missed a window, the round was abandoned with
+/// one upload, and the other contributed 4 times in 3 rounds), so the window is 5 s.
 async fn an_apps_own_model_joins_a_fedlaavg_task_and_learns(backend: Backend) {
     app_model_learns(
         backend,
         StrategyConfig::FedLaAvg {
             warmup_rounds: 0,
-            selection_window_ms: 2000,
+            selection_window_ms: 5000,
         },
     )
     .await

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     access::{Action, AuditRecord, Need, Principal},
+    body_buffers::BodyBuffers,
     coordinator::Coordinator,
     error::ApiError,
     store::{HashedBody, constant_time_eq, now_ms, sha256_hex},
@@ -310,73 +311,75 @@ pub(crate) async fn read_body(
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
-    read_body_with(body, headers, limit, timeout, |_| {}).await
+    let mut buf = Vec::with_capacity(declared_length(headers, limit)?);
+    read_body_into(&mut buf, body, limit, timeout, |_| {}).await?;
+    Ok(Bytes::from(buf))
 }
 
-/// [`read_body`], hashing each chunk as it arrives: the digest costs no pass of its own over the
-/// finished buffer, and is ready the moment the last byte is.
+/// [`read_body`] into a buffer of `buffers` (given back once the body's bytes are dropped),
+/// hashing each chunk as it arrives: the digest costs no pass of its own over the finished
+/// buffer, and is ready the moment the last byte is.
 pub(crate) async fn read_body_hashed(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
     timeout: Duration,
+    buffers: &Arc<BodyBuffers>,
 ) -> Result<HashedBody, ApiError> {
+    let mut buf = buffers.take(declared_length(headers, limit)?);
     let mut hasher = Sha256::new();
-    let bytes = read_body_with(body, headers, limit, timeout, |chunk| hasher.update(chunk)).await?;
+    read_body_into(buf.vec_mut(), body, limit, timeout, |chunk| hasher.update(chunk)).await?;
     Ok(HashedBody {
-        bytes,
+        bytes: buf.freeze(),
         sha256: hex::encode(hasher.finalize()),
     })
 }
 
-async fn read_body_with(
-    body: Body,
-    headers: &HeaderMap,
-    limit: usize,
-    timeout: Duration,
-    on_chunk: impl FnMut(&[u8]),
-) -> Result<Bytes, ApiError> {
+/// The body's declared length (0 when none is), refused with `413` when over `limit`.
+fn declared_length(headers: &HeaderMap, limit: usize) -> Result<usize, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if let Some(size) = declared.filter(|&s| s > limit) {
-        return Err(ApiError::BodyTooLarge { size, limit });
+    match declared {
+        Some(size) if size > limit => Err(ApiError::BodyTooLarge { size, limit }),
+        other => Ok(other.unwrap_or(0)),
     }
-    let read = read_limited(body, declared.unwrap_or(0), limit, on_chunk);
+}
+
+/// Reads a body of at most `limit` bytes within `timeout` into `buf`, sized beforehand from its
+/// declared length, so a model-sized upload is held once (collecting the frames and then joining
+/// them would hold it twice); `on_chunk` sees each chunk as it is appended.
+async fn read_body_into(
+    buf: &mut Vec<u8>,
+    mut body: Body,
+    limit: usize,
+    timeout: Duration,
+    mut on_chunk: impl FnMut(&[u8]),
+) -> Result<(), ApiError> {
+    use http_body_util::BodyExt;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::BadBody(e.to_string()))?;
+            let Ok(chunk) = frame.into_data() else {
+                continue; // trailers
+            };
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::BodyTooLarge {
+                    size: buf.len() + chunk.len(),
+                    limit,
+                });
+            }
+            on_chunk(&chunk);
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| ApiError::BodyTimeout {
             secs: timeout.as_secs(),
         })?
-}
-
-/// Reads a body of at most `limit` bytes into one buffer sized from its declared length, so a
-/// model-sized upload is held once (collecting the frames and then joining them would hold it twice);
-/// `on_chunk` sees each chunk as it is appended.
-async fn read_limited(
-    mut body: Body,
-    declared: usize,
-    limit: usize,
-    mut on_chunk: impl FnMut(&[u8]),
-) -> Result<Bytes, ApiError> {
-    use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::with_capacity(declared.min(limit));
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::BadBody(e.to_string()))?;
-        let Ok(chunk) = frame.into_data() else {
-            continue; // trailers
-        };
-        if buf.len() + chunk.len() > limit {
-            return Err(ApiError::BodyTooLarge {
-                size: buf.len() + chunk.len(),
-                limit,
-            });
-        }
-        on_chunk(&chunk);
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
 }
 
 #[cfg(test)]

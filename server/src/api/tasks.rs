@@ -347,7 +347,9 @@ async fn upload(
     let device = device_header(&headers).map(str::to_string);
     let coordinator = state.coordinator.clone();
     let timeout = state.body_read_timeout;
-    let read_body = |limit: usize| read_body_hashed(body, &headers, limit, timeout);
+    let buffers = coordinator.body_buffers().clone();
+    let read_body =
+        |limit: usize| async move { read_body_hashed(body, &headers, limit, timeout, &buffers).await };
     let (receipt, full) = coordinator
         .upload(&token, device.as_deref(), query.num_samples, read_body)
         .await?;

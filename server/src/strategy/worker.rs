@@ -143,7 +143,7 @@ impl Db {
 
     /// Stores round `row.id`'s artefact in `table` if the round is still open and has none; false
     /// otherwise. The guard updates the round's row, so in PostgreSQL it waits for (and then sees)
-    /// a concurrent close, as [`Db::accept_update`] does: a closing round's set is frozen.
+    /// a concurrent close, as [`Db::accept_updates`] does: a closing round's set is frozen.
     pub async fn insert_round_artifact(
         &self,
         table: RoundArtifacts,
