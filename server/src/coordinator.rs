@@ -756,8 +756,7 @@ impl Coordinator {
             replica: Some(self.replica.id().to_string()),
         };
         let folding = Folding::enter(&self.folding, round_id);
-        let accepted = self.commits.accept(Accept { k, row: row.clone() }).await?;
-        let Some(stored) = accepted else {
+        let Some(stored) = self.commits.accept(Accept { k, row: row.clone() }).await? else {
             return match self.not_accepted(&row, wrote_blob).await? {
                 NotAccepted::StoredByAnother(prev) => {
                     self.telemetry.upload(&task.id, Ok("replayed"));

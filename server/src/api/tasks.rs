@@ -347,9 +347,8 @@ async fn upload(
     let device = device_header(&headers).map(str::to_string);
     let coordinator = state.coordinator.clone();
     let timeout = state.body_read_timeout;
-    let buffers = coordinator.body_buffers().clone();
-    let read_body =
-        |limit: usize| async move { read_body_hashed(body, &headers, limit, timeout, &buffers).await };
+    let buffers = coordinator.body_buffers();
+    let read_body = |limit: usize| read_body_hashed(body, &headers, limit, timeout, buffers);
     let (receipt, full) = coordinator
         .upload(&token, device.as_deref(), query.num_samples, read_body)
         .await?;
