@@ -1,13 +1,14 @@
-//! Aggregation kernel throughput: folding one f32 update into the fixed-point FedAvg accumulator,
-//! next to a plain copy of the same bytes measured in the same run.
+//! Aggregation kernel throughput: folding f32 updates into the fixed-point FedAvg accumulator, one
+//! at a time and eight per pass, next to a plain copy of the same bytes measured in the same run.
 //!
-//! `cargo bench --manifest-path benches/Cargo.toml --bench aggregation` prints criterion's figures and then, per
-//! size, one line `aggregation <n> params: fold X GB/s, memcpy Y GB/s, fold/memcpy = R` (bytes
-//! are the update's f32 bytes, 4 per parameter). The fold reads the 4-byte value and reads and
-//! writes the 8-byte sum, so it moves 20 bytes per parameter where the copy moves 8 (12 with
-//! write-allocate): on memory-bound sizes the ratio is bounded by that traffic.
+//! `cargo bench --manifest-path benches/Cargo.toml --bench aggregation` prints criterion's figures
+//! and then, per size, one line `aggregation <n> params: fold X GB/s, fold 8 per pass Z GB/s, memcpy
+//! Y GB/s, fold/memcpy = R, fold 8 per pass/memcpy = S` (bytes are the updates' f32 bytes, 4 per
+//! parameter). One fold reads the 4-byte value and reads and writes the 8-byte sum, 20 bytes per
+//! parameter where the copy moves 8 (12 with write-allocate); eight per pass move 4 + 16 / 8.
 
 use std::{
+    borrow::Cow,
     cell::Cell,
     collections::BTreeMap,
     hint::black_box,
@@ -35,10 +36,13 @@ impl Mean {
     }
 }
 
-fn update(n: usize) -> NamedTensors {
+/// Updates folded per pass in the batched measurement.
+const BATCH: usize = 8;
+
+fn update(n: usize, k: usize) -> NamedTensors {
     // Values spread over the accepted range so the rounding sees every case.
     let data = (0..n)
-        .map(|i| ((i * 7919) % 20001) as f32 / 1000.0 - 10.0)
+        .map(|i| ((i * 7919 + k * 104_729) % 20001) as f32 / 1000.0 - 10.0)
         .collect();
     let mut m = BTreeMap::new();
     m.insert("w".to_string(), Tensor { shape: vec![n], data });
@@ -49,7 +53,7 @@ fn aggregation(c: &mut Criterion) {
     let mut ratios = Vec::new();
     for n in [1_000_000usize, 10_000_000] {
         let bytes = n * 4;
-        let delta = update(n);
+        let delta = update(n, 0);
         let mut group = c.benchmark_group(format!("aggregation/{n}"));
         group.throughput(Throughput::Bytes(bytes as u64));
         group.sample_size(if n > 1_000_000 { 20 } else { 50 });
@@ -69,6 +73,26 @@ fn aggregation(c: &mut Criterion) {
         });
         black_box(&acc);
 
+        let batch: Vec<NamedTensors> = (0..BATCH).map(|k| update(n, k)).collect();
+        let counts: Vec<u64> = (1..=BATCH as u64).collect();
+        let fold_batch = Mean::default();
+        let mut acc = FedAvgAccumulator::new(&delta.specs());
+        group.throughput(Throughput::Bytes((bytes * BATCH) as u64));
+        group.bench_function("fold 8 per pass", |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let results = acc.add_many(black_box(&counts), |i, name| Cow::Borrowed(&batch[i].0[name].data));
+                    assert!(results.iter().all(Result::is_ok), "within bounds");
+                }
+                let elapsed = start.elapsed();
+                fold_batch.add(elapsed, iters);
+                elapsed
+            })
+        });
+        black_box(&acc);
+        group.throughput(Throughput::Bytes(bytes as u64));
+
         let copy = Mean::default();
         let src = &delta.0["w"].data;
         let mut dst = vec![0f32; n];
@@ -85,12 +109,19 @@ fn aggregation(c: &mut Criterion) {
             })
         });
         group.finish();
-        let (f, m) = (fold.bytes_per_sec(bytes), copy.bytes_per_sec(bytes));
+        let (f, fb, m) = (
+            fold.bytes_per_sec(bytes),
+            fold_batch.bytes_per_sec(bytes * BATCH),
+            copy.bytes_per_sec(bytes),
+        );
         ratios.push(format!(
-            "aggregation {n} params: fold {:.2} GB/s, memcpy {:.2} GB/s, fold/memcpy = {:.2}",
+            "aggregation {n} params: fold {:.2} GB/s, fold {BATCH} per pass {:.2} GB/s, memcpy {:.2} GB/s, \
+             fold/memcpy = {:.2}, fold {BATCH} per pass/memcpy = {:.2}",
             f / 1e9,
+            fb / 1e9,
             m / 1e9,
-            f / m
+            f / m,
+            fb / m
         ));
     }
     for line in ratios {

@@ -42,12 +42,13 @@ use crate::{
     devices::{self, Device},
     error::ApiError,
     group_commit::GroupCommit,
+    group_fold::{Accumulators, GroupFold, ToFold},
     rate_limit::{RateLimit, RateLimiter},
     replicas::{self, Replica},
     store::{HashedBody, Store, now_ms, sha256_hex},
     strategy::{
         Registry, Strategy,
-        interface::{CheckinClock, Sums, Update},
+        interface::{CheckinClock, Sums},
     },
     telemetry::{Telemetry, UploadStages},
 };
@@ -100,17 +101,11 @@ pub fn default_upload_slots() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)
 }
 
-/// Sums of one open round (for its task's strategy) and the tokens folded into them.
-struct RoundAccumulator {
-    acc: Sums,
-    folded: BTreeSet<String>,
-}
-
 pub struct Coordinator {
     store: Store,
     strategies: Registry,
     options: CoordinatorOptions,
-    accumulators: Arc<Mutex<HashMap<i64, RoundAccumulator>>>,
+    accumulators: Accumulators,
     /// Upload tokens whose upload is being processed by this process.
     in_flight: Mutex<HashSet<String>>,
     /// Per round, this process's uploads between their database commit and their fold: sums
@@ -125,6 +120,8 @@ pub struct Coordinator {
     body_buffers: Arc<BodyBuffers>,
     /// Records accepted updates, those that arrive together in one transaction.
     commits: GroupCommit,
+    /// Accepted updates on their way into `accumulators`, folded together when they wait together.
+    folds: GroupFold,
     /// Per-device limit on check-ins and uploads, keyed by the authenticated device id.
     device_rate: Option<RateLimiter<String>>,
     telemetry: Telemetry,
@@ -348,15 +345,17 @@ impl Coordinator {
             db.with_latency(telemetry.storage_latency()),
             blobs.with_latency(telemetry.storage_latency()),
         );
+        let accumulators = Accumulators::default();
         Coordinator {
             replica: Replica::new(options.replica_name.as_deref()),
+            folds: GroupFold::new(accumulators.clone(), telemetry.group_fold_updates()),
             commits: GroupCommit::new(db.clone(), telemetry.group_commit_updates()),
             body_buffers: BodyBuffers::new(options.max_concurrent_uploads.max(1)),
             store: Store::new(db, blobs),
             strategies,
             device_rate: options.device_rate_limit.map(RateLimiter::new),
             options,
-            accumulators: Arc::default(),
+            accumulators,
             in_flight: Mutex::default(),
             folding: Arc::default(),
 
@@ -766,7 +765,15 @@ impl Coordinator {
             };
         };
         let accept = lap.lap();
-        self.fold(round_id, strategy, &task.config, stored.clone(), update)
+        // Into the round's in-memory sums (at most once per token), for strategies that keep them.
+        self.folds
+            .fold(ToFold {
+                round_id,
+                strategy,
+                config: task.config.clone(),
+                row: stored.clone(),
+                update,
+            })
             .await?;
         drop(folding);
         let stages = UploadStages {
@@ -840,40 +847,6 @@ impl Coordinator {
             return Ok(AggregateError::RoundSampleLimit(round.total_samples as u64, num_samples).into());
         }
         Ok(ApiError::RoundClosed(round_id))
-    }
-
-    /// Adds an accepted update to the round's in-memory sums (at most once per token), for
-    /// strategies that keep running sums.
-    async fn fold(
-        &self,
-        round_id: i64,
-        strategy: Arc<dyn Strategy>,
-        config: &TaskConfig,
-        update: UpdateRow,
-        delta: Update,
-    ) -> Result<(), ApiError> {
-        let accumulators = self.accumulators.clone();
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut all = accumulators.lock().expect("accumulator lock");
-            let entry = match all.entry(round_id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let Some(acc) = strategy.new_sums(&config) else {
-                        return Ok(());
-                    };
-                    e.insert(RoundAccumulator {
-                        acc,
-                        folded: BTreeSet::new(),
-                    })
-                }
-            };
-            if entry.folded.insert(update.token_hash) {
-                entry.acc.add(update.num_samples as u64, &delta)?;
-            }
-            Ok::<_, ApiError>(())
-        })
-        .await?
     }
 
     /// Stores a device's training metrics for its round.

@@ -20,6 +20,7 @@ pub mod db;
 pub mod devices;
 pub mod error;
 pub mod group_commit;
+pub mod group_fold;
 pub mod http;
 pub mod memory;
 pub mod operator;

@@ -17,6 +17,7 @@
 //! | `fedhive_http_request_body_bytes_total`, `..._response_body_bytes_total` | route, method | bytes in and out |
 //! | `fedhive_upload_stage_duration_seconds` | stage = queue, read, decode, store, accept, fold | an accepted upload's stages: `read` includes hashing (as the bytes arrive), `decode` (with the strategy's check) and `store` (the blob store's durable write) run at the same time, `accept` is the database transaction |
 //! | `fedhive_group_commit_updates` | | accepted updates per database transaction (histogram: its count is transactions, its sum updates; see [`crate::group_commit`]) |
+//! | `fedhive_group_fold_updates` | | accepted updates folded per pass over a round's sums (histogram: its count is passes, its sum updates; see [`crate::group_fold`]) |
 //! | `fedhive_round_finalize_duration_seconds` | | closing, summing and committing a round (database and blob store included) |
 //! | `fedhive_storage_duration_seconds` | store = database, blobs; op | the database's hot queries (task, round, active_round, assign, accept_update, finish_round) and blob put, get, delete_prefix |
 //! | `fedhive_credential_refusals_total` | reason = unauthorized, forbidden | operator and cloud-worker requests refused for their credential (`401`: none, unknown or revoked; `403`: a token without the scope) |
@@ -145,6 +146,7 @@ pub struct Telemetry {
     upload_stages: Histograms<Stage>,
     finalize_duration: Histogram,
     group_commit_updates: Histogram,
+    group_fold_updates: Histogram,
     round_sums: Family<Source, Counter>,
     round_sums_reread_bytes: Counter,
     storage: Histograms<StorageOp>,
@@ -177,6 +179,7 @@ impl Telemetry {
             upload_stages: histograms(),
             finalize_duration: latency_histogram(),
             group_commit_updates: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            group_fold_updates: Histogram::new(exponential_buckets(1.0, 2.0, 4)),
             round_sums: Family::default(),
             round_sums_reread_bytes: Counter::default(),
             storage: histograms(),
@@ -233,6 +236,11 @@ impl Telemetry {
             "fedhive_group_commit_updates",
             "Accepted updates recorded per database transaction (group commit)",
             t.group_commit_updates.clone(),
+        );
+        r.register(
+            "fedhive_group_fold_updates",
+            "Accepted updates folded per pass over a round's sums (group fold)",
+            t.group_fold_updates.clone(),
         );
         r.register(
             "fedhive_round_finalize_duration_seconds",
@@ -377,6 +385,11 @@ impl Telemetry {
     /// The histogram a group commit records its transactions' sizes in.
     pub fn group_commit_updates(&self) -> Histogram {
         self.group_commit_updates.clone()
+    }
+
+    /// The histogram a group fold records its passes' sizes in.
+    pub fn group_fold_updates(&self) -> Histogram {
+        self.group_fold_updates.clone()
     }
 
     pub fn round_finalized(&self, took: Duration) {

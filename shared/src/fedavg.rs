@@ -52,12 +52,12 @@ pub fn check_sample_count(num_samples: u64) -> Result<(), AggregateError> {
 }
 
 /// Up to this many samples per update, `|Delta * n * 2^FRACTION_BITS| <= 2^51 - 2^31` for every
-/// accepted value (`|Delta| <= 2^7`), inside the range where [`fold::fast`] is exact.
+/// accepted value (`|Delta| <= 2^7`), inside the range where [`fold::many`] is exact.
 const FAST_FOLD_MAX_SAMPLES: u64 = (1 << (51 - FRACTION_BITS - 7)) - 1;
 
 /// `sum[i] += round(values[i] * scale)`, rounding half away from zero (`f64::round`): the
 /// aggregation kernel. The `round` call is a libm call per element on baseline x86-64, which keeps
-/// the loop scalar at ~6% of memory-copy bandwidth; [`fast`] gets the same integers with adds and
+/// the loop scalar at ~6% of memory-copy bandwidth; [`many`] gets the same integers with adds and
 /// compares that vectorise.
 mod fold {
     /// `1.5 * 2^52`: for `|y| < 2^51 - 1`, `y + MAGIC` lands in `[2^52, 2^53)`, where the spacing of
@@ -72,21 +72,66 @@ mod fold {
         }
     }
 
-    /// Same result as [`exact`] when every `|values[i] * scale| < 2^51 - 1`. Uses AVX2 when the CPU
-    /// has it (same IEEE operations, so the same bits), else the portable loop.
+    /// [`many`] for one update.
+    #[cfg(test)]
     pub fn fast(sum: &mut [i64], values: &[f32], scale: f64) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { fast_avx2(sum, values, scale) };
+        many(sum, &[(values, scale)])
+    }
+
+    /// Sums this long stay in the L1 cache while every update of a batch adds to them.
+    const TILE: usize = 2048;
+
+    /// [`exact`] for each `(values, scale)` in turn, with the same result when every
+    /// `|values[i] * scale| < 2^51 - 1`, in one pass over `sum`: a tile of the sums is read and
+    /// written once per batch instead of once per update, so a batch of k updates moves
+    /// `4 + 16 / k` bytes per parameter and update instead of 20. Each sum receives the same
+    /// integers as one update at a time, and integer addition is associative: the bits are the
+    /// same. Uses AVX-512 or AVX2 when the CPU has them (the same IEEE operations on wider
+    /// vectors, so the same bits), else the portable loop.
+    pub fn many(sum: &mut [i64], updates: &[(&[f32], f64)]) {
+        if updates.is_empty() {
+            return;
         }
-        fast_portable(sum, values, scale)
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the CPU supports these features, checked just above.
+                return unsafe { many_avx512(sum, updates) };
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { many_avx2(sum, updates) };
+            }
+        }
+        many_portable(sum, updates)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+    fn many_avx512(sum: &mut [i64], updates: &[(&[f32], f64)]) {
+        many_portable(sum, updates)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn fast_avx2(sum: &mut [i64], values: &[f32], scale: f64) {
-        fast_portable(sum, values, scale)
+    fn many_avx2(sum: &mut [i64], updates: &[(&[f32], f64)]) {
+        many_portable(sum, updates)
+    }
+
+    #[inline(always)]
+    fn many_portable(sum: &mut [i64], updates: &[(&[f32], f64)]) {
+        if let [(values, scale)] = updates {
+            return fast_portable(sum, values, *scale);
+        }
+        for (t, tile) in sum.chunks_mut(TILE).enumerate() {
+            let at = t * TILE;
+            for (values, scale) in updates {
+                fast_portable(tile, &values[at..at + tile.len()], *scale);
+            }
+        }
     }
 
     #[inline(always)]
@@ -140,27 +185,61 @@ impl FedAvgAccumulator {
         num_samples: u64,
         values_of: impl Fn(&str) -> Cow<'a, [f32]>,
     ) -> Result<(), AggregateError> {
-        check_sample_count(num_samples)?;
-        if self.total_samples + num_samples > MAX_ROUND_SAMPLES {
-            return Err(AggregateError::RoundSampleLimit(self.total_samples, num_samples));
-        }
-        let scale = num_samples as f64 * f64::from(FRACTION_BITS).exp2();
+        let [result] = self
+            .add_many(&[num_samples], |_, name| values_of(name))
+            .try_into()
+            .expect("one result per update");
+        result
+    }
+
+    /// Folds a batch of updates in one pass over the sums (see [`fold::many`]): update `i` claims
+    /// `num_samples[i]` and has the values `values_of(i, name)`. Each update is taken or refused
+    /// as [`FedAvgAccumulator::add`] would in that order (a refused one changes nothing), and the
+    /// sums equal those of adding the taken ones one by one.
+    pub fn add_many<'a>(
+        &mut self,
+        num_samples: &[u64],
+        values_of: impl Fn(usize, &str) -> Cow<'a, [f32]>,
+    ) -> Vec<Result<(), AggregateError>> {
+        let mut total = self.total_samples;
+        let results: Vec<_> = num_samples
+            .iter()
+            .map(|&n| {
+                check_sample_count(n)?;
+                if total + n > MAX_ROUND_SAMPLES {
+                    return Err(AggregateError::RoundSampleLimit(total, n));
+                }
+                total += n;
+                Ok(())
+            })
+            .collect();
+        let taken: Vec<(usize, f64)> = (num_samples.iter().zip(&results).enumerate())
+            .filter(|(_, (_, r))| r.is_ok())
+            .map(|(i, (&n, _))| (i, n as f64 * f64::from(FRACTION_BITS).exp2()))
+            .collect();
         for (name, sum) in &mut self.sums {
-            let values = values_of(name);
-            assert_eq!(
-                values.len(),
-                sum.len(),
-                "tensor `{name}` has the accumulator's length"
-            );
-            if num_samples <= FAST_FOLD_MAX_SAMPLES {
-                fold::fast(sum, &values, scale);
-            } else {
-                fold::exact(sum, &values, scale);
+            let values: Vec<(Cow<'a, [f32]>, f64)> = taken
+                .iter()
+                .map(|&(i, scale)| (values_of(i, name), scale))
+                .collect();
+            let mut batch = Vec::with_capacity(values.len());
+            for ((values, scale), &(i, _)) in values.iter().zip(&taken) {
+                assert_eq!(
+                    values.len(),
+                    sum.len(),
+                    "tensor `{name}` has the accumulator's length"
+                );
+                if num_samples[i] <= FAST_FOLD_MAX_SAMPLES {
+                    batch.push((&values[..], *scale));
+                } else {
+                    fold::exact(sum, values, *scale);
+                }
             }
+            fold::many(sum, &batch);
         }
-        self.total_samples += num_samples;
-        self.updates += 1;
-        Ok(())
+        self.total_samples = total;
+        self.updates += taken.len() as u64;
+        results
     }
 
     pub fn total_samples(&self) -> u64 {
@@ -442,7 +521,75 @@ mod tests {
         }
     }
 
+    /// Two tensors longer than a tile, values spread over the whole accepted range.
+    fn spread(seed: u32, len: usize) -> NamedTensors {
+        let value = |i: usize| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
+            (x % 25_601) as f32 / 100.0 - 128.0
+        };
+        let mut m = BTreeMap::new();
+        for (name, n) in [("a", len), ("b", len / 3 + 1)] {
+            let data = (0..n).map(value).collect();
+            m.insert(name.to_string(), Tensor { shape: vec![n], data });
+        }
+        NamedTensors(m)
+    }
+
+    #[test]
+    fn a_batch_sums_like_updates_added_one_by_one() {
+        let updates: Vec<NamedTensors> = (0..7).map(|k| spread(k, 3 * 2048 + 5)).collect();
+        // Counts on both sides of the fast kernel's limit, one refused, one past the round's limit.
+        let counts = [
+            3,
+            FAST_FOLD_MAX_SAMPLES,
+            0,
+            FAST_FOLD_MAX_SAMPLES + 1,
+            MAX_UPDATE_SAMPLES,
+            1,
+            7,
+        ];
+        let specs = updates[0].specs();
+        let mut batched = FedAvgAccumulator::new(&specs);
+        batched.total_samples = MAX_ROUND_SAMPLES - MAX_UPDATE_SAMPLES - FAST_FOLD_MAX_SAMPLES - 20;
+        let mut single = batched.clone();
+        let results = batched.add_many(&counts, |i, name| Cow::Borrowed(&updates[i].0[name].data));
+        let one_by_one: Vec<_> = counts
+            .iter()
+            .zip(&updates)
+            .map(|(&n, u)| single.add(n, u))
+            .collect();
+        assert_eq!(results, one_by_one);
+        assert!(results[2].is_err() && results[4].is_err(), "{results:?}");
+        assert_eq!(batched, single);
+        assert_eq!(batched.updates(), 5);
+    }
+
     proptest::proptest! {
+        /// Any batch, in any split, sums to the same bits as one update at a time.
+        #[test]
+        fn batches_of_any_size_give_the_same_bits(
+            counts in proptest::collection::vec(1u64..=FAST_FOLD_MAX_SAMPLES, 1..12),
+            len in 1usize..5000,
+            split in 0usize..12,
+        ) {
+            let updates: Vec<NamedTensors> = (0..counts.len()).map(|k| spread(k as u32, len)).collect();
+            let mut single = FedAvgAccumulator::new(&updates[0].specs());
+            let mut batched = single.clone();
+            for (n, u) in counts.iter().zip(&updates) {
+                single.add(*n, u).unwrap();
+            }
+            let split = split.min(counts.len());
+            for range in [0..split, split..counts.len()] {
+                let results = batched.add_many(&counts[range.clone()], |i, name| {
+                    Cow::Borrowed(&updates[range.start + i].0[name].data)
+                });
+                proptest::prop_assert!(results.iter().all(Result::is_ok));
+            }
+            proptest::prop_assert_eq!(batched, single);
+        }
+
         #[test]
         fn fast_fold_matches_the_reference(
             values in proptest::collection::vec(-DELTA_LIMIT..=DELTA_LIMIT, 1..300),

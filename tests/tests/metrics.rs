@@ -177,6 +177,8 @@ async fn metrics_count_the_federation(backend: Backend) {
     );
     assert_eq!(sample(&text, "fedhive_group_commit_updates_count"), 4.0);
     assert_eq!(sample(&text, "fedhive_group_commit_updates_sum"), 4.0);
+    assert_eq!(sample(&text, "fedhive_group_fold_updates_count"), 4.0);
+    assert_eq!(sample(&text, "fedhive_group_fold_updates_sum"), 4.0);
     assert_eq!(storage("database", "finish_round"), 2.0);
     assert!(
         storage("blobs", "put") >= 4.0,

@@ -65,28 +65,29 @@ pub enum Sums {
 
 impl Sums {
     pub fn add(&mut self, num_samples: u64, update: &Update) -> Result<(), AggregateError> {
-        match (self, update) {
-            (Sums::Dense(acc), Update::Dense { body, layout }) => acc.add_with(num_samples, |name| {
-                layout
-                    .values(body, name)
-                    .expect("the layout was checked against the accumulator's specs")
-            }),
-            (Sums::Dense(acc), Update::Int8 { body, layout }) => acc.add_with(num_samples, |name| {
-                Cow::Owned(
-                    layout
-                        .values(body, name)
-                        .expect("the layout was checked against the accumulator's specs"),
-                )
-            }),
-            (Sums::Dense(acc), Update::TopK(update)) => acc.add_with(num_samples, |name| {
-                Cow::Owned(
-                    update
-                        .values(name)
-                        .expect("the update was checked against the accumulator's specs"),
-                )
-            }),
-            (Sums::Sparse(acc), Update::Sparse(s)) => acc.add(num_samples, s),
-            _ => unreachable!("a strategy builds its sums and its updates from the same config"),
+        let [result] = self
+            .add_many(&[(num_samples, update)])
+            .try_into()
+            .expect("one result per update");
+        result
+    }
+
+    /// Folds a batch of updates, each with its sample count; dense sums take the batch in one pass
+    /// ([`FedAvgAccumulator::add_many`]). One result per update, as [`Sums::add`] would give in
+    /// that order; a refused update changes nothing.
+    pub fn add_many(&mut self, updates: &[(u64, &Update)]) -> Vec<Result<(), AggregateError>> {
+        match self {
+            Sums::Dense(acc) => {
+                let counts: Vec<u64> = updates.iter().map(|(n, _)| *n).collect();
+                acc.add_many(&counts, |i, name| dense_values(updates[i].1, name))
+            }
+            Sums::Sparse(acc) => updates
+                .iter()
+                .map(|(n, update)| match update {
+                    Update::Sparse(s) => acc.add(*n, s),
+                    _ => unreachable!("a strategy builds its sums and its updates from the same config"),
+                })
+                .collect(),
         }
     }
 
@@ -104,6 +105,27 @@ impl Sums {
             Sums::Dense(acc) => acc.merge_bytes(bytes),
             Sums::Sparse(acc) => acc.merge_bytes(bytes),
         }
+    }
+}
+
+/// The values of tensor `name` of a dense-summed update: read in place from a dense body, read
+/// back from an int8 one, spread out from a top-k one.
+fn dense_values<'a>(update: &'a Update, name: &str) -> Cow<'a, [f32]> {
+    match update {
+        Update::Dense { body, layout } => layout
+            .values(body, name)
+            .expect("the layout was checked against the accumulator's specs"),
+        Update::Int8 { body, layout } => Cow::Owned(
+            layout
+                .values(body, name)
+                .expect("the layout was checked against the accumulator's specs"),
+        ),
+        Update::TopK(update) => Cow::Owned(
+            update
+                .values(name)
+                .expect("the update was checked against the accumulator's specs"),
+        ),
+        Update::Sparse(_) => unreachable!("a strategy builds its sums and its updates from the same config"),
     }
 }
 
