@@ -2,10 +2,11 @@
 //! at a time and eight per pass, next to a plain copy of the same bytes measured in the same run.
 //!
 //! `cargo bench --manifest-path benches/Cargo.toml --bench aggregation` prints criterion's figures
-//! and then, per size, one line `aggregation <n> params: fold X GB/s, fold 8 per pass Z GB/s, memcpy
-//! Y GB/s, fold/memcpy = R, fold 8 per pass/memcpy = S` (bytes are the updates' f32 bytes, 4 per
-//! parameter). One fold reads the 4-byte value and reads and writes the 8-byte sum, 20 bytes per
-//! parameter where the copy moves 8 (12 with write-allocate); eight per pass move 4 + 16 / 8.
+//! and then, per size, one line `aggregation <n> params: fold X GB/s, memcpy Y GB/s, fold/memcpy = R;
+//! fold 8 per pass Z GB/s, memcpy of the 8 W GB/s, fold 8 per pass/memcpy = S` (bytes are the
+//! updates' f32 bytes, 4 per parameter; each ratio against a copy of the same bytes). One fold
+//! reads the 4-byte value and reads and writes the 8-byte sum, 20 bytes per parameter where the
+//! copy moves 8 (12 with write-allocate); eight per pass move 4 + 16 / 8.
 
 use std::{
     borrow::Cow,
@@ -108,20 +109,41 @@ fn aggregation(c: &mut Criterion) {
                 elapsed
             })
         });
+
+        // The batch's own bytes copied, update by update: at 10M parameters the eight updates
+        // (320 MB) come from DRAM where one update's copy above may stay in a large cache.
+        let copy_batch = Mean::default();
+        group.throughput(Throughput::Bytes((bytes * BATCH) as u64));
+        group.bench_function("memcpy of 8", |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for update in &batch {
+                        dst.copy_from_slice(black_box(&update.0["w"].data));
+                        black_box(&mut dst);
+                    }
+                }
+                let elapsed = start.elapsed();
+                copy_batch.add(elapsed, iters);
+                elapsed
+            })
+        });
         group.finish();
-        let (f, fb, m) = (
+        let (f, fb, m, mb) = (
             fold.bytes_per_sec(bytes),
             fold_batch.bytes_per_sec(bytes * BATCH),
             copy.bytes_per_sec(bytes),
+            copy_batch.bytes_per_sec(bytes * BATCH),
         );
         ratios.push(format!(
-            "aggregation {n} params: fold {:.2} GB/s, fold {BATCH} per pass {:.2} GB/s, memcpy {:.2} GB/s, \
-             fold/memcpy = {:.2}, fold {BATCH} per pass/memcpy = {:.2}",
+            "aggregation {n} params: fold {:.2} GB/s, memcpy {:.2} GB/s, fold/memcpy = {:.2}; \
+             fold {BATCH} per pass {:.2} GB/s, memcpy of the {BATCH} {:.2} GB/s, fold {BATCH} per pass/memcpy = {:.2}",
             f / 1e9,
-            fb / 1e9,
             m / 1e9,
             f / m,
-            fb / m
+            fb / 1e9,
+            mb / 1e9,
+            fb / mb
         ));
     }
     for line in ratios {
