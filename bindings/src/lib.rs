@@ -253,6 +253,7 @@ pub fn create_builtin_task(
             max_local_steps: 0,
             batch_size: 32,
             learning_rate: 0.1,
+            learning_rate_schedule: None,
         },
         devices_per_round,
         min_devices_per_round: devices_per_round,

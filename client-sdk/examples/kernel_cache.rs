@@ -49,6 +49,7 @@ fn measure(model: ModelKind, cache: &std::path::Path) -> anyhow::Result<Measurem
         max_local_steps: 0,
         batch_size: BATCH,
         learning_rate: 0.05,
+        learning_rate_schedule: None,
     };
     let start = Instant::now();
     let device = Backend::Wgpu.device()?;

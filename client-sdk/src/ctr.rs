@@ -406,6 +406,7 @@ mod tests {
             max_local_steps: 0,
             batch_size: 20,
             learning_rate: 0.5,
+            learning_rate_schedule: None,
         };
         let update = train_local_sparse(&device, &sub, &data, &params, 1).unwrap();
         assert_eq!(update.delta.tables[TABLE].ids, ids);

@@ -336,6 +336,7 @@ mod tests {
             max_local_steps: 0,
             batch_size: 16,
             learning_rate: lr,
+            learning_rate_schedule: None,
         }
     }
 

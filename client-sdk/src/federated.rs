@@ -155,6 +155,7 @@ mod tests {
             max_local_steps: 0,
             batch_size: 16,
             learning_rate: 0.1,
+            learning_rate_schedule: None,
         }
     }
 

@@ -85,6 +85,7 @@ mod tests {
                 max_local_steps: 0,
                 batch_size: 8,
                 learning_rate: 0.05,
+                learning_rate_schedule: None,
             },
             upload_token: "x".into(),
             deadline_unix: 0,

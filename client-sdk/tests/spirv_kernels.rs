@@ -58,6 +58,7 @@ fn model_kernels_are_valid_spirv_and_train() {
             max_local_steps: 8,
             batch_size: 32,
             learning_rate: 0.1,
+            learning_rate_schedule: None,
         };
         let before = evaluate(kind, &device, &global, &local).unwrap();
         let update = train_local(kind, &device, &global, &local, &params, 0).unwrap();

@@ -77,6 +77,7 @@ fn mlp_learns_in_one_local_epoch() {
         max_local_steps: 0,
         batch_size: 32,
         learning_rate: 0.2,
+        learning_rate_schedule: None,
     };
 
     let start = Instant::now();
@@ -129,6 +130,7 @@ fn cnn_loss_decreases_in_a_few_steps() {
         max_local_steps: 40,
         batch_size: 32,
         learning_rate: 0.1,
+        learning_rate_schedule: None,
     };
     let before = evaluate(ModelKind::Cnn, &device, &global, &local).unwrap();
     let update = train_local(ModelKind::Cnn, &device, &global, &local, &params, 3).unwrap();
@@ -153,6 +155,7 @@ fn max_local_steps_caps_training() {
             max_local_steps,
             batch_size: 32,
             learning_rate: 0.1,
+            learning_rate_schedule: None,
         };
         train_local(ModelKind::Mlp, &device, &global, &local, &params, 1).unwrap()
     };
@@ -173,6 +176,7 @@ fn bad_inputs_are_errors() {
         max_local_steps: 0,
         batch_size: 32,
         learning_rate: 0.1,
+        learning_rate_schedule: None,
     };
     let empty = Dataset::default();
     assert_eq!(
@@ -207,6 +211,7 @@ fn reported_loss_is_the_per_sample_mean() {
         max_local_steps: 0,
         batch_size: 32,
         learning_rate: 1e-9,
+        learning_rate_schedule: None,
     };
     let update = train_local(ModelKind::Mlp, &device, &global, &local, &params, 0).unwrap();
     let eval = evaluate(ModelKind::Mlp, &device, &global, &local).unwrap();
@@ -232,6 +237,7 @@ fn mc_reports_the_losses_of_the_trained_models() {
         max_local_steps: 0,
         batch_size: 32,
         learning_rate: 0.1,
+        learning_rate_schedule: None,
     };
     let start = McStart {
         x: &x,

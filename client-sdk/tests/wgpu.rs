@@ -28,6 +28,7 @@ fn mlp_trains_on_wgpu() {
         max_local_steps: 20,
         batch_size: 32,
         learning_rate: 0.1,
+        learning_rate_schedule: None,
     };
 
     let before = evaluate(ModelKind::Mlp, &device, &global, &local).unwrap();

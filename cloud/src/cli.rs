@@ -182,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_local_steps: 0,
         batch_size: cli.batch_size,
         learning_rate,
+        learning_rate_schedule: None,
     };
     let head_tuning = if cli.tuning_samples == 0 {
         None

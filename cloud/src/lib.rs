@@ -419,6 +419,7 @@ mod tests {
             max_local_steps,
             batch_size: 32,
             learning_rate: 0.05,
+            learning_rate_schedule: None,
         };
         let steps = |task_steps, cap| co_model_params(&task(task_steps), cap).max_local_steps;
         // 0 is "no cap" in the task's parameters: one epoch of the cloud's data.

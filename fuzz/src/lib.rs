@@ -45,6 +45,7 @@ fn task(strategy: StrategyConfig) -> TaskConfig {
             max_local_steps: 0,
             batch_size: 8,
             learning_rate: 0.1,
+            learning_rate_schedule: None,
         },
         devices_per_round: 2,
         min_devices_per_round: 1,

@@ -52,6 +52,7 @@ pub fn task_config(shape: &TaskShape) -> TaskConfig {
             max_local_steps: 0,
             batch_size: 32,
             learning_rate: 0.05,
+            learning_rate_schedule: None,
         },
         devices_per_round: shape.devices_per_round,
         min_devices_per_round: shape.min_devices_per_round,

@@ -166,6 +166,7 @@ fn main() {
                 max_local_steps: 0,
                 batch_size: 1,
                 learning_rate: 0.1,
+                learning_rate_schedule: None,
             },
             devices_per_round: 10,
             min_devices_per_round: 1,

@@ -317,6 +317,9 @@ fn validate_config(strategy: &dyn Strategy, c: &TaskConfig) -> Result<(), ApiErr
     if t.local_epochs == 0 && t.max_local_steps == 0 {
         return bad("`training` needs local_epochs >= 1 or max_local_steps >= 1".into());
     }
+    if let Some(problem) = t.learning_rate_schedule.as_ref().and_then(|s| s.problem()) {
+        return bad(format!("`training.learning_rate_schedule`: {problem}"));
+    }
     Ok(())
 }
 
@@ -1285,10 +1288,13 @@ impl Coordinator {
     }
 
     /// Runs [`Coordinator::tick`]'s two halves forever at `every`, apart: a finalisation waiting
-    /// for other replicas' sums does not hold up this replica's own hand-over.
+    /// for other replicas' sums does not hold up this replica's own hand-over. The halves are
+    /// tasks of a set this future owns, so aborting it stops both (a detached half outlived an
+    /// embedded server's shutdown and met its closed database every tick).
     pub async fn run_ticker(self: Arc<Self>, every: Duration) {
+        let mut halves = tokio::task::JoinSet::new();
         let in_touch = self.clone();
-        tokio::spawn(async move {
+        halves.spawn(async move {
             every_tick(
                 every,
                 || in_touch.keep_in_touch(),
@@ -1296,11 +1302,20 @@ impl Coordinator {
             )
             .await
         });
-        every_tick(every, || self.finalize_due(), "round ticker failed; retrying").await
+        halves.spawn(async move {
+            every_tick(every, || self.finalize_due(), "round ticker failed; retrying").await
+        });
+        // Neither half returns; a panic in either ends the ticker's task with that panic.
+        while let Some(ended) = halves.join_next().await {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
     }
 }
 
-/// Runs `step` forever at `every`, logging its failures.
 async fn every_tick<F, Fut>(every: Duration, step: F, failed: &'static str)
 where
     F: Fn() -> Fut,

@@ -341,6 +341,7 @@ fn task(form: SubAvgForm, k: u32) -> TaskConfig {
             max_local_steps: 0,
             batch_size: 8,
             learning_rate: 0.1,
+            learning_rate_schedule: None,
         },
         devices_per_round: k,
         min_devices_per_round: k,

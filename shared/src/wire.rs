@@ -335,6 +335,64 @@ pub struct TrainingParams {
     pub max_local_steps: u32,
     pub batch_size: u32,
     pub learning_rate: f32,
+    /// How the server lowers `learning_rate` as the task's rounds commit (none: constant). The
+    /// server applies it: a round's assignment carries that round's rate and no schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate_schedule: Option<LearningRateSchedule>,
+}
+
+/// A learning-rate schedule over a task's committed rounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum LearningRateSchedule {
+    /// Step decay (PyTorch's `MultiStepLR`): the rate is multiplied by `factor` (0 < factor <= 1)
+    /// once for each milestone reached, a milestone being a count of committed rounds, in
+    /// increasing order. `{"kind": "step", "milestones": [30], "factor": 0.2}` trains rounds 0-29 at
+    /// the full rate and the rest at a fifth of it, as the DC-CCL authors halve theirs for the last
+    /// rounds.
+    Step { milestones: Vec<u32>, factor: f32 },
+}
+
+impl LearningRateSchedule {
+    /// Why the schedule cannot be used, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            LearningRateSchedule::Step { milestones, factor } => {
+                if !(factor.is_finite() && *factor > 0.0 && *factor <= 1.0) {
+                    return Some(format!("`factor` must be in (0, 1], got {factor}"));
+                }
+                if milestones.is_empty() || milestones.windows(2).any(|w| w[0] >= w[1]) {
+                    return Some(format!(
+                        "`milestones` must be increasing and not empty, got {milestones:?}"
+                    ));
+                }
+                None
+            }
+        }
+    }
+}
+
+impl TrainingParams {
+    /// The parameters of a round trained after `committed_rounds` commits: the schedule's rate for
+    /// that round, and no schedule (what a device is sent).
+    pub fn for_round(&self, committed_rounds: u64) -> TrainingParams {
+        let learning_rate = match &self.learning_rate_schedule {
+            None => self.learning_rate,
+            Some(LearningRateSchedule::Step { milestones, factor }) => {
+                let reached = milestones
+                    .iter()
+                    .filter(|&&m| u64::from(m) <= committed_rounds)
+                    .count();
+                self.learning_rate * factor.powi(reached as i32)
+            }
+        };
+        TrainingParams {
+            learning_rate,
+            learning_rate_schedule: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// What an operator sends to create a task (the initial weights travel beside it as safetensors).
@@ -368,6 +426,10 @@ pub struct TaskConfig {
 }
 
 /// Answer to a check-in: train now, come back later, or stop.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "an answer lives for one request; boxing the assignment would change every match on it"
+)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -772,6 +834,54 @@ pub struct AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_schedule_multiplies_the_rate_at_each_milestone_reached() {
+        let params = TrainingParams {
+            local_epochs: 1,
+            max_local_steps: 0,
+            batch_size: 32,
+            learning_rate: 0.05,
+            learning_rate_schedule: Some(LearningRateSchedule::Step {
+                milestones: vec![30, 35],
+                factor: 0.2,
+            }),
+        };
+        let rate = |round| params.for_round(round).learning_rate;
+        assert_eq!((rate(0), rate(29)), (0.05, 0.05));
+        assert_eq!((rate(30), rate(34)), (0.05 * 0.2, 0.05 * 0.2));
+        assert_eq!((rate(35), rate(1000)), (0.05 * 0.2 * 0.2, 0.05 * 0.2 * 0.2));
+        assert_eq!(params.for_round(31).learning_rate_schedule, None);
+        let constant = TrainingParams {
+            learning_rate_schedule: None,
+            ..params.clone()
+        };
+        assert_eq!(constant.for_round(50), constant);
+        // JSON: absent when constant (older devices and servers read the same body), tagged by kind.
+        assert!(!serde_json::to_string(&constant).unwrap().contains("schedule"));
+        let json = serde_json::to_value(&params).unwrap();
+        assert_eq!(
+            json["learning_rate_schedule"],
+            serde_json::json!({"kind": "step", "milestones": [30, 35], "factor": 0.2f32})
+        );
+        assert_eq!(serde_json::from_value::<TrainingParams>(json).unwrap(), params);
+    }
+
+    #[test]
+    fn schedules_that_cannot_apply_name_their_problem() {
+        let step = |milestones: Vec<u32>, factor| LearningRateSchedule::Step { milestones, factor };
+        assert_eq!(step(vec![1, 5], 0.5).problem(), None);
+        assert_eq!(step(vec![3], 1.0).problem(), None);
+        for (bad, named) in [
+            (step(vec![5, 5], 0.5), "milestones"),
+            (step(vec![], 0.5), "milestones"),
+            (step(vec![1], 0.0), "factor"),
+            (step(vec![1], -0.5), "factor"),
+            (step(vec![1], f32::INFINITY), "factor"),
+        ] {
+            assert!(bad.problem().is_some_and(|p| p.contains(named)), "{bad:?}");
+        }
+    }
 
     #[test]
     fn strategy_names_are_the_config_tags() {

@@ -357,6 +357,7 @@ async fn run_arm(
             max_local_steps: 0,
             batch_size: options.fit_batch_size as u32,
             learning_rate: options.fit_learning_rate,
+            learning_rate_schedule: None,
         },
         devices_per_round: 1,
         min_devices_per_round: 1,

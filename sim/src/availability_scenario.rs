@@ -312,6 +312,7 @@ async fn run_one(
             max_local_steps: options.local_steps,
             batch_size: options.batch_size,
             learning_rate: options.learning_rate,
+            learning_rate_schedule: None,
         },
         devices_per_round: k,
         min_devices_per_round: 1,

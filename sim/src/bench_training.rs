@@ -105,6 +105,7 @@ pub fn run_once(options: &OnceOptions) -> anyhow::Result<TrainingThroughput> {
         max_local_steps: 0,
         batch_size: round.batch_size,
         learning_rate: 0.05,
+        learning_rate_schedule: None,
     };
     let start = Instant::now();
     let device = backend.device().context("starting the backend")?;

@@ -377,6 +377,7 @@ async fn run_federation(
             max_local_steps: 0,
             batch_size: options.batch_size,
             learning_rate: options.learning_rate,
+            learning_rate_schedule: None,
         },
         devices_per_round: options.devices_per_round,
         min_devices_per_round: options.devices_per_round.div_ceil(2),

@@ -37,7 +37,7 @@ use fedhive_client::{
 use fedhive_cloud::{HeadTuning, Worker, WorkerOptions};
 use fedhive_shared::{
     NamedTensors,
-    wire::{StrategyConfig, TaskConfig, TrainingParams, WithoutCloud},
+    wire::{LearningRateSchedule, StrategyConfig, TaskConfig, TrainingParams, WithoutCloud},
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -94,6 +94,13 @@ pub struct DcCclOptions {
     pub batch_size: u32,
     #[arg(long, default_value_t = 0.05)]
     pub learning_rate: f32,
+    /// The federated tasks' learning rate is multiplied by this once `--learning-rate-decay-at`
+    /// of their rounds have committed (a step schedule; 1: constant).
+    #[arg(long, default_value_t = 0.2)]
+    pub learning_rate_decay: f32,
+    /// Fraction of the rounds after which the rate drops.
+    #[arg(long, default_value_t = 0.75)]
+    pub learning_rate_decay_at: f32,
     #[arg(long, env = "FEDHIVE_BACKEND", default_value = "flex")]
     pub backend: String,
     /// Server database (default: SQLite in a temporary directory).
@@ -176,6 +183,10 @@ pub struct DcCclReport {
     pub cloud_model: String,
     pub small_model: String,
     pub backend: String,
+    pub learning_rate: f32,
+    /// The federated tasks' step schedule (`--learning-rate-decay`, `--learning-rate-decay-at`).
+    pub learning_rate_decay: f32,
+    pub learning_rate_decay_at: f32,
 }
 
 /// The three test sets.
@@ -282,6 +293,9 @@ pub async fn run_dc_ccl(options: &DcCclOptions, show_progress: bool) -> anyhow::
         cloud_model: options.cloud_model.clone(),
         small_model: options.small_model.clone(),
         backend: options.backend.clone(),
+        learning_rate: options.learning_rate,
+        learning_rate_decay: options.learning_rate_decay,
+        learning_rate_decay_at: options.learning_rate_decay_at,
     })
 }
 
@@ -322,12 +336,24 @@ async fn run_seed(
         max_local_steps: 0,
         batch_size: options.batch_size,
         learning_rate: options.learning_rate,
+        learning_rate_schedule: None,
+    };
+    // The federated tasks (DC-CCL's and the device-only one) lower the rate for their last rounds.
+    let decay_at = (options.rounds as f32 * options.learning_rate_decay_at).round() as u32;
+    let round_training = TrainingParams {
+        learning_rate_schedule: (options.learning_rate_decay < 1.0 && decay_at > 0).then(|| {
+            LearningRateSchedule::Step {
+                milestones: vec![decay_at],
+                factor: options.learning_rate_decay,
+            }
+        }),
+        ..training.clone()
     };
     let task_config = |strategy| TaskConfig {
         model: small_kind.name().to_string(),
         tensors: tensor_specs(small_kind),
         strategy,
-        training: training.clone(),
+        training: round_training.clone(),
         devices_per_round: options.devices_per_round,
         min_devices_per_round: options.devices_per_round.div_ceil(2),
         over_selection: 1.3,

@@ -116,6 +116,7 @@ pub fn fedavg_task(
             max_local_steps: 0,
             batch_size,
             learning_rate,
+            learning_rate_schedule: None,
         },
         devices_per_round,
         min_devices_per_round: devices_per_round.div_ceil(2),

@@ -381,6 +381,7 @@ async fn run_rule(setup: &Setup<'_>, strategy: StrategyConfig) -> anyhow::Result
             max_local_steps: 0,
             batch_size: o.batch_size,
             learning_rate: o.learning_rate,
+            learning_rate_schedule: None,
         },
         devices_per_round: o.devices_per_round,
         min_devices_per_round: o.devices_per_round,

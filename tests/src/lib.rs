@@ -614,6 +614,7 @@ pub fn small_task(k: u32, min: u32, rounds: u32, deadline_secs: u64) -> TaskConf
             max_local_steps: 0,
             batch_size: 8,
             learning_rate: 0.1,
+            learning_rate_schedule: None,
         },
         devices_per_round: k,
         min_devices_per_round: min,

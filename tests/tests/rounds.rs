@@ -8,7 +8,7 @@ use fedhive_e2e::{
 };
 use fedhive_shared::{
     NamedTensors,
-    wire::{CheckinResponse, MetricsReport, RoundState, TaskState},
+    wire::{CheckinResponse, LearningRateSchedule, MetricsReport, RoundState, TaskState},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -20,6 +20,7 @@ on_both_databases!(
     upload_in_flight_is_refused_until_done,
     late_upload_after_commit_is_refused,
     deadline_commits_with_minimum_or_abandons,
+    a_step_schedule_lowers_the_rate_devices_are_given,
 );
 
 fn filled(v: f32) -> Bytes {
@@ -298,4 +299,58 @@ async fn deadline_commits_with_minimum_or_abandons(backend: Backend) {
         (rounds[1].state.clone(), rounds[1].accepted),
         (RoundState::Committed, 2)
     );
+}
+
+/// `training.learning_rate_schedule`: each round's assignment carries that round's rate (and no
+/// schedule); a schedule that cannot be applied is refused at task creation, naming the field.
+async fn a_step_schedule_lowers_the_rate_devices_are_given(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(backend).await.unwrap();
+    let server = ServerProcess::start(dir.path(), &db).await.unwrap();
+    let client = server.client();
+    let step = |milestones: Vec<u32>, factor: f32| {
+        let mut config = small_task(1, 1, 4, 60);
+        config.training.learning_rate = 0.5;
+        config.training.learning_rate_schedule = Some(LearningRateSchedule::Step { milestones, factor });
+        config
+    };
+    for (milestones, factor, named) in [
+        (vec![2, 1], 0.5, "milestones"),
+        (vec![], 0.5, "milestones"),
+        (vec![1], 0.0, "factor"),
+        (vec![1], 1.5, "factor"),
+    ] {
+        let refused = client
+            .create_task(&step(milestones.clone(), factor), filled(0.0).to_vec())
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), Some("invalid_config"), "{refused}");
+        let text = refused.to_string();
+        assert!(
+            text.contains("training.learning_rate_schedule") && text.contains(named),
+            "{milestones:?} x {factor}: {text}"
+        );
+    }
+
+    let task = client
+        .create_task(&step(vec![1, 3], 0.5), filled(0.0).to_vec())
+        .await
+        .unwrap()
+        .task_id;
+    let mut rates = Vec::new();
+    for version in 0..4 {
+        let a = assign(&client, &task).await;
+        assert_eq!(a.model_version, version);
+        assert_eq!(
+            a.training.learning_rate_schedule, None,
+            "devices get the rate, not the schedule"
+        );
+        rates.push(a.training.learning_rate);
+        client
+            .upload_update(&a.upload_token, 1, filled(0.0))
+            .await
+            .unwrap();
+        wait_for_version(&client, &task, version + 1, LONG).await;
+    }
+    assert_eq!(rates, vec![0.5, 0.25, 0.25, 0.125]);
 }

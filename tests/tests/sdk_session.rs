@@ -615,6 +615,7 @@ async fn an_apps_own_model_with_a_sparse_table_joins_a_fedsubavg_task(backend: B
             max_local_steps: 0,
             batch_size: 16,
             learning_rate: 0.5,
+            learning_rate_schedule: None,
         },
         require_enrolled_device: true,
         ..task_config(&initial, 2, 3)

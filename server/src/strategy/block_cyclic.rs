@@ -280,7 +280,14 @@ impl BlockCyclic {
                     .await?;
                 (
                     Some(last.map_or(0, |r| r.round_id)),
-                    Some(chain_learning_rate.unwrap_or(task.config.training.learning_rate)),
+                    Some(
+                        chain_learning_rate.unwrap_or(
+                            task.config
+                                .training
+                                .for_round(round.base_version.max(0) as u64)
+                                .learning_rate,
+                        ),
+                    ),
                 )
             }
             _ => (None, None),

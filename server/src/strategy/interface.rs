@@ -207,7 +207,7 @@ pub fn assignment(
         round_id: round.id,
         model_version: round.base_version,
         model: task.config.model.clone(),
-        training: task.config.training.clone(),
+        training: task.config.training.for_round(round.base_version.max(0) as u64),
         upload_token: token,
         deadline_unix: round.deadline_ms / 1000,
         upload: parts.upload,

@@ -103,7 +103,13 @@ impl DcCcl {
             model_version: task.model_version,
             model: task.config.model.clone(),
             control_model: params(&task.config).2.to_string(),
-            training: task.config.training.clone(),
+            // The rate of the round in progress (or of the next one), as its devices are told.
+            training: task.config.training.for_round(
+                round
+                    .as_ref()
+                    .map_or(task.model_version, |r| r.base_version)
+                    .max(0) as u64,
+            ),
             round: round.as_ref().map(RoundRow::info),
             cloud_submitted,
             control_version,

@@ -140,7 +140,12 @@ impl FedLaAvg {
             unreachable!("the registry hands FedLaAvg its own tasks");
         };
         let specs = task.config.tensors.clone();
-        let gamma = task.config.training.learning_rate;
+        // The rate the round's devices were given (the task's schedule applied).
+        let gamma = task
+            .config
+            .training
+            .for_round(round.base_version.max(0) as u64)
+            .learning_rate;
         let population = match store.db.fedlaavg_selection(round.id).await? {
             Some(s) => s.population,
             None => store.db.fedlaavg_population(&task.id).await?,
