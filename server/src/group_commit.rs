@@ -40,8 +40,10 @@ struct Queue {
     committing: bool,
 }
 
-/// The commit task's hold on the queue: if the task panics, clears [`Queue::committing`] so that
-/// the next upload starts a new one (the panicked batch's uploads get `GroupCommitStopped`).
+/// The commit task's hold on the queue: if the task panics, fails the updates still queued (they
+/// would otherwise wait for an upload that may never come to start the next task) and clears
+/// [`Queue::committing`]; all of them, and the panicked batch's, get `GroupCommitStopped` and count
+/// only if their transaction committed (a retry then gets the stored receipt).
 struct Committing(Arc<Mutex<Queue>>);
 
 impl Drop for Committing {
@@ -49,6 +51,7 @@ impl Drop for Committing {
         if std::thread::panicking()
             && let Ok(mut queue) = self.0.lock()
         {
+            queue.waiting.clear();
             queue.committing = false;
         }
     }

@@ -20,6 +20,7 @@ use std::{
 use fedhive_shared::{fedavg::AggregateError, wire::TaskConfig};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
+use tracing::warn;
 
 use crate::{
     db::UpdateRow,
@@ -70,8 +71,10 @@ struct Queue {
     folding: bool,
 }
 
-/// The fold task's hold on the queue: if the task panics, clears [`Queue::folding`] so that the
-/// next update starts a new one (the panicked batch's uploads get an internal error).
+/// The fold task's hold on the queue: if the task panics outside a round's fold (those panics are
+/// caught), fails the updates still queued (their uploads get an internal error; the round's
+/// finaliser reads their updates from the blob store) and clears [`Queue::folding`] so that the
+/// next update starts a new task.
 struct Folding(Arc<Mutex<Queue>>);
 
 impl Drop for Folding {
@@ -79,6 +82,7 @@ impl Drop for Folding {
         if std::thread::panicking()
             && let Ok(mut queue) = self.0.lock()
         {
+            queue.waiting.clear();
             queue.folding = false;
         }
     }
@@ -137,46 +141,65 @@ fn fold_while_waiting(folding: &Folding, accumulators: &Accumulators, batch_size
             by_round.entry(waiting.0.round_id).or_default().push(waiting);
         }
         for (round_id, waiting) in by_round {
-            let entry = match all.entry(round_id) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => match waiting[0].0.strategy.new_sums(&waiting[0].0.config) {
-                    Some(acc) => e.insert(RoundAccumulator {
-                        acc,
-                        folded: BTreeSet::new(),
-                    }),
-                    None => {
-                        for (_, reply) in waiting {
-                            let _ = reply.send(Ok(()));
-                        }
-                        continue;
-                    }
-                },
-            };
-            // A token already folded (a replay that raced its first upload) is not folded again.
-            let mut fresh = Vec::with_capacity(waiting.len());
-            for (f, reply) in waiting {
-                if entry.folded.insert(f.row.token_hash.clone()) {
-                    fresh.push((f, reply));
-                } else {
-                    let _ = reply.send(Ok(()));
-                }
-            }
-            let updates: Vec<(u64, &Update)> = fresh
-                .iter()
-                .map(|(f, _)| (f.row.num_samples as u64, &f.update))
-                .collect();
-            if updates.is_empty() {
-                continue;
-            }
-            let results = entry.acc.add_many(&updates);
-            batch_sizes.observe(updates.len() as f64);
-            for ((f, reply), result) in fresh.into_iter().zip(results) {
-                if result.is_err() {
-                    entry.folded.remove(&f.row.token_hash);
-                }
-                let _ = reply.send(result);
+            let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                fold_round(&mut all, round_id, waiting, batch_sizes)
+            }));
+            if folded.is_err() {
+                // The sums may hold part of an update: dropped, so that the finaliser reads the
+                // round's updates from the blob store. The batch's uploads got an internal error
+                // (their replies went with the panic); their rows stand.
+                all.remove(&round_id);
+                warn!(round = round_id, "a fold panicked; the round's sums are dropped");
             }
         }
+    }
+}
+
+/// Folds one round's share of a batch into its sums and answers each update.
+fn fold_round(
+    all: &mut HashMap<i64, RoundAccumulator>,
+    round_id: i64,
+    waiting: Vec<(ToFold, Reply)>,
+    batch_sizes: &Histogram,
+) {
+    let entry = match all.entry(round_id) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => match waiting[0].0.strategy.new_sums(&waiting[0].0.config) {
+            Some(acc) => e.insert(RoundAccumulator {
+                acc,
+                folded: BTreeSet::new(),
+            }),
+            None => {
+                for (_, reply) in waiting {
+                    let _ = reply.send(Ok(()));
+                }
+                return;
+            }
+        },
+    };
+    // A token already folded (a replay that raced its first upload) is not folded again.
+    let mut fresh = Vec::with_capacity(waiting.len());
+    for (f, reply) in waiting {
+        if entry.folded.insert(f.row.token_hash.clone()) {
+            fresh.push((f, reply));
+        } else {
+            let _ = reply.send(Ok(()));
+        }
+    }
+    if fresh.is_empty() {
+        return;
+    }
+    let updates: Vec<(u64, &Update)> = fresh
+        .iter()
+        .map(|(f, _)| (f.row.num_samples as u64, &f.update))
+        .collect();
+    let results = entry.acc.add_many(&updates);
+    batch_sizes.observe(updates.len() as f64);
+    for ((f, reply), result) in fresh.into_iter().zip(results) {
+        if result.is_err() {
+            entry.folded.remove(&f.row.token_hash);
+        }
+        let _ = reply.send(result);
     }
 }
 
@@ -311,6 +334,31 @@ mod tests {
             "{MAX_BATCH} updates waiting together took {passes} passes"
         );
         assert_eq!(accumulators.lock().unwrap()[&1].folded.len(), MAX_BATCH);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fold_that_panics_fails_its_upload_drops_the_rounds_sums_and_folds_go_on() {
+        let accumulators = Accumulators::default();
+        let folds = GroupFold::new(
+            accumulators.clone(),
+            Histogram::new(exponential_buckets(1.0, 2.0, 4)),
+        );
+        folds.fold(to_fold(1, 0)).await.expect("folded");
+        // An update whose body lacks tensor `b` (a broken invariant: the gate checks every body
+        // against the task's tensors) panics in the middle of its fold.
+        let mut broken = to_fold(1, 1);
+        let body = bytes::Bytes::from(NamedTensors(update(1).0.into_iter().take(1).collect()).encode());
+        let layout = TensorLayout::check(&body, &update(1).specs()[..1], DELTA_LIMIT).unwrap();
+        broken.update = Update::Dense { body, layout };
+        let failed = folds.fold(broken).await;
+        assert!(matches!(failed, Err(ApiError::Internal(_))), "{failed:?}");
+        assert!(
+            !accumulators.lock().expect("not poisoned").contains_key(&1),
+            "the round's sums, which may hold part of the update, are dropped"
+        );
+        folds.fold(to_fold(1, 2)).await.expect("folds go on");
+        let all = accumulators.lock().unwrap();
+        assert_eq!(all[&1].folded, BTreeSet::from(["token-2".to_string()]));
     }
 
     fn histogram_count_and_sum(h: &Histogram) -> (u64, f64) {
