@@ -312,7 +312,7 @@ pub(crate) async fn read_body(
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
     let mut buf = Vec::with_capacity(declared_length(headers, limit)?);
-    read_body_into(&mut buf, body, limit, timeout, |_| {}).await?;
+    read_body_into(body, limit, timeout, |chunk| buf.extend_from_slice(chunk)).await?;
     Ok(Bytes::from(buf))
 }
 
@@ -328,7 +328,11 @@ pub(crate) async fn read_body_hashed(
 ) -> Result<HashedBody, ApiError> {
     let mut buf = buffers.take(declared_length(headers, limit)?);
     let mut hasher = Sha256::new();
-    read_body_into(buf.vec_mut(), body, limit, timeout, |chunk| hasher.update(chunk)).await?;
+    read_body_into(body, limit, timeout, |chunk| {
+        hasher.update(chunk);
+        buf.extend_from_slice(chunk);
+    })
+    .await?;
     Ok(HashedBody {
         bytes: buf.freeze(),
         sha256: hex::encode(hasher.finalize()),
@@ -347,31 +351,28 @@ fn declared_length(headers: &HeaderMap, limit: usize) -> Result<usize, ApiError>
     }
 }
 
-/// Reads a body of at most `limit` bytes within `timeout` into `buf`, sized beforehand from its
-/// declared length, so a model-sized upload is held once (collecting the frames and then joining
-/// them would hold it twice); `on_chunk` sees each chunk as it is appended.
+/// Reads a body of at most `limit` bytes within `timeout`, giving each chunk to `append` (which
+/// copies it into a buffer sized beforehand from the declared length, so a model-sized upload is
+/// held once: collecting the frames and then joining them would hold it twice).
 async fn read_body_into(
-    buf: &mut Vec<u8>,
     mut body: Body,
     limit: usize,
     timeout: Duration,
-    mut on_chunk: impl FnMut(&[u8]),
+    mut append: impl FnMut(&[u8]),
 ) -> Result<(), ApiError> {
     use http_body_util::BodyExt;
     let read = async {
+        let mut size = 0;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ApiError::BadBody(e.to_string()))?;
             let Ok(chunk) = frame.into_data() else {
                 continue; // trailers
             };
-            if buf.len() + chunk.len() > limit {
-                return Err(ApiError::BodyTooLarge {
-                    size: buf.len() + chunk.len(),
-                    limit,
-                });
+            size += chunk.len();
+            if size > limit {
+                return Err(ApiError::BodyTooLarge { size, limit });
             }
-            on_chunk(&chunk);
-            buf.extend_from_slice(&chunk);
+            append(&chunk);
         }
         Ok(())
     };
