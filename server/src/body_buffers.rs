@@ -42,19 +42,16 @@ impl BodyBuffers {
 
     /// An empty buffer with room for `capacity` bytes, a kept one if there is one.
     pub fn take(self: &Arc<Self>, capacity: usize) -> PooledBuffer {
-        let data = self.free.lock().expect("body buffers").pop().unwrap_or_default();
+        let mut data = self.free.lock().expect("body buffers").pop().unwrap_or_default();
+        // Padding up to the page boundary, within the kept allocation (none in a new `Vec`).
+        let start = data.as_ptr().align_offset(DIRECT_IO_ALIGN).min(data.capacity());
+        data.resize(start, 0);
         let mut buffer = PooledBuffer {
-            start: data.as_ptr().align_offset(DIRECT_IO_ALIGN),
             data,
+            start,
             home: self.clone(),
         };
-        if buffer.data.capacity() >= buffer.start + capacity {
-            buffer.data.resize(buffer.start, 0);
-        } else {
-            buffer.start = 0;
-            buffer.data = Vec::new();
-            buffer.reserve(capacity);
-        }
+        buffer.reserve(capacity);
         buffer
     }
 
