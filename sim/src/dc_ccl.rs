@@ -15,6 +15,10 @@
 //! - `dc_ccl_cloud_tuned` (with `--tuning-samples` > 0): `F_c + F_s` with `F_s`'s last layer tuned
 //!   by the worker on a small labelled sample of all classes (the paper's optional step 5). That
 //!   sample is data the other DC-CCL arms and the cloud-only arm do not get;
+//! - `dc_ccl_pooled` (with `--pooled-co-model-epochs` > 0): `F_c + F_s` with `F_s` trained by one
+//!   trainer on all the training data, step 4's loss against the same `F_m`, no federation: what
+//!   these models reach if cloud and devices could pool their data, so a gap to the oracle splits
+//!   into what the federation costs and what the method costs with these models;
 //! - `oracle`: `F_c`'s family trained on the pooled training data with the same epochs.
 //!
 //! The DC-CCL task runs the real worker ([`fedhive_cloud::Worker`], in this process, over HTTP with
@@ -28,7 +32,7 @@ use fedhive_client::{
     backend::Backend,
     client::FedhiveClient,
     data::{Dataset, Split, default_data_dir, load_fashion_mnist},
-    dc_ccl::{Weights, evaluate_sum},
+    dc_ccl::{Weights, evaluate_sum, train_co_model},
     device::{Device, DeviceReport, Traffic},
     model::{ModelKind, initial_weights, tensor_specs},
     partition,
@@ -88,8 +92,15 @@ pub struct DcCclOptions {
     pub tuning_samples: usize,
     #[arg(long, default_value_t = 3)]
     pub tuning_epochs: u32,
+    /// Epochs of the pooled co-model arm (`F_s` trained on all the training data beside `F_m`; 0:
+    /// no such arm).
+    #[arg(long, default_value_t = 3)]
+    pub pooled_co_model_epochs: u32,
     #[arg(long, default_value_t = 1)]
     pub local_epochs: u32,
+    /// Cap on a device's SGD steps per round in the federated tasks (0: `--local-epochs` whole).
+    #[arg(long, default_value_t = 0)]
+    pub max_local_steps: u32,
     #[arg(long, default_value_t = 32)]
     pub batch_size: u32,
     #[arg(long, default_value_t = 0.05)]
@@ -135,6 +146,9 @@ pub struct SeedReport {
     pub dc_ccl_on_device: Accuracy,
     /// `F_c + F_s` with `F_s`'s head tuned (`--tuning-samples` > 0).
     pub dc_ccl_cloud_tuned: Option<Accuracy>,
+    /// `F_c + F_s` with `F_s` trained on the pooled data, no federation (`--pooled-co-model-epochs`
+    /// > 0).
+    pub dc_ccl_pooled: Option<Accuracy>,
     pub oracle: Accuracy,
     /// Mean body bytes a DC-CCL device downloaded / uploaded per round it trained (its control
     /// model download counted in its first round).
@@ -166,6 +180,7 @@ pub struct MeanAll {
     pub dc_ccl_cloud: f32,
     pub dc_ccl_on_device: f32,
     pub dc_ccl_cloud_tuned: Option<f32>,
+    pub dc_ccl_pooled: Option<f32>,
     pub oracle: f32,
 }
 
@@ -251,10 +266,23 @@ pub async fn run_dc_ccl(options: &DcCclOptions, show_progress: bool) -> anyhow::
             if let Some(tuned) = report.dc_ccl_cloud_tuned {
                 eprintln!("seed {seed}: DC-CCL F_c+F_s with a tuned head {:.4}", tuned.all);
             }
+            if let Some(pooled) = report.dc_ccl_pooled {
+                eprintln!(
+                    "seed {seed}: DC-CCL F_c+F_s, F_s trained on pooled data {:.4}",
+                    pooled.all
+                );
+            }
         }
         seeds.push(report);
     }
     let mean = |f: fn(&SeedReport) -> f32| seeds.iter().map(f).sum::<f32>() / seeds.len() as f32;
+    let mean_of_arm = |f: fn(&SeedReport) -> Option<Accuracy>| {
+        seeds
+            .iter()
+            .map(|s| f(s).map(|a| a.all))
+            .sum::<Option<f32>>()
+            .map(|sum| sum / seeds.len() as f32)
+    };
     let fold = |f: fn(&SeedReport) -> f32, min: bool| {
         let values = seeds.iter().map(f);
         if min {
@@ -269,11 +297,8 @@ pub async fn run_dc_ccl(options: &DcCclOptions, show_progress: bool) -> anyhow::
             device_only: mean(|s| s.device_only.all),
             dc_ccl_cloud: mean(|s| s.dc_ccl_cloud.all),
             dc_ccl_on_device: mean(|s| s.dc_ccl_on_device.all),
-            dc_ccl_cloud_tuned: seeds
-                .iter()
-                .map(|s| s.dc_ccl_cloud_tuned.map(|a| a.all))
-                .sum::<Option<f32>>()
-                .map(|sum| sum / seeds.len() as f32),
+            dc_ccl_cloud_tuned: mean_of_arm(|s| s.dc_ccl_cloud_tuned),
+            dc_ccl_pooled: mean_of_arm(|s| s.dc_ccl_pooled),
             oracle: mean(|s| s.oracle.all),
         },
         min_margin_over_cloud_only: 100.0 * fold(|s| s.dc_ccl_cloud.all - s.cloud_only.all, true),
@@ -341,6 +366,7 @@ async fn run_seed(
     // The federated tasks (DC-CCL's and the device-only one) lower the rate for their last rounds.
     let decay_at = (options.rounds as f32 * options.learning_rate_decay_at).round() as u32;
     let round_training = TrainingParams {
+        max_local_steps: options.max_local_steps,
         learning_rate_schedule: (options.learning_rate_decay < 1.0 && decay_at > 0).then(|| {
             LearningRateSchedule::Step {
                 milestones: vec![decay_at],
@@ -482,6 +508,36 @@ async fn run_seed(
         oracle
     };
 
+    let pooled = if options.pooled_co_model_epochs > 0 {
+        let (device, f_m, train) = (device.clone(), f_m.clone(), train.clone());
+        let params = TrainingParams {
+            local_epochs: options.pooled_co_model_epochs,
+            ..training.clone()
+        };
+        let bar = spinner(
+            show_progress,
+            "pooled co-model: F_s on all the training data beside F_m",
+        );
+        let pooled = tokio::task::spawn_blocking(move || {
+            let init = initial_weights(small_kind, seed);
+            let control = Weights::new(small_kind, &f_m);
+            let update = train_co_model(
+                Weights::new(small_kind, &init),
+                control,
+                &device,
+                &train,
+                &params,
+                seed,
+            )?;
+            anyhow::Ok(init.add(&update.delta))
+        })
+        .await??;
+        bar.finish_and_clear();
+        Some(pooled)
+    } else {
+        None
+    };
+
     let (rounds_trained, moved) = traffic.iter().fold((0u64, Traffic::default()), |(n, t), (r, m)| {
         (
             n + u64::from(r.rounds_trained),
@@ -512,6 +568,15 @@ async fn run_seed(
                     &device,
                     Weights::new(cloud_kind, &f_c),
                     Some(Weights::new(small_kind, &tuned)),
+                )
+            })
+            .transpose()?,
+        dc_ccl_pooled: pooled
+            .map(|pooled| {
+                tests.accuracy(
+                    &device,
+                    Weights::new(cloud_kind, &f_c),
+                    Some(Weights::new(small_kind, &pooled)),
                 )
             })
             .transpose()?,
