@@ -249,7 +249,8 @@ impl Tests {
 pub async fn run_dc_ccl(options: &DcCclOptions, show_progress: bool) -> anyhow::Result<DcCclReport> {
     anyhow::ensure!(!options.seeds.is_empty(), "--seeds is empty");
     let data_dir = options.data_dir.clone().unwrap_or_else(default_data_dir);
-    let train = load_fashion_mnist(&data_dir, Split::Train).context("loading Fashion-MNIST")?;
+    // Shared, not copied, with the arms trained on all of it on the blocking pool.
+    let train = Arc::new(load_fashion_mnist(&data_dir, Split::Train).context("loading Fashion-MNIST")?);
     let tests = Tests::new(
         load_fashion_mnist(&data_dir, Split::Test)?,
         &options.cloud_classes,
@@ -333,7 +334,7 @@ fn parse_kind(name: &str) -> anyhow::Result<ModelKind> {
 
 async fn run_seed(
     options: &DcCclOptions,
-    train: &Dataset,
+    train: &Arc<Dataset>,
     tests: &Tests,
     seed: u64,
     show_progress: bool,
@@ -494,21 +495,21 @@ async fn run_seed(
     local.server.shutdown().await;
 
     let oracle = {
-        let (device, training) = (device.clone(), training.clone());
-        let (train, epochs) = (train.clone(), options.cloud_epochs);
-        let bar = spinner(show_progress, "oracle: F_c's family on the pooled data");
-        let oracle = tokio::task::spawn_blocking(move || {
-            let init = initial_weights(cloud_kind, seed);
-            let params = TrainingParams {
-                local_epochs: epochs,
-                ..training
-            };
-            let update = train_local(cloud_kind, &device, &init, &train, &params, seed)?;
-            anyhow::Ok(init.add(&update.delta))
-        })
-        .await??;
-        bar.finish_and_clear();
-        oracle
+        let (device, train) = (device.clone(), train.clone());
+        let params = TrainingParams {
+            local_epochs: options.cloud_epochs,
+            ..training.clone()
+        };
+        train_blocking(
+            show_progress,
+            "oracle: F_c's family on the pooled data",
+            move || {
+                let init = initial_weights(cloud_kind, seed);
+                let update = train_local(cloud_kind, &device, &init, &train, &params, seed)?;
+                Ok(init.add(&update.delta))
+            },
+        )
+        .await?
     };
 
     let pooled = if options.pooled_co_model_epochs > 0 {
@@ -517,25 +518,14 @@ async fn run_seed(
             local_epochs: options.pooled_co_model_epochs,
             ..training.clone()
         };
-        let bar = spinner(
-            show_progress,
-            "pooled co-model: F_s on all the training data beside F_m",
-        );
-        let pooled = tokio::task::spawn_blocking(move || {
+        let message = "pooled co-model: F_s on all the training data beside F_m";
+        let pooled = train_blocking(show_progress, message, move || {
             let init = initial_weights(small_kind, seed);
-            let control = Weights::new(small_kind, &f_m);
-            let update = train_co_model(
-                Weights::new(small_kind, &init),
-                control,
-                &device,
-                &train,
-                &params,
-                seed,
-            )?;
-            anyhow::Ok(init.add(&update.delta))
+            let (co, control) = (Weights::new(small_kind, &init), Weights::new(small_kind, &f_m));
+            let update = train_co_model(co, control, &device, &train, &params, seed)?;
+            Ok(init.add(&update.delta))
         })
-        .await??;
-        bar.finish_and_clear();
+        .await?;
         Some(pooled)
     } else {
         None
@@ -551,38 +541,26 @@ async fn run_seed(
         )
     });
     let per_round = |bytes: u64| bytes as f64 / rounds_trained.max(1) as f64;
+    // What the cloud serves: `F_c` plus a co-model.
+    let served = |co: &NamedTensors| {
+        tests.accuracy(
+            &device,
+            Weights::new(cloud_kind, &f_c),
+            Some(Weights::new(small_kind, co)),
+        )
+    };
     Ok(SeedReport {
         seed,
         cloud_only: tests.accuracy(&device, Weights::new(cloud_kind, &f_c), None)?,
         device_only: tests.accuracy(&device, Weights::new(small_kind, &device_only), None)?,
-        dc_ccl_cloud: tests.accuracy(
-            &device,
-            Weights::new(cloud_kind, &f_c),
-            Some(Weights::new(small_kind, &f_s)),
-        )?,
+        dc_ccl_cloud: served(&f_s)?,
         dc_ccl_on_device: tests.accuracy(
             &device,
             Weights::new(small_kind, &f_m),
             Some(Weights::new(small_kind, &f_s)),
         )?,
-        dc_ccl_cloud_tuned: tuned
-            .map(|tuned| {
-                tests.accuracy(
-                    &device,
-                    Weights::new(cloud_kind, &f_c),
-                    Some(Weights::new(small_kind, &tuned)),
-                )
-            })
-            .transpose()?,
-        dc_ccl_pooled: pooled
-            .map(|pooled| {
-                tests.accuracy(
-                    &device,
-                    Weights::new(cloud_kind, &f_c),
-                    Some(Weights::new(small_kind, &pooled)),
-                )
-            })
-            .transpose()?,
+        dc_ccl_cloud_tuned: tuned.as_ref().map(served).transpose()?,
+        dc_ccl_pooled: pooled.as_ref().map(served).transpose()?,
         oracle: tests.accuracy(&device, Weights::new(cloud_kind, &oracle), None)?,
         device_download_bytes_per_round: per_round(moved.downloaded),
         device_upload_bytes_per_round: per_round(moved.uploaded),
@@ -619,6 +597,18 @@ fn spawn_devices(
             })
         })
         .collect()
+}
+
+/// Runs `train` on the blocking pool behind a spinner showing `message`.
+async fn train_blocking<T: Send + 'static>(
+    show: bool,
+    message: &'static str,
+    train: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let bar = spinner(show, message);
+    let trained = tokio::task::spawn_blocking(train).await?;
+    bar.finish_and_clear();
+    trained
 }
 
 fn spinner(show: bool, message: &'static str) -> ProgressBar {
