@@ -83,7 +83,9 @@ fn aggregation(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    let results = acc.add_many(black_box(&counts), |i, name| Cow::Borrowed(&batch[i].0[name].data));
+                    let results = acc.add_many(black_box(&counts), |i, name| {
+                        Cow::Borrowed(&batch[i].0[name].data)
+                    });
                     assert!(results.iter().all(Result::is_ok), "within bounds");
                 }
                 let elapsed = start.elapsed();
