@@ -38,6 +38,7 @@ use crate::{
     admission::{UploadAdmission, UploadSlot},
     blobs::BlobStore,
     body_buffers::BodyBuffers,
+    closed_rounds::{ClosedRound, ClosedRounds},
     db::{Accept, Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
     devices::{self, Device},
     error::ApiError,
@@ -45,7 +46,7 @@ use crate::{
     group_fold::{Accumulators, GroupFold, ToFold},
     rate_limit::{RateLimit, RateLimiter},
     replicas::{self, Replica},
-    store::{HashedBody, Store, now_ms, sha256_hex},
+    store::{HashedBody, Store, UploadBody, now_ms, sha256_hex},
     strategy::{
         Registry, Strategy,
         interface::{CheckinClock, Sums},
@@ -118,6 +119,8 @@ pub struct Coordinator {
     uploads: UploadAdmission,
     /// Buffers upload bodies are read into, one per upload slot, reused.
     body_buffers: Arc<BodyBuffers>,
+    /// Rounds seen to take no more updates: late uploads to them are refused before a slot.
+    closed_rounds: ClosedRounds,
     /// Records accepted updates, those that arrive together in one transaction.
     commits: GroupCommit,
     /// Accepted updates on their way into `accumulators`, folded together when they wait together.
@@ -354,6 +357,7 @@ impl Coordinator {
             folds: GroupFold::new(accumulators.clone(), telemetry.group_fold_updates()),
             commits: GroupCommit::new(db.clone(), telemetry.group_commit_updates()),
             body_buffers: BodyBuffers::new(options.max_concurrent_uploads.max(1)),
+            closed_rounds: ClosedRounds::default(),
             store: Store::new(db, blobs),
             strategies,
             device_rate: options.device_rate_limit.map(RateLimiter::new),
@@ -639,25 +643,22 @@ impl Coordinator {
         Ok((token_hash, round_id, holder))
     }
 
-    /// Accepts one device update. `read_body` (given the task's upload limit) yields the body with
-    /// its digest, hashed as it arrived; it is only awaited once an upload slot is held, so at most
-    /// `max_concurrent_uploads` bodies are in memory at once; past the queue limit the device is
-    /// told to come back later. The flag says the round is now full and should be finalised.
-    pub async fn upload<R, F>(
+    /// Accepts one device update. The body is only read (given the task's upload limit) once an
+    /// upload slot is held, so at most `max_concurrent_uploads` bodies are in memory at once; past
+    /// the queue limit the device is told to come back later. An upload too late for its round is
+    /// refused with its body drained unread, before a slot when this process has seen the round
+    /// close. The flag says the round is now full and should be finalised.
+    pub async fn upload(
         &self,
         token: &str,
         device: Option<&str>,
         num_samples: u64,
-        read_body: R,
-    ) -> Result<(UploadReceipt, bool), ApiError>
-    where
-        R: FnOnce(usize) -> F,
-        F: Future<Output = Result<HashedBody, ApiError>>,
-    {
+        body: impl UploadBody,
+    ) -> Result<(UploadReceipt, bool), ApiError> {
         // The task, once the token has named one, for the refusal's metric.
         let mut task_id = String::new();
         let result = self
-            .accept_upload(token, device, num_samples, read_body, &mut task_id)
+            .accept_upload(token, device, num_samples, body, &mut task_id)
             .await;
         if let Err(e) = &result {
             self.telemetry.upload(&task_id, Err(e));
@@ -665,21 +666,35 @@ impl Coordinator {
         result
     }
 
-    async fn accept_upload<R, F>(
+    async fn accept_upload(
         &self,
         token: &str,
         device: Option<&str>,
         num_samples: u64,
-        read_body: R,
+        body: impl UploadBody,
         task_id: &mut String,
-    ) -> Result<(UploadReceipt, bool), ApiError>
-    where
-        R: FnOnce(usize) -> F,
-        F: Future<Output = Result<HashedBody, ApiError>>,
-    {
+    ) -> Result<(UploadReceipt, bool), ApiError> {
         let device = self.device(device).await?;
         let (token_hash, round_id, holder) = self.token_round(token).await?;
         let _flight = InFlight::enter(&self.in_flight, &token_hash).ok_or(ApiError::UploadInFlight)?;
+        let db = &self.store.db;
+        // Late for a round seen closed, and not a retry of a stored update (that gets its receipt):
+        // refused without waiting for a slot. The holder check comes first, as on the slow path
+        // (a token issued to no enrolled device belongs to a task that does not require one).
+        if let Some(closed) = self.closed_rounds.get(round_id) {
+            task_id.clone_from(&closed.task_id);
+            if holder.is_some() {
+                check_holder(
+                    &self.task(&closed.task_id).await?,
+                    holder.as_deref(),
+                    device.as_ref(),
+                )?;
+            }
+            if db.update_for_token(&token_hash).await?.is_none() {
+                body.discard(closed.upload_limit).await;
+                return Err(ApiError::RoundClosed(round_id));
+            }
+        }
         // Where an upload's time goes, logged with its acceptance (the load harness's profile).
         let mut lap = Lap::start();
         let _slot = self
@@ -688,25 +703,39 @@ impl Coordinator {
             .await
             .map_err(|retry_after_ms| ApiError::ServerBusy { retry_after_ms })?;
         let queue = lap.lap();
-        let db = &self.store.db;
         let round = db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
         task_id.clone_from(&round.task_id);
         let task = self.task(&round.task_id).await?;
         check_holder(&task, holder.as_deref(), device.as_ref())?;
         let strategy = self.strategies.for_config(&task.config)?;
-        let HashedBody { bytes: body, sha256 } = read_body(strategy.upload_limit(&task.config)).await?;
+        let upload_limit = strategy.upload_limit(&task.config);
+        let k = i64::from(task.config.devices_per_round);
+        let round_closed = round.state != "open" || now_ms() >= round.deadline_ms || round.accepted >= k;
+        let mut stored = None;
+        if round_closed {
+            self.closed_round(round_id, &task.id, upload_limit);
+            // Only a retry of a stored update needs the body (to compare it); the token's row is
+            // read here only for late uploads, so an upload in time pays no query for this.
+            stored = db.update_for_token(&token_hash).await?;
+            if stored.is_none() {
+                body.discard(upload_limit).await;
+                return Err(ApiError::RoundClosed(round_id));
+            }
+        }
+        let HashedBody { bytes: body, sha256 } = body.read(upload_limit).await?;
         let read = lap.lap();
 
-        if let Some(prev) = db.update_for_token(&token_hash).await? {
+        // For a round still open, whether this token's update is stored is asked once its body is
+        // in, as near the commit as it can be.
+        if !round_closed {
+            stored = db.update_for_token(&token_hash).await?;
+        }
+        if let Some(prev) = stored {
             if prev.sha256 == sha256 && prev.num_samples as u64 == num_samples {
                 self.telemetry.upload(&task.id, Ok("replayed"));
                 return Ok((receipt(&prev), false));
             }
             return Err(ApiError::ConflictingRetry { stored: prev.sha256 });
-        }
-        let k = i64::from(task.config.devices_per_round);
-        if round.state != "open" || now_ms() >= round.deadline_ms || round.accepted >= k {
-            return Err(ApiError::RoundClosed(round_id));
         }
         check_sample_count(num_samples)?;
 
@@ -768,6 +797,10 @@ impl Coordinator {
             };
         };
         let accept = lap.lap();
+        let round_full = stored.accepted_seq >= k;
+        if round_full {
+            self.closed_round(round_id, &task.id, upload_limit);
+        }
         // Into the round's in-memory sums (at most once per token), for strategies that keep them.
         self.folds
             .fold(ToFold {
@@ -801,7 +834,18 @@ impl Coordinator {
             fold_ms = ms(stages.fold),
             "update accepted"
         );
-        Ok((receipt(&stored), stored.accepted_seq >= k))
+        Ok((receipt(&stored), round_full))
+    }
+
+    /// Remembers that a round takes no more updates (see [`crate::closed_rounds`]).
+    fn closed_round(&self, round_id: i64, task_id: &str, upload_limit: usize) {
+        self.closed_rounds.insert(
+            round_id,
+            ClosedRound {
+                task_id: task_id.to_string(),
+                upload_limit,
+            },
+        );
     }
 
     /// What became of an update the database did not take, once its blob is dealt with. Another

@@ -15,6 +15,7 @@ pub mod api;
 pub mod blobs;
 pub mod body_buffers;
 pub mod cli;
+pub mod closed_rounds;
 pub mod coordinator;
 pub mod db;
 pub mod devices;

@@ -123,6 +123,30 @@ impl HashedBody {
     }
 }
 
+/// An upload's body as the coordinator takes it: read only once the upload holds a slot, or
+/// drained unread when the upload is refused before it needs the bytes.
+pub trait UploadBody: Send {
+    /// The whole body, at most `limit` bytes (`413` past it), with its digest.
+    fn read(self, limit: usize) -> impl Future<Output = Result<HashedBody, ApiError>> + Send;
+
+    /// Reads the rest of the body (at most `limit` bytes) and drops it, holding none of it: the
+    /// refusal then reaches a client that is still sending, on a connection kept open, where an
+    /// unread body would make the server close it and the client see a transport error.
+    fn discard(self, limit: usize) -> impl Future<Output = ()> + Send;
+}
+
+/// Bytes already in hand (tests, and callers that did not stream them).
+impl UploadBody for HashedBody {
+    async fn read(self, limit: usize) -> Result<HashedBody, ApiError> {
+        match self.bytes.len() {
+            size if size > limit => Err(ApiError::BodyTooLarge { size, limit }),
+            _ => Ok(self),
+        }
+    }
+
+    async fn discard(self, _limit: usize) {}
+}
+
 /// Blob key of a task's model version (the dense tensors, for strategies with sparse tables).
 pub fn model_key(task_id: &str, version: i64) -> String {
     format!("models/{task_id}/{version}.safetensors")

@@ -122,9 +122,7 @@ async fn a_registered_strategy_runs_rounds_without_touching_the_coordinator() {
             };
             let delta = weights([0.5, 0.5]);
             let (_, now_full) = coordinator
-                .upload(&a.upload_token, None, samples, |_limit| async move {
-                    Ok(HashedBody::of(delta))
-                })
+                .upload(&a.upload_token, None, samples, HashedBody::of(delta))
                 .await
                 .unwrap();
             full = now_full;

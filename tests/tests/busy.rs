@@ -2,7 +2,8 @@
 //! `503 server_busy` and a time to retry, changes nothing, and succeeds when sent again; an upload
 //! whose body stalls gives its slot back after `--body-read-timeout-secs` (`408 body_timeout`); an
 //! oversized body is refused with `413` as soon as its declared length, or the bytes read, exceed
-//! the task's limit.
+//! the task's limit; an upload too late for a round the server has seen fill is refused with `409
+//! round_closed` without waiting for a slot, its body drained so the connection stays open.
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ on_both_databases!(
     a_busy_server_refuses_uploads_with_a_retry_time,
     a_stalled_body_gives_its_slot_back,
     oversized_bodies_are_refused_without_reading_them,
+    a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open,
     one_address_over_its_rate_is_told_when_to_retry,
     addresses_behind_a_trusted_proxy_are_limited_one_by_one,
 );
@@ -153,6 +155,80 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
     assert_eq!(resp.status(), StatusCode::OK);
     let receipt: UploadReceipt = resp.json().await.unwrap();
     assert_eq!(receipt.accepted_updates, 2);
+    let rounds = client.rounds(task).await.unwrap();
+    assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
+}
+
+async fn a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open(backend: Backend) {
+    // One upload at a time and none waiting: an upload that needed a slot would get 503.
+    let setup = setup(
+        backend,
+        &["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"],
+    )
+    .await;
+    let Setup { client, task, .. } = &setup;
+    let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
+    // K = 2 with over-selection 2: four tokens for round 1, two of which fill it.
+    let mut tokens = Vec::new();
+    for _ in 0..4 {
+        tokens.push(assign(client, task).await);
+    }
+    let first_receipt = client
+        .upload_update(&tokens[0].upload_token, 5, update.clone())
+        .await
+        .unwrap();
+    client
+        .upload_update(&tokens[1].upload_token, 7, update.clone())
+        .await
+        .unwrap();
+
+    // Another task's upload holds the only slot, half its body sent.
+    let other_task = client
+        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
+        .await
+        .unwrap()
+        .task_id;
+    let holder = assign(client, &other_task).await;
+    let mut holder_conn = TcpStream::connect(setup.addr()).await.unwrap();
+    let framing = format!("Content-Length: {}", update.len());
+    let head = setup.upload_head(&holder.upload_token, 3, &framing);
+    holder_conn.write_all(head.as_bytes()).await.unwrap();
+    holder_conn.write_all(&update[..update.len() / 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A late device sends its whole update: refused as late, not as busy, and the same connection
+    // serves the next request.
+    let mut late_conn = TcpStream::connect(setup.addr()).await.unwrap();
+    let head = setup.upload_head(&tokens[2].upload_token, 9, &framing);
+    late_conn.write_all(head.as_bytes()).await.unwrap();
+    late_conn.write_all(&update).await.unwrap();
+    let answer = read_answer(&mut late_conn, "round_closed", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
+    let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", setup.addr());
+    late_conn.write_all(health.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut late_conn, "ok", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A retry of a stored update still gets its receipt (once the slot is free: it reads the body
+    // to compare it), and the late one is refused again. The round holds the two it took.
+    holder_conn.write_all(&update[update.len() / 2..]).await.unwrap();
+    let answer = read_answer(&mut holder_conn, "\"sha256\"", Duration::from_secs(30)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let again = client
+        .upload_update(&tokens[0].upload_token, 5, update.clone())
+        .await
+        .unwrap();
+    assert_eq!(again, first_receipt);
+    let late = client
+        .upload_update(&tokens[3].upload_token, 11, update.clone())
+        .await;
+    let Err(fedhive_client::client::ClientError::Api { status, body }) = late else {
+        panic!("a late upload was not refused: {late:?}");
+    };
+    assert_eq!(
+        (status, body.error.as_str()),
+        (StatusCode::CONFLICT, "round_closed")
+    );
     let rounds = client.rounds(task).await.unwrap();
     assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
 }

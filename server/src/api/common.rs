@@ -18,7 +18,7 @@ use crate::{
     body_buffers::BodyBuffers,
     coordinator::Coordinator,
     error::ApiError,
-    store::{HashedBody, constant_time_eq, now_ms, sha256_hex},
+    store::{HashedBody, UploadBody, constant_time_eq, now_ms, sha256_hex},
     strategy::Strategy,
 };
 
@@ -316,27 +316,38 @@ pub(crate) async fn read_body(
     Ok(Bytes::from(buf))
 }
 
-/// [`read_body`] into a buffer of `buffers` (given back once the body's bytes are dropped),
-/// hashing each chunk as it arrives: the digest costs no pass of its own over the finished
-/// buffer, and is ready the moment the last byte is.
-pub(crate) async fn read_body_hashed(
-    body: Body,
-    headers: &HeaderMap,
-    limit: usize,
-    timeout: Duration,
-    buffers: &Arc<BodyBuffers>,
-) -> Result<HashedBody, ApiError> {
-    let mut buf = buffers.take(declared_length(headers, limit)?);
-    let mut hasher = Sha256::new();
-    read_body_into(body, limit, timeout, |chunk| {
-        hasher.update(chunk);
-        buf.extend_from_slice(chunk);
-    })
-    .await?;
-    Ok(HashedBody {
-        bytes: buf.freeze(),
-        sha256: hex::encode(hasher.finalize()),
-    })
+/// An upload's request body, read by the coordinator once the upload holds a slot.
+pub(crate) struct RequestBody<'a> {
+    pub body: Body,
+    pub headers: &'a HeaderMap,
+    pub timeout: Duration,
+    pub buffers: &'a Arc<BodyBuffers>,
+}
+
+impl UploadBody for RequestBody<'_> {
+    /// [`read_body`] into a buffer of `buffers` (given back once the body's bytes are dropped),
+    /// hashing each chunk as it arrives: the digest costs no pass of its own over the finished
+    /// buffer, and is ready the moment the last byte is.
+    async fn read(self, limit: usize) -> Result<HashedBody, ApiError> {
+        let mut buf = self.buffers.take(declared_length(self.headers, limit)?);
+        let mut hasher = Sha256::new();
+        read_body_into(self.body, limit, self.timeout, |chunk| {
+            hasher.update(chunk);
+            buf.extend_from_slice(chunk);
+        })
+        .await?;
+        Ok(HashedBody {
+            bytes: buf.freeze(),
+            sha256: hex::encode(hasher.finalize()),
+        })
+    }
+
+    /// A body over the limit, too slow or broken is left unread: the connection then closes.
+    async fn discard(self, limit: usize) {
+        if declared_length(self.headers, limit).is_ok() {
+            let _ = read_body_into(self.body, limit, self.timeout, |_| {}).await;
+        }
+    }
 }
 
 /// The body's declared length (0 when none is), refused with `413` when over `limit`.

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::common::{
-    ApiJson, ApiPath, ApiQuery, AppState, authorize, bearer, device_header, read_body_hashed, versioned_blob,
+    ApiJson, ApiPath, ApiQuery, AppState, RequestBody, authorize, bearer, device_header, versioned_blob,
 };
 use crate::{
     access::{Action, Need},
@@ -348,9 +348,14 @@ async fn upload(
     let coordinator = state.coordinator.clone();
     let timeout = state.body_read_timeout;
     let buffers = coordinator.body_buffers();
-    let read_body = |limit: usize| read_body_hashed(body, &headers, limit, timeout, buffers);
+    let body = RequestBody {
+        body,
+        headers: &headers,
+        timeout,
+        buffers,
+    };
     let (receipt, full) = coordinator
-        .upload(&token, device.as_deref(), query.num_samples, read_body)
+        .upload(&token, device.as_deref(), query.num_samples, body)
         .await?;
     if full {
         state.coordinator.finalize_in_background(receipt.round_id);
