@@ -8,10 +8,22 @@
 //! retransmission backoff stalls the whole server for tens of seconds (measured with 1,000
 //! devices x 4 MB on one machine: `TcpExtTCPMemoryPressures`, `TCPRcvQDrop`). So only a bounded
 //! queue waits; beyond it the server answers `503 server_busy` at once, with a time to retry.
-//! Retry times are handed out one processing interval apart (the measured time an upload holds
-//! a slot, divided by the slots), so refused devices come back spread at the rate the server
-//! drains them instead of all together.
+//! Retry times are handed out one processing interval apart (the time an upload holds a slot,
+//! divided by the slots), so refused devices come back spread at the rate the server drains them
+//! instead of all together.
+//!
+//! A retry time is a promise the server cannot take back: one too late leaves the server idle
+//! while the device sleeps, and with K near the number of devices the round waits for it. So the
+//! interval is the median of the last holds (a stall, such as a round being finalised under a
+//! burst of model downloads, does not stretch it), and each promise is placed behind the queue and
+//! the promises still outstanding at the current interval, not behind the last one given out:
+//! promises made during a slow moment do not push back every promise after it. (Measured with
+//! 1,000 devices per round: an average of the holds, and promises chained one after another, told
+//! devices to come back in up to 26 s where 6 s would have done, and the server idled for 10-15 s
+//! of a round; see docs/benchmarks.md.)
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::{
     Mutex,
     atomic::{AtomicUsize, Ordering},
@@ -23,6 +35,10 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// Shortest and longest retry time handed out.
 const MIN_RETRY_MS: f64 = 100.0;
 const MAX_RETRY_MS: f64 = 60_000.0;
+/// Slot holds the interval is the median of.
+const HOLDS_KEPT: usize = 32;
+/// The hold assumed before any upload has finished.
+const FIRST_HOLD_MS: f64 = 50.0;
 
 pub struct UploadAdmission {
     slots: Semaphore,
@@ -32,10 +48,45 @@ pub struct UploadAdmission {
     pace: Mutex<Pace>,
 }
 
-/// Moving estimate of how long an upload holds a slot, and the next retry time not yet given out.
+/// How long uploads hold a slot lately, and the retry times promised and not yet due.
+#[derive(Default)]
 struct Pace {
-    service_ms: f64,
-    next_retry_at: Instant,
+    /// The last [`HOLDS_KEPT`] holds in milliseconds, oldest first.
+    holds_ms: VecDeque<f64>,
+    promised: BinaryHeap<Reverse<Instant>>,
+}
+
+impl Pace {
+    fn record(&mut self, held: Duration) {
+        if self.holds_ms.len() == HOLDS_KEPT {
+            self.holds_ms.pop_front();
+        }
+        self.holds_ms.push_back(held.as_secs_f64() * 1000.0);
+    }
+
+    /// The median of the holds kept.
+    fn hold_ms(&self) -> f64 {
+        let mut holds: Vec<f64> = self.holds_ms.iter().copied().collect();
+        if holds.is_empty() {
+            return FIRST_HOLD_MS;
+        }
+        holds.sort_by(f64::total_cmp);
+        holds[holds.len() / 2]
+    }
+
+    /// A retry time for a device refused at `now`: one interval after the `queued` uploads and
+    /// the promises not yet due, at the current interval.
+    fn promise(&mut self, now: Instant, slots: usize, queued: usize) -> Duration {
+        while self.promised.peek().is_some_and(|Reverse(at)| *at <= now) {
+            self.promised.pop();
+        }
+        let interval_ms = self.hold_ms() / slots as f64;
+        let ahead = queued + self.promised.len() + 1;
+        let wait_ms = (interval_ms * ahead as f64).clamp(MIN_RETRY_MS, MAX_RETRY_MS);
+        let wait = Duration::from_micros((wait_ms * 1000.0).round() as u64);
+        self.promised.push(Reverse(now + wait));
+        wait
+    }
 }
 
 /// A held processing slot; records how long it was held when dropped.
@@ -63,10 +114,7 @@ impl UploadAdmission {
             slot_count: slots,
             max_queued,
             waiting: AtomicUsize::new(0),
-            pace: Mutex::new(Pace {
-                service_ms: 50.0,
-                next_retry_at: Instant::now(),
-            }),
+            pace: Mutex::default(),
         }
     }
 
@@ -108,27 +156,17 @@ impl UploadAdmission {
         self.slot_count - self.slots.available_permits()
     }
 
-    /// The next free retry time: after the queue ahead has drained, one processing interval after
-    /// the last one handed out.
+    /// The next free retry time: after the full queue ahead and the devices already told to come
+    /// back, one processing interval apart.
     fn retry_after_ms(&self) -> u64 {
-        let now = Instant::now();
         let mut pace = self.pace.lock().expect("admission pace");
-        let interval_ms = pace.service_ms / self.slot_count as f64;
-        let queue_drained = now + ms(interval_ms * self.max_queued as f64);
-        let at = pace.next_retry_at.max(queue_drained) + ms(interval_ms);
-        pace.next_retry_at = at;
-        let wait = at.duration_since(now).as_secs_f64() * 1000.0;
-        wait.clamp(MIN_RETRY_MS, MAX_RETRY_MS) as u64
+        let wait = pace.promise(Instant::now(), self.slot_count, self.max_queued);
+        wait.as_millis() as u64
     }
 
     fn record_service(&self, held: Duration) {
-        let mut pace = self.pace.lock().expect("admission pace");
-        pace.service_ms = 0.9 * pace.service_ms + 0.1 * held.as_secs_f64() * 1000.0;
+        self.pace.lock().expect("admission pace").record(held);
     }
-}
-
-fn ms(v: f64) -> Duration {
-    Duration::from_secs_f64(v.max(0.0) / 1000.0)
 }
 
 impl Drop for UploadSlot<'_> {
@@ -181,6 +219,38 @@ mod tests {
         let queued_again = admission.enter();
         tokio::pin!(queued_again);
         assert!(futures_poll_pending(queued_again.as_mut()).await);
+    }
+
+    #[test]
+    fn retry_times_follow_the_median_hold_and_the_promises_outstanding() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut pace = Pace::default();
+        for _ in 0..HOLDS_KEPT {
+            pace.record(ms(20));
+        }
+        // 2 slots: an upload drains every 10 ms; 30 queued, then this device: 310 ms.
+        assert_eq!(pace.promise(now, 2, 30), ms(310));
+        assert_eq!(pace.promise(now, 2, 30), ms(320));
+        // A stall of a few uploads does not move the median.
+        for _ in 0..5 {
+            pace.record(ms(2_000));
+        }
+        assert_eq!(pace.promise(now, 2, 30), ms(330));
+        // A sustained slowdown does: each promise is ten times as far apart ...
+        for _ in 0..HOLDS_KEPT {
+            pace.record(ms(200));
+        }
+        assert_eq!(pace.promise(now, 2, 30), ms(3_400));
+        assert_eq!(pace.promise(now, 2, 30), ms(3_500));
+        // ... and once the server is fast again, the next promise is placed behind the ones
+        // outstanding at the fast interval, not behind the slow moment's last promise.
+        for _ in 0..HOLDS_KEPT {
+            pace.record(ms(20));
+        }
+        assert_eq!(pace.promise(now, 2, 30), ms(360));
+        // Promises that have come due no longer count.
+        assert_eq!(pace.promise(now + ms(5_000), 2, 30), ms(310));
     }
 
     /// Polls once; true if the future is still pending.
