@@ -671,7 +671,7 @@ impl Coordinator {
         token: &str,
         device: Option<&str>,
         num_samples: u64,
-        body: impl UploadBody,
+        mut body: impl UploadBody,
         task_id: &mut String,
     ) -> Result<(UploadReceipt, bool), ApiError> {
         let device = self.device(device).await?;
@@ -690,10 +690,9 @@ impl Coordinator {
                     device.as_ref(),
                 )?;
             }
-            if db.update_for_token(&token_hash).await?.is_none() {
-                body.discard(closed.upload_limit).await;
-                return Err(ApiError::RoundClosed(round_id));
-            }
+            (_, body) = self
+                .stored_or_late(&token_hash, round_id, body, closed.upload_limit)
+                .await?;
         }
         // Where an upload's time goes, logged with its acceptance (the load harness's profile).
         let mut lap = Lap::start();
@@ -714,13 +713,12 @@ impl Coordinator {
         let mut stored = None;
         if round_closed {
             self.closed_round(round_id, &task.id, upload_limit);
-            // Only a retry of a stored update needs the body (to compare it); the token's row is
-            // read here only for late uploads, so an upload in time pays no query for this.
-            stored = db.update_for_token(&token_hash).await?;
-            if stored.is_none() {
-                body.discard(upload_limit).await;
-                return Err(ApiError::RoundClosed(round_id));
-            }
+            // The token's row is read here only for a closed round, so an upload in time pays no
+            // query for this.
+            let (prev, unread) = self
+                .stored_or_late(&token_hash, round_id, body, upload_limit)
+                .await?;
+            (stored, body) = (Some(prev), unread);
         }
         let HashedBody { bytes: body, sha256 } = body.read(upload_limit).await?;
         let read = lap.lap();
@@ -835,6 +833,25 @@ impl Coordinator {
             "update accepted"
         );
         Ok((receipt(&stored), round_full))
+    }
+
+    /// For an upload to a closed round: the token's stored update, whose retry needs the body (to
+    /// compare it) and is given back unread; without one the upload is late, refused `409
+    /// round_closed` with its body drained.
+    async fn stored_or_late<B: UploadBody>(
+        &self,
+        token_hash: &str,
+        round_id: i64,
+        body: B,
+        upload_limit: usize,
+    ) -> Result<(UpdateRow, B), ApiError> {
+        match self.store.db.update_for_token(token_hash).await? {
+            Some(prev) => Ok((prev, body)),
+            None => {
+                body.discard(upload_limit).await;
+                Err(ApiError::RoundClosed(round_id))
+            }
+        }
     }
 
     /// Remembers that a round takes no more updates (see [`crate::closed_rounds`]).
