@@ -41,11 +41,7 @@ async fn setup(backend: Backend, flags: &[&str]) -> Setup {
     let db = TestDb::create(backend).await.unwrap();
     let server = ServerProcess::start_with(dir.path(), &db, flags).await.unwrap();
     let client = server.raw_client();
-    let task = client
-        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
-        .await
-        .unwrap()
-        .task_id;
+    let task = new_task(&client).await;
     Setup {
         server,
         client,
@@ -53,6 +49,15 @@ async fn setup(backend: Backend, flags: &[&str]) -> Setup {
         _db: db,
         _dir: dir,
     }
+}
+
+/// A task of K = 2 in one round.
+async fn new_task(client: &FedhiveClient) -> String {
+    client
+        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
+        .await
+        .unwrap()
+        .task_id
 }
 
 impl Setup {
@@ -69,6 +74,16 @@ impl Setup {
              {framing}\r\n\r\n",
             self.addr()
         )
+    }
+
+    /// A raw connection that has sent the headers of an upload of `update` with `token` and the
+    /// first `sent` bytes of its body.
+    async fn send_upload(&self, token: &str, num_samples: u64, update: &[u8], sent: usize) -> TcpStream {
+        let mut conn = TcpStream::connect(self.addr()).await.unwrap();
+        let head = self.upload_head(token, num_samples, &format!("Content-Length: {}", update.len()));
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&update[..sent]).await.unwrap();
+        conn
     }
 }
 
@@ -108,15 +123,8 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
 
     // `slow` sends its headers and half its body, and so holds the only slot while the server
     // waits for the rest.
-    let mut slow_conn = TcpStream::connect(setup.addr()).await.unwrap();
-    let head = setup.upload_head(
-        &slow.upload_token,
-        5,
-        &format!("Content-Length: {}", update.len()),
-    );
     let half = update.len() / 2;
-    slow_conn.write_all(head.as_bytes()).await.unwrap();
-    slow_conn.write_all(&update[..half]).await.unwrap();
+    let mut slow_conn = setup.send_upload(&slow.upload_token, 5, &update, half).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let http = reqwest::Client::new();
@@ -183,25 +191,16 @@ async fn a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open(backe
         .unwrap();
 
     // Another task's upload holds the only slot, half its body sent.
-    let other_task = client
-        .create_task(&small_task(2, 2, 1, 120), small_tensors(|_| 0.0).encode())
-        .await
-        .unwrap()
-        .task_id;
-    let holder = assign(client, &other_task).await;
-    let mut holder_conn = TcpStream::connect(setup.addr()).await.unwrap();
-    let framing = format!("Content-Length: {}", update.len());
-    let head = setup.upload_head(&holder.upload_token, 3, &framing);
-    holder_conn.write_all(head.as_bytes()).await.unwrap();
-    holder_conn.write_all(&update[..update.len() / 2]).await.unwrap();
+    let holder = assign(client, &new_task(client).await).await;
+    let half = update.len() / 2;
+    let mut holder_conn = setup.send_upload(&holder.upload_token, 3, &update, half).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A late device sends its whole update: refused as late, not as busy, and the same connection
     // serves the next request.
-    let mut late_conn = TcpStream::connect(setup.addr()).await.unwrap();
-    let head = setup.upload_head(&tokens[2].upload_token, 9, &framing);
-    late_conn.write_all(head.as_bytes()).await.unwrap();
-    late_conn.write_all(&update).await.unwrap();
+    let mut late_conn = setup
+        .send_upload(&tokens[2].upload_token, 9, &update, update.len())
+        .await;
     let answer = read_answer(&mut late_conn, "round_closed", Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
     let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", setup.addr());
@@ -211,7 +210,7 @@ async fn a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open(backe
 
     // A retry of a stored update still gets its receipt (once the slot is free: it reads the body
     // to compare it), and the late one is refused again. The round holds the two it took.
-    holder_conn.write_all(&update[update.len() / 2..]).await.unwrap();
+    holder_conn.write_all(&update[half..]).await.unwrap();
     let answer = read_answer(&mut holder_conn, "\"sha256\"", Duration::from_secs(30)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let again = client
@@ -247,14 +246,9 @@ async fn a_stalled_body_gives_its_slot_back(backend: Backend) {
     let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
 
     // Headers and half the body, then nothing: the only slot is held until the timeout.
-    let mut conn = TcpStream::connect(setup.addr()).await.unwrap();
-    let head = setup.upload_head(
-        &stalled.upload_token,
-        5,
-        &format!("Content-Length: {}", update.len()),
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    conn.write_all(&update[..update.len() / 2]).await.unwrap();
+    let mut conn = setup
+        .send_upload(&stalled.upload_token, 5, &update, update.len() / 2)
+        .await;
     let started = std::time::Instant::now();
     let answer = read_answer(&mut conn, "body_timeout", Duration::from_secs(20)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
