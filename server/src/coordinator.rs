@@ -588,7 +588,7 @@ impl Coordinator {
         let Some(round) = self.store.db.active_round(task_id).await? else {
             return Ok(clock.retry("between_rounds", usual));
         };
-        if round.state != "open" || clock.now_ms >= round.deadline_ms {
+        if !round.open_at(clock.now_ms) {
             return Ok(clock.retry("round_closing", usual));
         }
         strategy
@@ -709,7 +709,7 @@ impl Coordinator {
         let strategy = self.strategies.for_config(&task.config)?;
         let upload_limit = strategy.upload_limit(&task.config);
         let k = i64::from(task.config.devices_per_round);
-        let round_closed = round.state != "open" || now_ms() >= round.deadline_ms || round.accepted >= k;
+        let round_closed = !round.open_at(now_ms()) || round.accepted >= k;
         let mut stored = None;
         if round_closed {
             self.closed_round(round_id, &task.id, upload_limit);

@@ -104,6 +104,13 @@ pub struct NextRound {
 }
 
 impl RoundRow {
+    /// The round is open and before its deadline at `now_ms`: it may still take work (check-ins,
+    /// updates up to K, a worker's artefacts). Once false, false for good: a round never reopens
+    /// and its deadline does not move.
+    pub fn open_at(&self, now_ms: i64) -> bool {
+        self.state == "open" && now_ms < self.deadline_ms
+    }
+
     pub fn info(&self) -> RoundInfo {
         let state = match self.state.as_str() {
             "committed" => RoundState::Committed,

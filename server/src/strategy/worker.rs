@@ -56,7 +56,7 @@ pub async fn artifact_round(
 
 /// A new artefact (not a retry of a stored one) is taken only while its round is open.
 pub fn check_open(round: &RoundRow) -> Result<(), ApiError> {
-    if round.state != "open" || now_ms() >= round.deadline_ms {
+    if !round.open_at(now_ms()) {
         return Err(ApiError::RoundClosed(round.id));
     }
     Ok(())
