@@ -38,12 +38,12 @@ use crate::{
     admission::{UploadAdmission, UploadSlot},
     blobs::BlobStore,
     body_buffers::BodyBuffers,
-    closed_rounds::{ClosedRound, ClosedRounds},
     db::{Accept, Db, NextRound, RoundOutcome, RoundRow, TaskRow, UpdateRow},
     devices::{self, Device},
     error::ApiError,
     group_commit::GroupCommit,
     group_fold::{Accumulators, GroupFold, ToFold},
+    known_rounds::{KnownRound, KnownRounds},
     rate_limit::{RateLimit, RateLimiter},
     replicas::{self, Replica},
     store::{HashedBody, Store, UploadBody, now_ms, sha256_hex},
@@ -119,8 +119,9 @@ pub struct Coordinator {
     uploads: UploadAdmission,
     /// Buffers upload bodies are read into, one per upload slot, reused.
     body_buffers: Arc<BodyBuffers>,
-    /// Rounds seen to take no more updates: late uploads to them are refused before a slot.
-    closed_rounds: ClosedRounds,
+    /// Rounds this process has taken uploads for: late uploads to those seen closed are refused
+    /// before a slot, and bodies refused before a slot are drained up to the round's limit.
+    known_rounds: KnownRounds,
     /// Records accepted updates, those that arrive together in one transaction.
     commits: GroupCommit,
     /// Accepted updates on their way into `accumulators`, folded together when they wait together.
@@ -357,7 +358,7 @@ impl Coordinator {
             folds: GroupFold::new(accumulators.clone(), telemetry.group_fold_updates()),
             commits: GroupCommit::new(db.clone(), telemetry.group_commit_updates()),
             body_buffers: BodyBuffers::new(options.max_concurrent_uploads.max(1)),
-            closed_rounds: ClosedRounds::default(),
+            known_rounds: KnownRounds::default(),
             store: Store::new(db, blobs),
             strategies,
             device_rate: options.device_rate_limit.map(RateLimiter::new),
@@ -645,9 +646,10 @@ impl Coordinator {
 
     /// Accepts one device update. The body is only read (given the task's upload limit) once an
     /// upload slot is held, so at most `max_concurrent_uploads` bodies are in memory at once; past
-    /// the queue limit the device is told to come back later. An upload too late for its round is
-    /// refused with its body drained unread, before a slot when this process has seen the round
-    /// close. The flag says the round is now full and should be finalised.
+    /// the queue limit the device is told to come back later, its body drained unread (when this
+    /// process knows the round's limit). An upload too late for its round is refused with its body
+    /// drained unread, before a slot when this process has seen the round close. The flag says the
+    /// round is now full and should be finalised.
     pub async fn upload(
         &self,
         token: &str,
@@ -681,7 +683,8 @@ impl Coordinator {
         // Late for a round seen closed, and not a retry of a stored update (that gets its receipt):
         // refused without waiting for a slot. The holder check comes first, as on the slow path
         // (a token issued to no enrolled device belongs to a task that does not require one).
-        if let Some(closed) = self.closed_rounds.get(round_id) {
+        let known = self.known_rounds.get(round_id);
+        if let Some(closed) = known.as_ref().filter(|round| round.closed) {
             task_id.clone_from(&closed.task_id);
             if holder.is_some() {
                 check_holder(
@@ -696,11 +699,18 @@ impl Coordinator {
         }
         // Where an upload's time goes, logged with its acceptance (the load harness's profile).
         let mut lap = Lap::start();
-        let _slot = self
-            .uploads
-            .enter()
-            .await
-            .map_err(|retry_after_ms| ApiError::ServerBusy { retry_after_ms })?;
+        let _slot = match self.uploads.enter().await {
+            Ok(slot) => slot,
+            Err(retry_after_ms) => {
+                // Drained (without a slot), so that a client still sending gets the answer and its
+                // retry time rather than a reset, on a connection that stays open. A round this
+                // process has not taken an upload for has no known limit: left unread.
+                if let Some(round) = known {
+                    body.discard(round.upload_limit).await;
+                }
+                return Err(ApiError::ServerBusy { retry_after_ms });
+            }
+        };
         let queue = lap.lap();
         let round = db.round(round_id).await?.ok_or(ApiError::UnknownToken)?;
         task_id.clone_from(&round.task_id);
@@ -710,9 +720,9 @@ impl Coordinator {
         let upload_limit = strategy.upload_limit(&task.config);
         let k = i64::from(task.config.devices_per_round);
         let round_closed = !round.open_at(now_ms()) || round.accepted >= k;
+        self.known_round(round_id, &task.id, upload_limit, round_closed);
         let mut stored = None;
         if round_closed {
-            self.closed_round(round_id, &task.id, upload_limit);
             // The token's row is read here only for a closed round, so an upload in time pays no
             // query for this.
             let (prev, unread) = self
@@ -797,7 +807,7 @@ impl Coordinator {
         let accept = lap.lap();
         let round_full = stored.accepted_seq >= k;
         if round_full {
-            self.closed_round(round_id, &task.id, upload_limit);
+            self.known_round(round_id, &task.id, upload_limit, true);
         }
         // Into the round's in-memory sums (at most once per token), for strategies that keep them.
         self.folds
@@ -854,13 +864,15 @@ impl Coordinator {
         }
     }
 
-    /// Remembers that a round takes no more updates (see [`crate::closed_rounds`]).
-    fn closed_round(&self, round_id: i64, task_id: &str, upload_limit: usize) {
-        self.closed_rounds.insert(
+    /// Remembers a round this process took an upload for, and whether it takes no more updates
+    /// (see [`crate::known_rounds`]).
+    fn known_round(&self, round_id: i64, task_id: &str, upload_limit: usize, closed: bool) {
+        self.known_rounds.insert(
             round_id,
-            ClosedRound {
+            KnownRound {
                 task_id: task_id.to_string(),
                 upload_limit,
+                closed,
             },
         );
     }

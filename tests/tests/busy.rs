@@ -1,5 +1,6 @@
 //! Upload admission: past the processing slots and the queue, an upload is refused at once with
-//! `503 server_busy` and a time to retry, changes nothing, and succeeds when sent again; an upload
+//! `503 server_busy` and a time to retry, changes nothing, and succeeds when sent again; a refused
+//! model-sized body is drained, so a client still sending it gets that answer, not a reset; an upload
 //! whose body stalls gives its slot back after `--body-read-timeout-secs` (`408 body_timeout`); an
 //! oversized body is refused with `413` as soon as its declared length, or the bytes read, exceed
 //! the task's limit; an upload too late for a round the server has seen fill is refused with `409
@@ -10,7 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use fedhive_client::client::FedhiveClient;
 use fedhive_e2e::{Backend, ServerProcess, TestDb, assign, on_both_databases, small_task, small_tensors};
-use fedhive_shared::wire::{ErrorBody, UploadReceipt};
+use fedhive_shared::{
+    tensors::{NamedTensors, TensorSpec},
+    wire::{ErrorBody, UploadReceipt},
+};
 use reqwest::{StatusCode, header};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
@@ -19,6 +23,7 @@ use tokio::{
 
 on_both_databases!(
     a_busy_server_refuses_uploads_with_a_retry_time,
+    a_busy_refusal_reaches_a_client_still_sending_a_model_sized_body,
     a_stalled_body_gives_its_slot_back,
     oversized_bodies_are_refused_without_reading_them,
     a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open,
@@ -165,6 +170,62 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
     assert_eq!(receipt.accepted_updates, 2);
     let rounds = client.rounds(task).await.unwrap();
     assert_eq!((rounds[0].accepted, rounds[0].total_samples), (2, 12));
+}
+
+async fn a_busy_refusal_reaches_a_client_still_sending_a_model_sized_body(backend: Backend) {
+    // One upload at a time and none waiting.
+    let setup = setup(
+        backend,
+        &["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"],
+    )
+    .await;
+    let client = &setup.client;
+    // 4M parameters: a 16 MB update, more than loopback's socket buffers hold, so a server that
+    // answered without reading it would close the connection under a client still sending.
+    let mut config = small_task(1, 1, 1, 120);
+    config.tensors = vec![TensorSpec {
+        name: "w".into(),
+        shape: vec![4_000_000],
+    }];
+    let update = NamedTensors::zeros(&config.tensors).encode();
+    let task = client.create_task(&config, update.clone()).await.unwrap().task_id;
+    let holder = assign(client, &task).await;
+    let refused = assign(client, &task).await;
+
+    // `holder` holds the only slot, half its body sent.
+    let half = update.len() / 2;
+    let mut holder_conn = setup.send_upload(&holder.upload_token, 5, &update, half).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The refused device sends its whole body (which fails if the server closes the connection
+    // without reading it), then reads `503 server_busy`; the same connection serves the next
+    // request.
+    let mut conn = TcpStream::connect(setup.addr()).await.unwrap();
+    let head = setup.upload_head(
+        &refused.upload_token,
+        7,
+        &format!("Content-Length: {}", update.len()),
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&update)
+        .await
+        .expect("the server reads a refused body to its end");
+    let answer = read_answer(&mut conn, "retry_after_ms", Duration::from_secs(30)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("server_busy"),
+        "{answer}"
+    );
+    let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", setup.addr());
+    conn.write_all(health.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut conn, "ok", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The holder's upload completes; the refusal changed nothing.
+    holder_conn.write_all(&update[half..]).await.unwrap();
+    let answer = read_answer(&mut holder_conn, "\"sha256\"", Duration::from_secs(30)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let rounds = client.rounds(&task).await.unwrap();
+    assert_eq!((rounds[0].accepted, rounds[0].total_samples), (1, 5));
 }
 
 async fn a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open(backend: Backend) {

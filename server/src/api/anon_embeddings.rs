@@ -14,7 +14,7 @@ use axum::{
 use fedhive_shared::wire::{AnonStatus, ArtifactReceipt, ErrorBody, SamplesAccepted};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::common::{ApiPath, AppState, authorize_worker, read_body};
+use super::common::{ApiPath, AppState, authorize_worker, discard_body, read_body};
 use crate::{
     access::{Action, Principal},
     db::TaskRow,
@@ -102,7 +102,13 @@ async fn submit(
     let limit = anon.samples_limit(&task.config);
     // Held until the submission is stored: sample bodies share the uploads' bound on bodies in
     // memory (the slot's queue is first come, first served: it knows no sender).
-    let _slot = state.coordinator.upload_slot().await?;
+    let _slot = match state.coordinator.upload_slot().await {
+        Ok(slot) => slot,
+        Err(busy) => {
+            discard_body(body, headers, limit, state.body_read_timeout).await;
+            return Err(busy);
+        }
+    };
     let body = read_body(body, headers, limit, state.body_read_timeout).await?;
     let config = task.config.clone();
     let samples =

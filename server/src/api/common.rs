@@ -342,11 +342,18 @@ impl UploadBody for RequestBody<'_> {
         })
     }
 
-    /// A body over the limit, too slow or broken is left unread: the connection then closes.
     async fn discard(self, limit: usize) {
-        if declared_length(self.headers, limit).is_ok() {
-            let _ = read_body_into(self.body, limit, self.timeout, |_| {}).await;
-        }
+        discard_body(self.body, self.headers, limit, self.timeout).await
+    }
+}
+
+/// Reads a refused request's body to its end and drops it, so that a client still sending gets the
+/// answer (a server that answers and closes with bytes unread resets the connection) and can keep
+/// the connection. A body over the limit, too slow or broken is left unread: the connection then
+/// closes.
+pub(crate) async fn discard_body(body: Body, headers: &HeaderMap, limit: usize, timeout: Duration) {
+    if declared_length(headers, limit).is_ok() {
+        let _ = read_body_into(body, limit, timeout, |_| {}).await;
     }
 }
 
