@@ -31,6 +31,9 @@ on_both_databases!(
     addresses_behind_a_trusted_proxy_are_limited_one_by_one,
 );
 
+/// One upload at a time and none waiting.
+const ONE_SLOT_NO_QUEUE: &[&str] = &["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"];
+
 /// A server started with `flags` and a task of K = 2 in one round. Fields drop in order: the server
 /// stops before its database and data directory go.
 struct Setup {
@@ -87,8 +90,18 @@ impl Setup {
         let mut conn = TcpStream::connect(self.addr()).await.unwrap();
         let head = self.upload_head(token, num_samples, &format!("Content-Length: {}", update.len()));
         conn.write_all(head.as_bytes()).await.unwrap();
-        conn.write_all(&update[..sent]).await.unwrap();
+        conn.write_all(&update[..sent])
+            .await
+            .expect("the server reads the body sent");
         conn
+    }
+
+    /// Asserts that `conn`, kept open after an answer, serves `/healthz`.
+    async fn assert_serves_healthz(&self, conn: &mut TcpStream) {
+        let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr());
+        conn.write_all(health.as_bytes()).await.unwrap();
+        let answer = read_answer(conn, "ok", Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 }
 
@@ -113,12 +126,7 @@ async fn read_answer(conn: &mut (impl AsyncRead + Unpin), needle: &str, within: 
 }
 
 async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
-    // One upload at a time and none waiting.
-    let setup = setup(
-        backend,
-        &["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"],
-    )
-    .await;
+    let setup = setup(backend, ONE_SLOT_NO_QUEUE).await;
     let Setup {
         server, client, task, ..
     } = &setup;
@@ -173,12 +181,7 @@ async fn a_busy_server_refuses_uploads_with_a_retry_time(backend: Backend) {
 }
 
 async fn a_busy_refusal_reaches_a_client_still_sending_a_model_sized_body(backend: Backend) {
-    // One upload at a time and none waiting.
-    let setup = setup(
-        backend,
-        &["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"],
-    )
-    .await;
+    let setup = setup(backend, ONE_SLOT_NO_QUEUE).await;
     let client = &setup.client;
     // 4M parameters: a 16 MB update, more than loopback's socket buffers hold, so a server that
     // answered without reading it would close the connection under a client still sending.
@@ -200,25 +203,15 @@ async fn a_busy_refusal_reaches_a_client_still_sending_a_model_sized_body(backen
     // The refused device sends its whole body (which fails if the server closes the connection
     // without reading it), then reads `503 server_busy`; the same connection serves the next
     // request.
-    let mut conn = TcpStream::connect(setup.addr()).await.unwrap();
-    let head = setup.upload_head(
-        &refused.upload_token,
-        7,
-        &format!("Content-Length: {}", update.len()),
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    conn.write_all(&update)
-        .await
-        .expect("the server reads a refused body to its end");
+    let mut conn = setup
+        .send_upload(&refused.upload_token, 7, &update, update.len())
+        .await;
     let answer = read_answer(&mut conn, "retry_after_ms", Duration::from_secs(30)).await;
     assert!(
         answer.starts_with("HTTP/1.1 503") && answer.contains("server_busy"),
         "{answer}"
     );
-    let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", setup.addr());
-    conn.write_all(health.as_bytes()).await.unwrap();
-    let answer = read_answer(&mut conn, "ok", Duration::from_secs(10)).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    setup.assert_serves_healthz(&mut conn).await;
 
     // The holder's upload completes; the refusal changed nothing.
     holder_conn.write_all(&update[half..]).await.unwrap();
@@ -230,11 +223,7 @@ async fn a_busy_refusal_reaches_a_client_still_sending_a_model_sized_body(backen
 
 async fn a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open(backend: Backend) {
     // One upload at a time and none waiting: an upload that needed a slot would get 503.
-    let setup = setup(
-        backend,
-        &["--max-concurrent-uploads", "1", "--max-queued-uploads", "0"],
-    )
-    .await;
+    let setup = setup(backend, ONE_SLOT_NO_QUEUE).await;
     let Setup { client, task, .. } = &setup;
     let update = Bytes::from(small_tensors(|i| i as f32 * 0.01).encode());
     // K = 2 with over-selection 2: four tokens for round 1, two of which fill it.
@@ -264,10 +253,7 @@ async fn a_late_upload_is_refused_without_a_slot_on_a_connection_kept_open(backe
         .await;
     let answer = read_answer(&mut late_conn, "round_closed", Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
-    let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", setup.addr());
-    late_conn.write_all(health.as_bytes()).await.unwrap();
-    let answer = read_answer(&mut late_conn, "ok", Duration::from_secs(10)).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    setup.assert_serves_healthz(&mut late_conn).await;
 
     // A retry of a stored update still gets its receipt (once the slot is free: it reads the body
     // to compare it), and the late one is refused again. The round holds the two it took.
